@@ -1,0 +1,1 @@
+"""Compute kernels: ``cpu`` (numba) and ``triton_gpu`` (Triton). Kernels never validate input."""

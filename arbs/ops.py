@@ -1,0 +1,210 @@
+"""Public numpy API over the kernels: checks dtypes, shapes and contiguity once, allocates, calls kernels.
+
+A tensor's E1TM state is a dict of arrays named as in formats.ARRAYS (``T_packed``, ``E``,
+``corr_accum`` and, for the flip rule, ``flip_accum``), for a tensor of logical ``shape`` viewed as
+(rows, cols) by formats.tensor_view.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from . import formats as F
+from .errors import ConfigError, IntegerRangeError, NonFiniteError
+from .kernels import cpu
+
+
+def _check(a: np.ndarray, name: str, dtype, shape) -> None:
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise TypeError(f"{name} has dtype {a.dtype}; E1TM requires {np.dtype(dtype)}")
+    if a.shape != tuple(shape):
+        raise ValueError(f"{name} has shape {a.shape}; expected {tuple(shape)}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (use np.ascontiguousarray)")
+
+
+def check_state(state: Mapping[str, np.ndarray], shape, scheme: F.Scheme, *, fused: bool = False) -> tuple[int, int]:
+    """Check every array of ``state`` against the format table; returns (rows, cols)."""
+    rows, cols = F.tensor_view(shape)
+    for name in F.tensor_arrays(scheme.rule, fused):
+        if name not in state:
+            raise ValueError(f"state lacks array {name!r} (rule {scheme.rule!r} needs {F.tensor_arrays(scheme.rule, fused)})")
+        _check(state[name], name, F.ARRAYS[name].dtype, F.array_shape(name, rows, cols, scheme.gs))
+    return rows, cols
+
+
+def _as_2d(x: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    return x.reshape(rows, cols)
+
+
+def pack(T: np.ndarray, gs: int) -> np.ndarray:
+    """Pack trits.
+
+    Parameters
+    ----------
+    T : int8 array (rows, cols), values in {-1, 0, +1}
+    gs : int, group size; rows are padded with zero trits to ceil(cols/gs)*gs.
+
+    Returns
+    -------
+    T_packed : uint8 array (rows, ceil(cols_p/5)), 5 trits per byte, first trit least significant.
+    """
+    T = np.ascontiguousarray(T)
+    if T.dtype != np.int8 or T.ndim != 2:
+        raise TypeError(f"T must be a 2-D int8 array, got {T.ndim}-D {T.dtype}")
+    if T.size and (T.min() < -1 or T.max() > 1):
+        raise ValueError("T holds values outside {-1, 0, +1}")
+    out = np.empty((T.shape[0], F.packed_cols(F.padded_cols(T.shape[1], gs))), np.uint8)
+    cpu.pack_into(T, out)
+    return out
+
+
+def unpack(T_packed: np.ndarray, cols: int) -> np.ndarray:
+    """Unpack ``T_packed`` (uint8 (rows, nb)) to int8 trits (rows, cols); padding dropped."""
+    if T_packed.dtype != np.uint8 or T_packed.ndim != 2:
+        raise TypeError(f"T_packed must be a 2-D uint8 array, got {T_packed.ndim}-D {T_packed.dtype}")
+    if cols > 5 * T_packed.shape[1]:
+        raise ValueError(f"cols={cols} exceeds the {5 * T_packed.shape[1]} trits that T_packed holds")
+    out = np.empty((T_packed.shape[0], cols), np.int8)
+    cpu.unpack_into(np.ascontiguousarray(T_packed), out)
+    return out
+
+
+def materialize(state, shape, scheme: F.Scheme, step_counter: int, *, out: np.ndarray | None = None) -> np.ndarray:
+    """W_eff = S*T, S = float32(2**(E + Xi)), as float32 in the logical ``shape``.
+
+    ``out`` (float32, ``shape``, C-contiguous) is overwritten and returned if given.
+    """
+    rows, cols = check_state(state, shape, scheme)
+    if out is None:
+        out = np.empty(tuple(shape), np.float32)
+    else:
+        _check(out, "out", np.float32, tuple(shape))
+    num, den = scheme.xi_ratio(step_counter)
+    cpu.materialize_into(state["T_packed"], state["E"], state["corr_accum"], scheme.gs, num, den, _as_2d(out, rows, cols))
+    return out
+
+
+@dataclass(frozen=True)
+class VoteStats:
+    carries: int = 0  # groups whose E moved by one (carry/flip rules)
+    saturations: int = 0  # carries refused because E was at -128/127
+    flips: int = 0  # trits moved (flip rule)
+
+
+def vote(state, grad: np.ndarray, shape, scheme: F.Scheme) -> VoteStats:
+    """Turn the gradient of W_eff into integer votes and apply the rule's update, in place on ``state``.
+
+    ``corr_accum[g] -= sum_{i in g} sign(grad_i)*T_i``; then carry into E (carry, flip) and move trits
+    (flip). A NaN or inf anywhere in ``grad`` raises NonFiniteError and leaves every array untouched.
+    ``grad`` is float32 or float64 in the logical ``shape``. The caller advances step_counter once per
+    optimizer step.
+    """
+    rows, cols = check_state(state, shape, scheme)
+    if grad.dtype not in (np.float32, np.float64):
+        raise TypeError(f"gradient has dtype {grad.dtype}; expected float32 or float64 (convert explicitly)")
+    if grad.shape != tuple(shape):
+        raise ValueError(f"gradient has shape {grad.shape}; the weight's shape is {tuple(shape)}")
+    g2 = _as_2d(np.ascontiguousarray(grad), rows, cols)
+    corr = state["corr_accum"]
+    delta = np.empty(corr.shape, np.int64)
+    bad = cpu.vote_delta_into(g2, state["T_packed"], scheme.gs, delta)
+    if bad:
+        raise NonFiniteError(f"gradient holds {bad} NaN/inf value(s); no vote was applied")
+    limit = scheme.carry_limit
+    if limit == 0 and corr.size and np.abs(corr).max() > np.iinfo(np.int64).max - scheme.gs:
+        raise IntegerRangeError("corr_accum is within gs of the int64 limit; refusing to vote")
+    carries, sats = cpu.apply_votes(corr, state["E"], delta, limit)
+    flips = 0
+    if "flip_accum" in scheme.arrays():
+        flips = cpu.flip_into(g2, state["T_packed"], state["flip_accum"], scheme.params["theta"])
+    return VoteStats(carries, sats, flips)
+
+
+@dataclass(frozen=True)
+class FuseStats:
+    groups: int
+    clipped: int  # groups whose rint(E + Xi) left [-128, 127]
+    changed: int  # groups with |Xi| >= 0.5 (fuse moved E)
+
+
+def fuse(state, shape, scheme: F.Scheme, step_counter: int) -> tuple[np.ndarray, FuseStats]:
+    """E_fused = clip(rint(E + Xi), -128, 127), round half to even. Inputs are not modified."""
+    check_state(state, shape, scheme)
+    E = state["E"]
+    out = np.empty(E.shape, np.int8)
+    num, den = scheme.xi_ratio(step_counter)
+    clipped, changed = cpu.fuse_into(E, state["corr_accum"], num, den, out)
+    return out, FuseStats(E.size, clipped, changed)
+
+
+def materialize_fused(T_packed: np.ndarray, E: np.ndarray, shape, gs: int) -> np.ndarray:
+    """W_eff of a fused (inference) tensor: S = 2**E exactly."""
+    rows, cols = F.tensor_view(shape)
+    _check(T_packed, "T_packed", np.uint8, F.array_shape("T_packed", rows, cols, gs))
+    _check(E, "E", np.int8, F.array_shape("E", rows, cols, gs))
+    out = np.empty(tuple(shape), np.float32)
+    cpu.materialize_into(T_packed, E, np.zeros(E.shape, np.int64), gs, 0, 0, _as_2d(out, rows, cols))
+    return out
+
+
+@dataclass(frozen=True)
+class ConvertStats:
+    rel_l2: float  # ||W_eff - w|| / ||w||
+    zero_groups: int
+    clipped: int  # groups whose log2 scale left the int8 range of E
+
+
+def convert(w: np.ndarray, scheme: F.Scheme, *, name: str = "tensor") -> tuple[dict[str, np.ndarray], ConvertStats]:
+    """Float weight -> E1TM state at step 0 (the convert rule in formats/SPEC.md).
+
+    Per group: a = mean|w| over the real elements, T = clamp(rint(w/a), -1, 1), s = mean|w_i| over the
+    non-zero trits, E = clip(rint(log2 s), -128, 127); all-zero groups get T = 0, E = 0. For carry/flip
+    the fraction is kept: corr_accum = rint((log2 s - E)*K*gs), clamped inside +-(K*gs - 1).
+    """
+    w = np.asarray(w)
+    if w.dtype.kind != "f":
+        raise ConfigError(f"{name}: expected a floating-point tensor, got dtype {w.dtype}")
+    if not np.isfinite(w).all():
+        raise NonFiniteError(f"{name}: tensor holds {int((~np.isfinite(w)).sum())} NaN/inf value(s); cannot convert")
+    shape = w.shape
+    rows, cols = F.tensor_view(shape)
+    gs = scheme.gs
+    cols_p = F.padded_cols(cols, gs)
+    ng = cols_p // gs
+    wp = np.zeros((rows, cols_p), np.float64)
+    wp[:, :cols] = w.reshape(rows, cols)
+    g = wp.reshape(rows, ng, gs)  # (rows, ng, gs)
+    real = np.zeros((rows, cols_p), bool)
+    real[:, :cols] = True
+    n_real = real.reshape(rows, ng, gs).sum(axis=2)
+    a = np.abs(g).sum(axis=2) / np.maximum(n_real, 1)  # (rows, ng)
+    safe_a = np.where(a > 0, a, 1.0)
+    T = np.clip(np.rint(g / safe_a[..., None]), -1, 1)
+    T[a == 0] = 0
+    nz = T != 0
+    n_nz = nz.sum(axis=2)
+    s = np.where(n_nz > 0, (np.abs(g) * nz).sum(axis=2) / np.maximum(n_nz, 1), 1.0)  # all-zero: log2(1) = 0
+    log2s = np.log2(s)
+    E_wide = np.rint(log2s)
+    clipped = int(((E_wide > F.E_MAX) | (E_wide < F.E_MIN)).sum())
+    E = np.clip(E_wide, F.E_MIN, F.E_MAX)
+    corr = np.zeros((rows, ng), np.int64)
+    limit = scheme.carry_limit
+    if limit:
+        corr = np.clip(np.rint((log2s - E) * limit), -(limit - 1), limit - 1).astype(np.int64)
+        corr[n_nz == 0] = 0
+    T_rows = T.reshape(rows, cols_p).astype(np.int8)
+    state = {"T_packed": pack(T_rows, gs), "E": E.astype(np.int8), "corr_accum": corr}
+    if "flip_accum" in scheme.arrays():
+        state["flip_accum"] = np.zeros((rows, cols_p), np.int8)
+    w_eff = materialize(state, shape, scheme, 0)
+    norm = float(np.linalg.norm(w.astype(np.float64)))
+    err = float(np.linalg.norm(w_eff.astype(np.float64) - w.astype(np.float64)))
+    rel = err / norm if norm > 0 else 0.0
+    return state, ConvertStats(rel, int((n_nz == 0).sum()), clipped)

@@ -1,0 +1,1 @@
+"""Test support: slow, obviously-correct numpy references and hypothesis strategies."""
