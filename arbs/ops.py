@@ -60,7 +60,7 @@ def pack(T: np.ndarray, gs: int) -> np.ndarray:
     if T.size and (T.min() < -1 or T.max() > 1):
         raise ValueError("T holds values outside {-1, 0, +1}")
     out = np.empty((T.shape[0], F.packed_cols(F.padded_cols(T.shape[1], gs))), np.uint8)
-    cpu.pack_into(T, out)
+    cpu.kernel("pack_into", T.size)(T, out)
     return out
 
 
@@ -71,7 +71,7 @@ def unpack(T_packed: np.ndarray, cols: int) -> np.ndarray:
     if cols > 5 * T_packed.shape[1]:
         raise ValueError(f"cols={cols} exceeds the {5 * T_packed.shape[1]} trits that T_packed holds")
     out = np.empty((T_packed.shape[0], cols), np.int8)
-    cpu.unpack_into(np.ascontiguousarray(T_packed), out)
+    cpu.kernel("unpack_into", out.size)(np.ascontiguousarray(T_packed), out)
     return out
 
 
@@ -86,7 +86,7 @@ def materialize(state, shape, scheme: F.Scheme, step_counter: int, *, out: np.nd
     else:
         _check(out, "out", np.float32, tuple(shape))
     num, den = scheme.xi_ratio(step_counter)
-    cpu.materialize_into(state["T_packed"], state["E"], state["corr_accum"], scheme.gs, num, den, _as_2d(out, rows, cols))
+    cpu.kernel("materialize_into", out.size)(state["T_packed"], state["E"], state["corr_accum"], scheme.gs, num, den, _as_2d(out, rows, cols))
     return out
 
 
@@ -113,16 +113,16 @@ def vote(state, grad: np.ndarray, shape, scheme: F.Scheme) -> VoteStats:
     g2 = _as_2d(np.ascontiguousarray(grad), rows, cols)
     corr = state["corr_accum"]
     delta = np.empty(corr.shape, np.int64)
-    bad = cpu.vote_delta_into(g2, state["T_packed"], scheme.gs, delta)
+    bad = cpu.kernel("vote_delta_into", g2.size)(g2, state["T_packed"], scheme.gs, delta)
     if bad:
         raise NonFiniteError(f"gradient holds {bad} NaN/inf value(s); no vote was applied")
     limit = scheme.carry_limit
     if limit == 0 and corr.size and np.abs(corr).max() > np.iinfo(np.int64).max - scheme.gs:
         raise IntegerRangeError("corr_accum is within gs of the int64 limit; refusing to vote")
-    carries, sats = cpu.apply_votes(corr, state["E"], delta, limit)
+    carries, sats = cpu.kernel("apply_votes", corr.size * 16)(corr, state["E"], delta, limit)
     flips = 0
     if "flip_accum" in scheme.arrays():
-        flips = cpu.flip_into(g2, state["T_packed"], state["flip_accum"], scheme.params["theta"])
+        flips = cpu.kernel("flip_into", g2.size)(g2, state["T_packed"], state["flip_accum"], scheme.params["theta"])
     return VoteStats(carries, sats, flips)
 
 
@@ -139,7 +139,7 @@ def fuse(state, shape, scheme: F.Scheme, step_counter: int) -> tuple[np.ndarray,
     E = state["E"]
     out = np.empty(E.shape, np.int8)
     num, den = scheme.xi_ratio(step_counter)
-    clipped, changed = cpu.fuse_into(E, state["corr_accum"], num, den, out)
+    clipped, changed = cpu.kernel("fuse_into", E.size * 16)(E, state["corr_accum"], num, den, out)
     return out, FuseStats(E.size, clipped, changed)
 
 
@@ -149,7 +149,7 @@ def materialize_fused(T_packed: np.ndarray, E: np.ndarray, shape, gs: int) -> np
     _check(T_packed, "T_packed", np.uint8, F.array_shape("T_packed", rows, cols, gs))
     _check(E, "E", np.int8, F.array_shape("E", rows, cols, gs))
     out = np.empty(tuple(shape), np.float32)
-    cpu.materialize_into(T_packed, E, np.zeros(E.shape, np.int64), gs, 0, 0, _as_2d(out, rows, cols))
+    cpu.kernel("materialize_into", out.size)(T_packed, E, np.zeros(E.shape, np.int64), gs, 0, 0, _as_2d(out, rows, cols))
     return out
 
 

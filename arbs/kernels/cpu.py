@@ -240,3 +240,32 @@ def fuse_into(E, corr_accum, num, den, out):
         clipped += nclip
         changed += nchg
     return clipped, changed
+
+
+# -- serial twins ------------------------------------------------------------------------------------------
+# A parallel region costs tens of microseconds to start, and far more when the cores are busy (a torch
+# step runs beside it): small tensors run the same code compiled without ``parallel`` (prange == range).
+PARALLEL_MIN_ELEMENTS = 1 << 18
+
+
+def _serial_twin(dispatcher):
+    import types
+
+    fn = dispatcher.py_func
+    twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__, fn.__closure__)
+    twin.__qualname__ = fn.__qualname__ + "_serial"
+    twin.__doc__ = fn.__doc__
+    return njit(**_OPTS)(twin)
+
+
+_SERIAL = {}
+
+
+def kernel(name: str, n_elements: int):
+    """The kernel ``name``, parallel for at least PARALLEL_MIN_ELEMENTS elements, else its serial twin."""
+    par = globals()[name]
+    if n_elements >= PARALLEL_MIN_ELEMENTS:
+        return par
+    if name not in _SERIAL:
+        _SERIAL[name] = _serial_twin(par)
+    return _SERIAL[name]

@@ -1,0 +1,291 @@
+"""Torch glue: E1TM Linear/Embedding modules whose only state is integer buffers.
+
+Forward materializes the ephemeral float ``W_eff`` from ``T_packed``/``E``/``corr_accum``; backward
+re-materializes it (forward keeps only the layer input), computes the weight gradient, hands it to the
+update rule as integer votes and drops it. There is no ``.grad`` for E1TM weights and no optimizer.
+
+A weight used several times in one step (the tied embedding/head) or over several micro-batches
+(inside ``accumulate(model)``) votes once, on its summed gradient, when its last pending use has
+finished backward (or at ``step(model)``).
+
+Usage::
+
+    clock = arbs.nn.ternarize_(model, format="E1TM32", rule="flip")
+    for x, y in batches:
+        loss = loss_fn(model(x), y)
+        loss.backward()          # votes happen here, layer by layer
+        arbs.nn.step(model)      # flushes pending votes, step_counter += 1
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F_
+
+from . import formats as F
+from . import ops
+from .errors import ConfigError
+
+
+@dataclass
+class Clock:
+    """The scheme and the one step_counter shared by every E1TM module of a model."""
+
+    scheme: F.Scheme
+    step_counter: int = 0
+    accumulating: bool = False
+    stats: dict = field(default_factory=lambda: {"carries": 0, "saturations": 0, "flips": 0})
+
+
+class _E1TMWeight(nn.Module):
+    """Base of E1TM modules: integer buffers for one weight of logical ``shape``."""
+
+    def __init__(self, shape, clock: Clock, state: dict[str, np.ndarray] | None = None):
+        super().__init__()
+        self.shape = tuple(int(d) for d in shape)
+        self.clock = clock
+        if state is None:
+            state, _ = ops.convert(np.zeros(self.shape, np.float32), clock.scheme)
+        ops.check_state(state, self.shape, clock.scheme)
+        for name in clock.scheme.arrays():
+            self.register_buffer(name, torch.from_numpy(np.array(state[name], copy=True)))
+        # requires_grad anchor: makes autograd call our backward even when no input needs a gradient
+        self._anchor = torch.empty(0, requires_grad=True)
+        self._pending = 0
+        self._grad_sum: torch.Tensor | None = None
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """numpy views of the integer buffers (CPU); writes through to the module."""
+        return {name: getattr(self, name).numpy() for name in self.clock.scheme.arrays()}
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        ops.check_state(arrays, self.shape, self.clock.scheme)
+        for name in self.clock.scheme.arrays():
+            getattr(self, name).copy_(torch.from_numpy(np.asarray(arrays[name])))
+
+    def materialize(self) -> torch.Tensor:
+        """Ephemeral float32 W_eff (a fresh tensor each call)."""
+        if self.T_packed.is_cuda:
+            from .kernels import triton_gpu
+
+            return triton_gpu.materialize(self)
+        out = torch.empty(self.shape, dtype=torch.float32)
+        ops.materialize(self.state_arrays(), self.shape, self.clock.scheme, self.clock.step_counter, out=out.numpy())
+        return out
+
+    # -- votes ---------------------------------------------------------------------------------
+    def _use(self) -> None:
+        if torch.is_grad_enabled():
+            self._pending += 1
+
+    def _receive_grad(self, grad_w: torch.Tensor) -> None:
+        self._grad_sum = grad_w if self._grad_sum is None else self._grad_sum + grad_w
+        self._pending -= 1
+        if self._pending <= 0 and not self.clock.accumulating:
+            self.flush()
+
+    def flush(self) -> None:
+        """Vote on the summed gradient now, if there is one."""
+        grad, self._grad_sum, self._pending = self._grad_sum, None, 0
+        if grad is None:
+            return
+        if self.T_packed.is_cuda:
+            from .kernels import triton_gpu
+
+            st = triton_gpu.vote(self, grad)
+        else:
+            st = ops.vote(self.state_arrays(), grad.detach().float().contiguous().numpy(), self.shape, self.clock.scheme)
+        for k in self.clock.stats:
+            self.clock.stats[k] += getattr(st, k)
+
+    def extra_repr(self) -> str:
+        s = self.clock.scheme
+        return f"shape={self.shape}, format={s.format}, rule={s.rule}"
+
+
+class _LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, anchor, mod):
+        ctx.mod = mod
+        ctx.save_for_backward(x)
+        return F_.linear(x, mod.materialize().to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, gy):
+        (x,) = ctx.saved_tensors
+        mod = ctx.mod
+        w = mod.materialize().to(gy.dtype)
+        gx = gy @ w if ctx.needs_input_grad[0] else None
+        gw = gy.reshape(-1, gy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        mod._receive_grad(gw.float())
+        return gx, None, None
+
+
+class _EmbeddingFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, idx, anchor, mod):
+        ctx.mod = mod
+        ctx.save_for_backward(idx)
+        return F_.embedding(idx, mod.materialize())
+
+    @staticmethod
+    def backward(ctx, gy):
+        (idx,) = ctx.saved_tensors
+        gw = torch.zeros(ctx.mod.shape, dtype=torch.float32, device=gy.device)
+        gw.index_add_(0, idx.reshape(-1), gy.reshape(-1, gy.shape[-1]).float())
+        ctx.mod._receive_grad(gw)
+        return None, None, None
+
+
+class E1TMLinear(_E1TMWeight):
+    """Bias-free Linear ``y = x @ W_eff.T`` with E1TM integer state; optional float ``bias`` (user-trained)."""
+
+    def __init__(self, in_features: int, out_features: int, clock: Clock, state=None, bias: torch.Tensor | None = None):
+        super().__init__((out_features, in_features), clock, state)
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    def forward(self, x):
+        self._use()
+        y = _LinearFn.apply(x, self._anchor, self)
+        return y if self.bias is None else y + self.bias
+
+
+class E1TMEmbedding(_E1TMWeight):
+    """Embedding lookup with E1TM state; ``attend(x) = x @ W_eff.T`` is the tied output head."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, clock: Clock, state=None):
+        super().__init__((num_embeddings, embedding_dim), clock, state)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+
+    def forward(self, idx):
+        self._use()
+        return _EmbeddingFn.apply(idx, self._anchor, self)
+
+    def attend(self, x):
+        self._use()
+        return _LinearFn.apply(x, self._anchor, self)
+
+
+def e1tm_modules(model: nn.Module) -> dict[str, _E1TMWeight]:
+    """name -> E1TM module, in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, _E1TMWeight)}
+
+
+def model_clock(model: nn.Module) -> Clock:
+    mods = e1tm_modules(model)
+    if not mods:
+        raise ConfigError("the model has no E1TM layers; call arbs.nn.ternarize_(model) first")
+    clocks = {id(m.clock) for m in mods.values()}
+    if len(clocks) != 1:
+        raise ConfigError("the model's E1TM layers do not share one clock; ternarize the model in one call")
+    return next(iter(mods.values())).clock
+
+
+def ternarize_(
+    model: nn.Module,
+    format: str = F.DEFAULT_VARIANT,
+    rule: str = "carry",
+    *,
+    K: int | None = None,
+    theta: int | None = None,
+    include=lambda name, module: True,
+    report: dict | None = None,
+) -> Clock:
+    """Turn the nn.Linear and nn.Embedding layers of ``model`` into E1TM form, in place.
+
+    Each weight is converted with the convert rule (ops.convert) at step 0. Embeddings keep an
+    ``attend`` method if the original had one (a tied head). A Linear bias stays a float Parameter,
+    trained by the user's own optimizer (it is not part of an E1TM checkpoint).
+
+    Parameters
+    ----------
+    model : the module to change in place.
+    format, rule, K, theta : the E1TM variant and update rule with its integer parameters.
+    include : callable(name, module) -> bool selecting layers to convert.
+    report : optional dict filled with name -> ops.ConvertStats.
+
+    Returns
+    -------
+    Clock shared by all converted layers; ``step(model)`` advances it.
+    """
+    clock = Clock(F.make_scheme(format, rule, K=K, theta=theta))
+    targets = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Embedding)) and not isinstance(m, _E1TMWeight) and include(name, m)
+    ]
+    for name, m in targets:
+        w = m.weight.detach().float().cpu().numpy()
+        state, stats = ops.convert(w, clock.scheme, name=f"{name}.weight")
+        if report is not None:
+            report[f"{name}.weight"] = stats
+        if isinstance(m, nn.Embedding):
+            new = E1TMEmbedding(m.num_embeddings, m.embedding_dim, clock, state)
+        else:
+            new = E1TMLinear(m.in_features, m.out_features, clock, state, bias=m.bias)
+        _set_submodule(model, name, new)
+    return clock
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def step(model: nn.Module) -> int:
+    """End one training step: vote any pending summed gradients, then step_counter += 1. Returns it."""
+    clock = model_clock(model)
+    for m in e1tm_modules(model).values():
+        m.flush()
+    clock.step_counter += 1
+    return clock.step_counter
+
+
+@contextlib.contextmanager
+def accumulate(model: nn.Module):
+    """Within this block gradients of several backward passes are summed; ``step(model)`` votes once."""
+    clock = model_clock(model)
+    clock.accumulating = True
+    try:
+        yield
+    finally:
+        clock.accumulating = False
+
+
+def tensor_states(model: nn.Module) -> dict[str, tuple[tuple[int, ...], dict[str, np.ndarray]]]:
+    """``"<module>.weight" -> (shape, arrays)`` copies of every E1TM weight's integer state."""
+    return {
+        f"{name}.weight": (m.shape, {k: v.copy() for k, v in _cpu_arrays(m).items()})
+        for name, m in e1tm_modules(model).items()
+    }
+
+
+def _cpu_arrays(m: _E1TMWeight) -> dict[str, np.ndarray]:
+    return {name: getattr(m, name).detach().cpu().numpy() for name in m.clock.scheme.arrays()}
+
+
+def load_tensor_states(model: nn.Module, states: dict[str, dict[str, np.ndarray]], step_counter: int) -> None:
+    """Copy integer arrays (``"<module>.weight" -> arrays``) into the model's E1TM layers."""
+    mods = {f"{n}.weight": m for n, m in e1tm_modules(model).items()}
+    missing, extra = set(mods) - set(states), set(states) - set(mods)
+    if missing or extra:
+        raise ConfigError(
+            f"checkpoint tensors do not match the model: missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}"
+        )
+    for name, m in mods.items():
+        arrays = states[name]
+        for k in m.clock.scheme.arrays():
+            a = np.asarray(arrays[k])
+            buf = getattr(m, k)
+            if tuple(a.shape) != tuple(buf.shape):
+                raise ConfigError(f"tensor {name!r} array {k!r} has shape {a.shape}; the model needs {tuple(buf.shape)}")
+            buf.copy_(torch.from_numpy(a))
+    model_clock(model).step_counter = int(step_counter)

@@ -1,0 +1,47 @@
+"""arbs eval and arbs generate."""
+
+import json
+import sys
+
+import click
+
+from arbs.evaluate import eval_checkpoint, generate
+
+from .common import arbs_errors
+
+
+@click.command("eval")
+@click.argument("ckpt")
+@click.option("--data", default=None, help="Evaluate on this data's validation split instead of the run's own.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Sequences per batch.")
+@click.option("--batches", type=int, default=8, show_default=True, help="Validation batches (fixed, evenly spaced windows).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where to run.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@arbs_errors
+def eval_cmd(ckpt, data, batch_size, batches, device, as_json):
+    """Validation loss (nats/byte and bits/byte) of a training, fused or float checkpoint.
+
+    CKPT is a run directory (its LATEST checkpoint) or a step_<N> directory.
+    """
+    r = eval_checkpoint(ckpt, data=data, batch_size=batch_size, max_batches=batches, device=device)
+    doc = {"path": r.path, "kind": r.kind, "fused": r.fused, "step_counter": r.step, "val_loss": r.val_loss,
+           "val_bpb": r.val_bpb, "val_bytes": r.val_bytes}
+    if as_json:
+        click.echo(json.dumps(doc))
+    else:
+        click.echo(f"{r.path}: {r.val_loss:.4f} nats/byte ({r.val_bpb:.4f} bits/byte)"
+                   f"{' [fused]' if r.fused else ''}")
+
+
+@click.command("generate")
+@click.argument("ckpt")
+@click.option("--prompt", default="def ", show_default=True, help="Text to continue (UTF-8).")
+@click.option("--max-bytes", type=int, default=200, show_default=True, help="Bytes to sample.")
+@click.option("--temperature", type=float, default=0.8, show_default=True, help="Sampling temperature; 0 = greedy.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where to run.")
+@arbs_errors
+def generate_cmd(ckpt, prompt, max_bytes, temperature, seed, device):
+    """Sample bytes from a checkpoint's model after --prompt; prints prompt + continuation."""
+    out = generate(ckpt, prompt, max_bytes=max_bytes, temperature=temperature, seed=seed, device=device)
+    sys.stdout.write(prompt + out.decode("utf-8", errors="replace") + "\n")
