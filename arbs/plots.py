@@ -46,3 +46,37 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def plot_compare(rows, out_dir: Path) -> tuple[Path, Path]:
+    """``val_curves.png`` (validation loss against step, one line per scheme) and ``final_loss.png`` (bars)."""
+    plt = _pyplot()
+    out_dir = Path(out_dir)
+    curves = out_dir / "val_curves.png"
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
+    for r in rows:
+        if r.curve:
+            s, v = zip(*r.curve)
+            ax.plot(s, v, marker="o", ms=2.5, label=r.label, ls="--" if r.format in ("fp32",) else "-")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (nats/byte)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(curves)
+    plt.close(fig)
+
+    bars = out_dir / "final_loss.png"
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2), dpi=110)
+    labels = [r.label for r in rows][::-1]
+    vals = [r.val_loss for r in rows][::-1]
+    colors = ["tab:gray" if not r.rule else ("tab:orange" if r.fused else "tab:blue") for r in rows][::-1]
+    ax.barh(labels, vals, color=colors)
+    for y, v in enumerate(vals):
+        ax.text(v, y, f" {v:.3f}", va="center", fontsize=8)
+    ax.set_xlabel("final validation loss (nats/byte; grey: float latents, blue: E1TM, orange: E1TM fused)")
+    ax.set_xlim(0, max(vals) * 1.15)
+    fig.tight_layout()
+    fig.savefig(bars)
+    plt.close(fig)
+    return curves, bars

@@ -146,8 +146,9 @@ def build(meta: dict, ckpt: store.Checkpoint | None = None, *, device: str = "cp
 
         baselines.quantize_(model, fmt, gs=meta.get("gs", 32), theta=meta.get("baseline_theta", 0.5))
         model.to(device)
-        params = [p for p in model.parameters() if p.requires_grad]
-        handles["optimizer"] = torch.optim.AdamW(params, lr=meta["lr"], weight_decay=meta["weight_decay"])
+        groups = [{"params": baselines.latent_parameters(model), "weight_decay": meta["weight_decay"]},
+                  {"params": baselines.quantizer_parameters(model), "weight_decay": 0.0}]
+        handles["optimizer"] = torch.optim.AdamW([g for g in groups if g["params"]], lr=meta["lr"])
         if ckpt is not None:
             _load_float_state(model, handles["optimizer"], ckpt)
     return model, handles

@@ -1,0 +1,66 @@
+"""ms/step and peak RSS of E1TM32 (each rule) vs fp32 AdamW on CPU, side by side in one run.
+
+Each configuration runs in its own subprocess (so peak RSS is its own) on the same batches.
+
+    python benchmarks/train_step.py [--presets tiny small] [--steps 20] [--threads 2]
+"""
+
+import argparse
+import multiprocessing as mp
+import resource
+import time
+
+
+def _measure(preset, fmt, rule, steps, threads, q):
+    import torch
+
+    from arbs import data as D
+    from arbs import nn as anx
+    from arbs.train import TrainConfig, _meta, build
+
+    torch.set_num_threads(threads)
+    cfg = TrainConfig(format=fmt, rule=rule, preset=preset, steps=steps)
+    corpus = D.default_corpus()
+    model, h = build(_meta(cfg, corpus.info))
+    opt = h.get("optimizer")
+    ctx = cfg.model_config().context
+    times = []
+    for s in range(steps + 3):
+        x, y = D.get_batch(corpus.train, batch_size=cfg.batch_size, context=ctx, seed=0, step=s)
+        t0 = time.perf_counter()
+        _, loss = model(x, y)
+        loss.backward()
+        if opt:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        else:
+            anx.step(model)
+        times.append(time.perf_counter() - t0)
+    times = sorted(times[3:])  # the first steps compile kernels and warm caches
+    q.put((times[len(times) // 2] * 1e3, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    ctx = mp.get_context("spawn")
+    print(f"| preset | scheme | ms/step (median of {a.steps}) | x fp32 | peak RSS MiB | x fp32 |")
+    print("|---|---|---|---|---|---|")
+    for preset in a.presets:
+        base = None
+        for fmt, rule in (("fp32", None), ("E1TM32", "average"), ("E1TM32", "carry"), ("E1TM32", "flip")):
+            q = ctx.Queue()
+            p = ctx.Process(target=_measure, args=(preset, fmt, rule, a.steps, a.threads, q))
+            p.start()
+            ms, rss = q.get()
+            p.join()
+            base = base or (ms, rss)
+            name = fmt + (f":{rule}" if rule else " AdamW")
+            print(f"| {preset} | {name} | {ms:.1f} | {ms / base[0]:.2f}x | {rss:.0f} | {rss / base[1]:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
