@@ -85,8 +85,9 @@ INFERENCE_ARRAYS = ("T_packed", "E")
 
 
 def did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" Did you mean {close[0]!r}?" if close else ""
+    folded = {str(c).casefold(): c for c in choices}  # case-insensitive: "e1tm32" -> 'E1TM32'
+    close = difflib.get_close_matches(str(word).casefold(), list(folded), n=1)
+    return f" Did you mean {folded[close[0]]!r}?" if close else ""
 
 
 def variant_gs(name: str) -> int:

@@ -39,6 +39,7 @@ class Clock:
     scheme: F.Scheme
     step_counter: int = 0
     accumulating: bool = False
+    round_scale: bool = False  # fuse-aware phase: materialize with S = 2**rint(E + Xi), as fuse will
     stats: dict = field(default_factory=lambda: {"carries": 0, "saturations": 0, "flips": 0})
 
 
@@ -75,8 +76,12 @@ class _E1TMWeight(nn.Module):
             from .kernels import triton_gpu
 
             return triton_gpu.materialize(self)
+        state, scheme, step = self.state_arrays(), self.clock.scheme, self.clock.step_counter
+        if self.clock.round_scale:
+            E_fused, _ = ops.fuse(state, self.shape, scheme, step)
+            return torch.from_numpy(ops.materialize_fused(state["T_packed"], E_fused, self.shape, scheme.gs))
         out = torch.empty(self.shape, dtype=torch.float32)
-        ops.materialize(self.state_arrays(), self.shape, self.clock.scheme, self.clock.step_counter, out=out.numpy())
+        ops.materialize(state, self.shape, scheme, step, out=out.numpy())
         return out
 
     # -- votes ---------------------------------------------------------------------------------

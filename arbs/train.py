@@ -62,6 +62,7 @@ class TrainConfig:
     out: str = "runs/e1tm"
     resume: bool = False
     init: str | None = None  # float checkpoint to start from (E1TM formats only)
+    fuse_phase: float = 0.0  # E1TM: final fraction of steps that materialize with the fused (rounded) scale
     device: str = "cpu"
     # float baselines (AdamW on latent float weights)
     lr: float = 3e-3
@@ -87,6 +88,8 @@ class TrainConfig:
             raise ConfigError(f"--context must be >= 2, got {self.context}")
         if self.keep is not None and self.keep < 1:
             raise ConfigError(f"--keep must be >= 1, got {self.keep}")
+        if not 0.0 <= self.fuse_phase <= 1.0:
+            raise ConfigError(f"--fuse-phase is a fraction of the steps, 0..1; got {self.fuse_phase}")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -330,6 +333,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None, on
     if ckpt is None:
         store.save_checkpoint(run_dir, to_checkpoint(model, handles, meta, 0), keep=cfg.keep)
     opt = handles.get("optimizer")
+    clock = handles.get("clock")
+    fuse_from = cfg.steps - round(cfg.fuse_phase * cfg.steps)
     model.train()
 
     stop = {"flag": False}
@@ -355,6 +360,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None, on
             if opt is not None:
                 for g in opt.param_groups:
                     g["lr"] = _lr_at(cfg, step)
+            else:
+                clock.round_scale = step >= fuse_from
             with _autocast(cfg.device):
                 _, loss = model(x, y)
             lv = loss.item()
@@ -396,6 +403,9 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None, on
             signal.signal(signal.SIGINT, old_handler)
     if stop["flag"] and not store.resolve_checkpoint(run_dir).name == f"step_{step}":
         store.save_checkpoint(run_dir, to_checkpoint(model, handles, meta, step), keep=cfg.keep)
+    if clock is not None and clock.round_scale:
+        clock.round_scale = False  # report the checkpoint's own (continuous-scale) loss next to the fused one
+        val_loss = None
     if val_loss is None:
         val_loss = evaluate(model, corpus.val, batch_size=cfg.batch_size, context=mcfg.context,
                             max_batches=cfg.eval_batches, device=cfg.device)

@@ -33,6 +33,8 @@ _D = TrainConfig()
 @click.option("--out", default=_D.out, show_default=True, help="Run directory (checkpoints, metrics.jsonl, loss.png).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its LATEST checkpoint (bit-exact).")
 @click.option("--init", default=None, help="Float model to start from (an fp32 run dir, .safetensors or torch state dict), converted to E1TM.")
+@click.option("--fuse-phase", type=float, default=_D.fuse_phase, show_default=True,
+              help="E1TM: final fraction of steps trained with the fused (rounded) scale, to shrink the fuse gap.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=_D.device, show_default=True, help="Where to train.")
 @click.option("--lr", type=float, default=_D.lr, show_default=True, help="Float baselines: AdamW peak learning rate (cosine to 10%).")
 @click.option("--weight-decay", type=float, default=_D.weight_decay, show_default=True, help="Float baselines: AdamW weight decay.")

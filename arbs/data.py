@@ -1,0 +1,467 @@
+"""Byte corpora and batches for the byte-level GPT.
+
+A corpus is two 1-D uint8 arrays (train, val) plus a JSON-able ``info`` dict that says where the bytes came
+from and how they were split, with a sha256 so a run can record exactly which data it saw.
+
+Sources
+-------
+``default_corpus()``
+    The Python standard library's own ``*.py`` sources: every install has them, so arbs trains out of the box
+    with no download. See :func:`default_corpus` for the exact selection, cap, separator and split rule.
+``load_corpus(path)``
+    A text file, a directory of text files, or a 1-D uint8 ``.npy`` array.
+
+Batches
+-------
+``get_batch`` draws random windows from a generator seeded with ``(seed, step)`` only, so batch ``step`` of a
+run is the same whether the run went straight through or was stopped and resumed: a checkpoint needs no RNG
+state. ``eval_batches`` gives fixed, evenly spaced windows so the validation loss is comparable across steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import sysconfig
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ArbsError, ConfigError
+
+log = logging.getLogger(__name__)
+
+# Files are joined with a blank line so the end of one file and the start of the next read like two
+# separate blocks of source, as they would in any editor, instead of fusing two lines together.
+FILE_SEPARATOR = b"\n\n"
+
+# Split by file: a file goes to validation when crc32 of its relative POSIX path (UTF-8) mod VAL_MODULUS
+# is 0, i.e. about 1 file in 20 (5%). The rule depends only on the path, so adding or removing a file
+# never moves another file between the splits. crc32 rather than hash(): str hashes are salted per process.
+VAL_MODULUS = 20
+# Single files and arrays: the last VAL_FRACTION_DENOM-th of the bytes (5%) is validation.
+VAL_FRACTION_DENOM = 20
+
+# Default-corpus cap: files are taken in sorted path order while the running total stays <= 8 MiB. The
+# stdlib (tests excluded) holds ~12 MB of .py on CPython 3.11; 8 MiB loads in well under a second and is far
+# more text than a CPU run of a few thousand steps at batch 16 x 128 can see (~0.5 epoch per 2k steps).
+DEFAULT_CORPUS_MAX_BYTES = 8 * 2**20
+
+# Directories never walked for the default corpus: third-party packages (differ per install), the stdlib's
+# own test suites (not always installed, e.g. Debian's python3-test split), and bytecode caches.
+_DEFAULT_EXCLUDED_DIRS = frozenset(
+    {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+)
+# Files that describe the machine Python was built on rather than Python itself (compiler flags, paths):
+# they would make the corpus differ between two installs of the same Python version.
+_DEFAULT_EXCLUDED_FILE_PREFIXES = ("_sysconfigdata",)
+_DEFAULT_EXCLUDED_DIR_PREFIXES = ("config-",)  # lib/python3.X/config-3.X-<platform>/ (python-config.py)
+
+# A directory file is treated as binary (and skipped) when its first BINARY_SNIFF_BYTES hold a NUL byte.
+BINARY_SNIFF_BYTES = 8 * 1024
+
+# Smallest corpus accepted: 1 KiB leaves >= 51 validation bytes under the 5% rule. Whether a context fits is
+# checked later by get_batch/eval_batches, which name the context and the split lengths.
+MIN_CORPUS_BYTES = 1024
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A byte corpus split into train and validation.
+
+    Attributes
+    ----------
+    train : np.ndarray
+        uint8, shape (n_train,), C-contiguous, writable.
+    val : np.ndarray
+        uint8, shape (n_val,), C-contiguous, writable.
+    info : dict
+        JSON-able description: at least ``source``, ``kind``, ``n_files``, ``train_bytes``, ``val_bytes``,
+        ``sha256`` (of the train bytes followed by the val bytes), ``split`` (the rule, in words).
+    """
+
+    train: np.ndarray
+    val: np.ndarray
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("train", "val"):
+            a = getattr(self, name)
+            if not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.ndim != 1:
+                got = f"{a.dtype} array of shape {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+                raise ConfigError(f"Corpus.{name} must be a 1-D uint8 numpy array; got {got}")
+        if not isinstance(self.info, dict):
+            raise ConfigError(f"Corpus.info must be a dict; got {type(self.info).__name__}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _as_array(buf: bytes | bytearray) -> np.ndarray:
+    # bytearray -> writable array: torch.from_numpy warns on read-only arrays, and pytest turns warnings
+    # into errors.
+    return np.frombuffer(bytearray(buf), dtype=np.uint8)
+
+
+def _sha256(train: np.ndarray, val: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(memoryview(train))
+    h.update(memoryview(val))
+    return h.hexdigest()
+
+
+def _is_val_file(relpath: str) -> bool:
+    return zlib.crc32(relpath.encode("utf-8")) % VAL_MODULUS == 0
+
+
+def _split_tail(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    n_val = len(data) // VAL_FRACTION_DENOM
+    return data[: len(data) - n_val].copy(), data[len(data) - n_val :].copy()
+
+
+_TAIL_RULE = f"last 1/{VAL_FRACTION_DENOM} (5%) of the bytes is validation"
+_FILE_RULE = (
+    f"by file: crc32(relative POSIX path, UTF-8) % {VAL_MODULUS} == 0 -> validation (~5%), else train; "
+    f"files joined with {FILE_SEPARATOR!r} within each split"
+)
+
+_TAIL_FALLBACK_RULE = (
+    f"files joined with {FILE_SEPARATOR!r} in path order; {_TAIL_RULE} "
+    f"(the by-file rule left a split empty)"
+)
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ArbsError(
+            f"cannot read corpus file '{path}': {e.strerror or e}; check that it exists and is readable"
+        ) from e
+
+
+def _check_size(n: int, where: str) -> None:
+    if n == 0:
+        raise ConfigError(f"corpus '{where}' is empty (0 bytes); give a file or directory with text in it")
+    if n < MIN_CORPUS_BYTES:
+        raise ConfigError(
+            f"corpus '{where}' holds {n} bytes; at least {MIN_CORPUS_BYTES} are needed to split off a "
+            f"validation set; give more data"
+        )
+
+
+def _join_split(files: list[tuple[str, bytes]]) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Split (relpath, bytes) pairs by the crc rule; return train, val, n_train_files, n_val_files."""
+    train = [b for rel, b in files if not _is_val_file(rel)]
+    val = [b for rel, b in files if _is_val_file(rel)]
+    return _as_array(FILE_SEPARATOR.join(train)), _as_array(FILE_SEPARATOR.join(val)), len(train), len(val)
+
+
+# --------------------------------------------------------------------------------------------------------
+# default corpus
+
+
+def _default_corpus_files(max_bytes: int) -> tuple[Path, list[tuple[str, bytes]]]:
+    """(stdlib root, [(relpath, bytes)]) selected by steps 1-3 of :func:`default_corpus`."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise ArbsError(
+            f"the Python standard library directory '{root}' (sysconfig stdlib path) does not exist; "
+            f"pass a corpus path instead"
+        )
+    rels: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [
+            d for d in dirnames
+            if d not in _DEFAULT_EXCLUDED_DIRS and not d.startswith(_DEFAULT_EXCLUDED_DIR_PREFIXES)
+        ]
+        rel_dir = Path(dirpath).relative_to(root)
+        for f in filenames:
+            if f.endswith(".py") and not f.startswith(_DEFAULT_EXCLUDED_FILE_PREFIXES):
+                rels.append((rel_dir / f).as_posix())
+    rels.sort()
+
+    files: list[tuple[str, bytes]] = []
+    total = 0
+    for rel in rels:
+        b = _read_bytes(root / rel)
+        if not b:  # empty __init__.py files would add only separators
+            continue
+        if total + len(b) > max_bytes:
+            break
+        files.append((rel, b))
+        total += len(b)
+    return root, files
+
+
+def default_corpus(max_bytes: int = DEFAULT_CORPUS_MAX_BYTES) -> Corpus:
+    """The built-in corpus: this Python's standard library ``*.py`` sources.
+
+    Selection (deterministic for a given Python build):
+
+    1. Walk ``sysconfig.get_paths()["stdlib"]``, not following directory symlinks, skipping directories
+       named ``site-packages``, ``dist-packages``, ``test``, ``tests``, ``idle_test``, ``__pycache__`` or
+       starting with ``config-``, and files starting with ``_sysconfigdata`` (build-machine details).
+    2. Sort the ``*.py`` files by relative POSIX path (code-point order); skip empty files.
+    3. Take files in that order while the running byte total stays <= ``max_bytes`` (default 8 MiB); the
+       first file that would cross the cap ends the selection.
+    4. Split by file: crc32(relpath) % 20 == 0 -> validation (~5%), else train. Within each split the files'
+       bytes are joined with ``b"\\n\\n"``. (If a small ``max_bytes`` leaves a split empty, all files are
+       joined and the last 5% of the bytes is validation, as in :func:`load_corpus`; ``info["split"]`` says.)
+
+    The bytes, and so ``info["sha256"]``, differ between Python versions (the stdlib changes), which is why
+    ``info["python_version"]`` is recorded.
+
+    Parameters
+    ----------
+    max_bytes : int
+        Cap on the summed file sizes (separators not counted). Must be >= MIN_CORPUS_BYTES.
+
+    Returns
+    -------
+    Corpus
+        ``info`` holds source, kind="stdlib", n_files, n_train_files, n_val_files, train_bytes, val_bytes,
+        sha256, python_version, max_bytes, split.
+    """
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) or max_bytes < MIN_CORPUS_BYTES:
+        raise ConfigError(f"default_corpus max_bytes must be an int >= {MIN_CORPUS_BYTES}; got {max_bytes!r}")
+    root, files = _default_corpus_files(max_bytes)
+    total = sum(len(b) for _, b in files)
+    _check_size(total, str(root))
+
+    train, val, n_train, n_val = _join_split(files)
+    split = _FILE_RULE
+    if len(train) == 0 or len(val) == 0:  # only with a small max_bytes: same fallback as load_corpus(dir)
+        train, val = _split_tail(_as_array(FILE_SEPARATOR.join(b for _, b in files)))
+        n_train, n_val = len(files), 0
+        split = _TAIL_FALLBACK_RULE
+    info = {
+        "source": root.as_posix(),
+        "kind": "stdlib",
+        "n_files": len(files),
+        "n_train_files": n_train,
+        "n_val_files": n_val,
+        "train_bytes": int(len(train)),
+        "val_bytes": int(len(val)),
+        "sha256": _sha256(train, val),
+        "python_version": ".".join(map(str, sys.version_info[:3])),
+        "max_bytes": int(max_bytes),
+        "split": split,
+    }
+    log.debug("default corpus: %s", info)
+    return Corpus(train, val, info)
+
+
+# --------------------------------------------------------------------------------------------------------
+# user corpora
+
+
+def load_corpus(path: str | os.PathLike) -> Corpus:
+    """Load a corpus from a text file, a directory of text files, or a uint8 ``.npy`` array.
+
+    * ``*.npy``: must hold a 1-D uint8 array (loaded without pickle); the last 5% of bytes is validation.
+    * any other file: its raw bytes (any encoding: the model is byte-level); the last 5% is validation.
+    * directory: every regular file below it, recursively, in sorted relative-POSIX-path order, skipping
+      names that start with "." (e.g. ``.git``), ``__pycache__`` directories, empty files, and files with a
+      NUL byte in their first 8 KiB (binary). Split by file as :func:`default_corpus` does
+      (crc32(relpath) % 20 == 0 -> validation). If that leaves either split empty (few files), all files are
+      joined in order and the last 5% of the bytes is validation instead; ``info["split"]`` says which rule
+      was used.
+
+    Raises
+    ------
+    ConfigError
+        path missing, empty data, fewer than MIN_CORPUS_BYTES bytes, ``.npy`` not 1-D uint8.
+    ArbsError
+        a file cannot be read or a ``.npy`` cannot be parsed.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"corpus path '{p}' does not exist; give a text file, a directory or a uint8 .npy")
+    if p.is_dir():
+        return _load_dir(p)
+    if p.suffix.lower() == ".npy":
+        return _load_npy(p)
+    data = _as_array(_read_bytes(p))
+    _check_size(len(data), str(p))
+    train, val = _split_tail(data)
+    return Corpus(train, val, _info(p, "text", 1, train, val, _TAIL_RULE))
+
+
+def _info(p: Path, kind: str, n_files: int, train: np.ndarray, val: np.ndarray, split: str) -> dict:
+    return {
+        "source": p.resolve().as_posix(),
+        "kind": kind,
+        "n_files": n_files,
+        "train_bytes": int(len(train)),
+        "val_bytes": int(len(val)),
+        "sha256": _sha256(train, val),
+        "split": split,
+    }
+
+
+def _load_npy(p: Path) -> Corpus:
+    try:
+        a = np.load(p, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise ArbsError(f"cannot read '{p}' as a .npy array: {e}; save it with np.save(path, bytes_array)") from e
+    if not isinstance(a, np.ndarray):  # np.load returns NpzFile for .npz content
+        raise ConfigError(f"'{p}' is not a single .npy array; save one 1-D uint8 array with np.save")
+    if a.dtype != np.uint8 or a.ndim != 1:
+        raise ConfigError(
+            f"'{p}' holds a {a.dtype} array of shape {a.shape}; a corpus .npy must be 1-D uint8 "
+            f"(convert with np.asarray(x, dtype=np.uint8).ravel() only if the values are bytes)"
+        )
+    _check_size(len(a), str(p))
+    train, val = _split_tail(np.ascontiguousarray(a))
+    return Corpus(train, val, _info(p, "npy", 1, train, val, _TAIL_RULE))
+
+
+def _load_dir(p: Path) -> Corpus:
+    rels: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(p):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__pycache__"]
+        rel_dir = Path(dirpath).relative_to(p)
+        rels.extend((rel_dir / f).as_posix() for f in filenames if not f.startswith("."))
+    rels.sort()
+
+    files: list[tuple[str, bytes]] = []
+    n_binary = 0
+    for rel in rels:
+        fp = p / rel
+        if not fp.is_file():  # broken symlink, fifo, socket
+            continue
+        b = _read_bytes(fp)
+        if not b:
+            continue
+        if b"\x00" in b[:BINARY_SNIFF_BYTES]:
+            n_binary += 1
+            continue
+        files.append((rel, b))
+    if n_binary:
+        log.info("corpus '%s': skipped %d binary files (NUL byte in the first %d bytes)", p, n_binary,
+                 BINARY_SNIFF_BYTES)
+    if not files:
+        raise ConfigError(
+            f"corpus directory '{p}' holds no non-empty text files"
+            + (f" ({n_binary} binary files skipped)" if n_binary else "")
+            + "; give a directory with text files in it"
+        )
+    total = sum(len(b) for _, b in files) + len(FILE_SEPARATOR) * (len(files) - 1)
+    _check_size(total, str(p))
+
+    train, val, _, _ = _join_split(files)
+    split = _FILE_RULE
+    if len(train) == 0 or len(val) == 0:
+        train, val = _split_tail(_as_array(FILE_SEPARATOR.join(b for _, b in files)))
+        split = _TAIL_FALLBACK_RULE
+    return Corpus(train, val, _info(p, "directory", len(files), train, val, split))
+
+
+# --------------------------------------------------------------------------------------------------------
+# batches
+
+
+def _check_int(name: str, v, minimum: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+        raise ConfigError(f"{name} must be an int >= {minimum}; got {v!r}")
+    return int(v)
+
+
+def _check_data(data, context: int, what: str) -> None:
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 1:
+        got = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise ConfigError(f"{what}: data must be a 1-D uint8 numpy array; got {got}")
+    if len(data) < context + 1:
+        raise ConfigError(
+            f"{what}: data holds {len(data)} bytes but a window of context {context} needs {context + 1} "
+            f"(context + 1 for the shifted targets); lower --context or use a larger corpus"
+        )
+
+
+def _windows(data: np.ndarray, starts: np.ndarray, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = starts[:, None] + np.arange(context + 1, dtype=np.int64)  # (B, T+1)
+    w = data[idx].astype(np.int64)  # (B, T+1)
+    x = torch.from_numpy(np.ascontiguousarray(w[:, :-1]))  # (B, T)
+    y = torch.from_numpy(np.ascontiguousarray(w[:, 1:]))  # (B, T)
+    return x, y
+
+
+def get_batch(
+    data: np.ndarray, *, batch_size: int, context: int, seed: int, step: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random training batch that depends only on ``(seed, step)``.
+
+    Window starts are drawn uniformly from ``[0, len(data) - context - 1]`` by
+    ``np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, step])))``; no RNG state is carried
+    between calls, so resuming at ``step`` reproduces the batches of an uninterrupted run exactly.
+
+    Parameters
+    ----------
+    data : np.ndarray
+        uint8, shape (n,), n >= context + 1. Not modified.
+    batch_size, context : int
+        >= 1.
+    seed, step : int
+        >= 0.
+
+    Returns
+    -------
+    x, y : torch.Tensor
+        int64, shape (batch_size, context), on CPU; ``y[:, t] == x[:, t + 1]`` (y is x shifted by one).
+    """
+    batch_size = _check_int("batch_size", batch_size, 1)
+    context = _check_int("context", context, 1)
+    seed = _check_int("seed", seed, 0)
+    step = _check_int("step", step, 0)
+    _check_data(data, context, "get_batch")
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, step])))
+    starts = rng.integers(0, len(data) - context, size=batch_size, dtype=np.int64)  # (B,), high exclusive
+    return _windows(data, starts, context)
+
+
+def eval_batches(
+    data: np.ndarray, *, batch_size: int, context: int, max_batches: int | None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Fixed validation batches: the same windows on every call, for a loss comparable across steps.
+
+    The val set holds ``n_tile = (len(data) - 1) // context`` non-overlapping windows (start ``i * context``)
+    that predict every byte after the first exactly once (up to a tail shorter than ``context``). If those fit
+    in ``max_batches * batch_size`` rows they are used as is; otherwise that many windows are placed evenly
+    from the first start 0 to the last possible start ``len(data) - context - 1`` (integer spacing), so a
+    capped evaluation still samples the whole val set rather than only its beginning.
+
+    Parameters
+    ----------
+    data : np.ndarray
+        uint8, shape (n,), n >= context + 1.
+    batch_size, context : int
+        >= 1.
+    max_batches : int or None
+        >= 1, or None for every tiled window.
+
+    Returns
+    -------
+    list of (x, y)
+        int64 tensors of shape (b, context) with b == batch_size except possibly in the last batch, which may
+        be shorter: weight per-batch losses by rows when averaging.
+    """
+    batch_size = _check_int("batch_size", batch_size, 1)
+    context = _check_int("context", context, 1)
+    if max_batches is not None:
+        max_batches = _check_int("max_batches", max_batches, 1)
+    _check_data(data, context, "eval_batches")
+    n_tile = (len(data) - 1) // context
+    cap = n_tile if max_batches is None else min(n_tile, max_batches * batch_size)
+    if cap == n_tile:
+        starts = np.arange(n_tile, dtype=np.int64) * context  # (n,)
+    else:
+        last = len(data) - context - 1
+        starts = (np.arange(cap, dtype=np.int64) * last) // max(cap - 1, 1)  # (n,), evenly spaced
+    return [_windows(data, starts[i : i + batch_size], context) for i in range(0, len(starts), batch_size)]

@@ -1,0 +1,437 @@
+"""Triton kernels on packed E1TM state held in torch CUDA tensors: the contracts of arbs.kernels.cpu.
+
+State never leaves its packed form: every kernel decodes the base-3 bytes of ``T_packed`` in registers
+(no int8 copy of all trits), so materialize reads 0.2 + 9/gs bytes per weight and writes W_eff.
+
+Exactness (tests/test_triton.py checks each against the numba kernels):
+
+- integers (delta, corr_accum, E, flip_accum, T_packed bytes, every count) are computed with integer
+  arithmetic and are identical to the numba kernels;
+- S = float32(exp2(float64(E) + float64(num*corr_accum)/float64(den))) is computed per group in
+  float64 inside the kernel: the division is IEEE ``div.rn.f64`` and exp2 is CUDA's libdevice
+  ``__nv_exp2`` (double, max error 1 ulp of double); the cast to float32 rounds to nearest even. numba
+  calls libm's ``exp2`` (glibc: < 0.51 ulp). The two doubles can only round to different float32 values
+  when 2**x lies within ~2 ulp of double of a float32 rounding midpoint (about one group in 10**8 by
+  that bound); none was seen in the tests, which include every (E, corr_accum) pair of E1TM32 carry at
+  K=16. W_eff = S*T is then a float32 product, identical to numba's; a bf16/fp16 ``out`` receives that
+  float32 value rounded to nearest even (what ``w.to(torch.bfloat16)`` gives).
+
+Syncs: the ``*_into`` contract functions return counts as Python ints, so each costs one device-to-host
+transfer (a full stream sync). ``vote(mod, grad)`` launches all its kernels, which stop themselves on
+the device when the gradient holds NaN/inf (state untouched), and reads every count in one 40-byte
+transfer at the end: one sync per voted weight. ``vote_async`` skips even that and leaves the counts on
+the device.
+
+Like arbs.kernels.cpu, nothing here validates dtypes or shapes except the module-level helpers
+``materialize(mod)`` and ``vote(mod, grad)``; every tensor must be C-contiguous and on one device.
+With ``TRITON_INTERPRET=1`` set before triton is imported, the same kernels run on CPU tensors
+(slowly): the tests use that to check the kernels' logic without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import formats as F
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# libdevice calls cannot run in the interpreter; there tl.exp2 is numpy's float64 exp2.
+_LIBDEVICE = tl.constexpr(not _INTERPRET)
+if not _INTERPRET:
+    from triton.language.extra import libdevice
+else:  # pragma: no cover - only in the interpreter
+    libdevice = None
+
+_I64_MAX = (1 << 63) - 1
+# counters of one vote: nonfinite, out_of_range, carries, saturations, flips
+_N_COUNTERS = 5
+
+
+# -- device helpers --------------------------------------------------------------------------------
+@triton.jit
+def _trit(b, d):
+    """Trit ``d`` (0..4, first least significant) of packed bytes ``b`` (int32), as int32 in -1..+1.
+
+    Mirrors cpu._unpack_row exactly, also for invalid bytes 243..255 (top digit q4 not reduced mod 3),
+    so that decode + re-encode gives the byte back.
+    """
+    q1 = b // 3
+    q2 = q1 // 3
+    q3 = q2 // 3
+    q4 = q3 // 3
+    t = tl.where(d == 0, b - 3 * q1, tl.where(d == 1, q1 - 3 * q2, tl.where(d == 2, q2 - 3 * q3, tl.where(d == 3, q3 - 3 * q4, q4))))
+    return t - 1
+
+
+@triton.jit
+def _exp2_f64(x):
+    if _LIBDEVICE:
+        y = libdevice.exp2(x)
+    else:
+        y = tl.exp2(x)
+    return y
+
+
+@triton.jit
+def _xi(corr, num, den):
+    """float64(num*corr) / float64(den), IEEE division (den != 0)."""
+    return (corr * num).to(tl.float64) / den.to(tl.float64)
+
+
+@triton.jit
+def _rint_f64(v):
+    """Round half to even in float64 (np.rint), exact for every finite double."""
+    if _LIBDEVICE:
+        y = libdevice.rint(v)  # cvt.rni.f64.f64
+    else:
+        fl = tl.floor(v)
+        f = v - fl
+        odd = (fl - 2.0 * tl.floor(fl * 0.5)) == 1.0
+        y = tl.where((f > 0.5) | ((f == 0.5) & odd), fl + 1.0, fl)
+    return y
+
+
+@triton.jit
+def _is_finite(x):
+    return (x == x) & (tl.abs(x) != float("inf"))
+
+
+# -- kernels ---------------------------------------------------------------------------------------
+# Tiles are (BR rows, BG groups, GSP columns of a group): S and delta live per (row, group) and are
+# broadcast/reduced along the last axis; GSP = next power of two >= gs, the extra lanes are masked.
+
+
+@triton.jit(do_not_specialize=["num", "den"])
+def _materialize_kernel(tp_ptr, e_ptr, corr_ptr, out_ptr, rows, cols, nb, ng, num, den,
+                        HAS_XI: tl.constexpr, ROUND: tl.constexpr, GS: tl.constexpr, GSP: tl.constexpr,
+                        BR: tl.constexpr, BG: tl.constexpr):
+    r = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)[:, None]  # (BR, 1)
+    g = (tl.program_id(1) * BG + tl.arange(0, BG))[None, :]  # (1, BG)
+    gmask = (r < rows) & (g < ng)
+    e = tl.load(e_ptr + r * ng + g, mask=gmask, other=0).to(tl.float64)  # (BR, BG)
+    if HAS_XI:
+        corr = tl.load(corr_ptr + r * ng + g, mask=gmask, other=0)
+        e = e + _xi(corr, num, den)
+    if ROUND:  # fuse-aware: S = 2**clip(rint(E + Xi), -128, 127), the scale fuse will store
+        e = tl.minimum(tl.maximum(_rint_f64(e), -128.0), 127.0)
+    s = _exp2_f64(e).to(tl.float32)  # (BR, BG) float32(2**(E + Xi))
+    j = tl.arange(0, GSP)[None, None, :]
+    c = g[:, :, None] * GS + j  # (1, BG, GSP) column
+    r3 = r[:, :, None]
+    m = (r3 < rows) & (c < cols) & (j < GS)
+    b = tl.load(tp_ptr + r3 * nb + c // 5, mask=m, other=121).to(tl.int32)
+    t = _trit(b, c % 5)
+    w = s[:, :, None] * t.to(tl.float32)
+    tl.store(out_ptr + r3 * cols + c, w.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _vote_kernel(grad_ptr, tp_ptr, delta_ptr, cnt_ptr, corr_ptr, rows, cols, nb, ng, range_limit,
+                 CHECK_RANGE: tl.constexpr, GS: tl.constexpr, GSP: tl.constexpr,
+                 BR: tl.constexpr, BG: tl.constexpr):
+    r = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)[:, None]
+    g = (tl.program_id(1) * BG + tl.arange(0, BG))[None, :]
+    gmask = (r < rows) & (g < ng)
+    j = tl.arange(0, GSP)[None, None, :]
+    c = g[:, :, None] * GS + j
+    r3 = r[:, :, None]
+    m = (r3 < rows) & (c < cols) & (j < GS)
+    x = tl.load(grad_ptr + r3 * cols + c, mask=m, other=0.0)  # native dtype: no rounding of the sign
+    b = tl.load(tp_ptr + r3 * nb + c // 5, mask=m, other=121).to(tl.int32)
+    t = _trit(b, c % 5)
+    sgn = (x > 0).to(tl.int32) - (x < 0).to(tl.int32)
+    acc = tl.sum(sgn * t, axis=2)  # (BR, BG), |acc| <= gs
+    tl.store(delta_ptr + r * ng + g, -(acc.to(tl.int64)), mask=gmask)
+    bad = tl.sum(tl.sum(tl.sum((m & ~_is_finite(x)).to(tl.int32), axis=2), axis=1), axis=0).to(tl.int64)
+    tl.atomic_add(cnt_ptr, bad, mask=bad > 0)  # one atomic per program, only when needed
+    if CHECK_RANGE:  # average rule: refuse to vote if any |corr_accum| > int64 max - gs
+        corr = tl.load(corr_ptr + r * ng + g, mask=gmask, other=0)
+        oor = gmask & ((corr > range_limit) | (corr < -range_limit))
+        n_oor = tl.sum(tl.sum(oor.to(tl.int32), axis=1), axis=0).to(tl.int64)
+        tl.atomic_add(cnt_ptr + 1, n_oor, mask=n_oor > 0)
+
+
+@triton.jit
+def _apply_kernel(corr_ptr, e_ptr, delta_ptr, cnt_ptr, n, limit, GUARDED: tl.constexpr, CARRY: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """corr += delta, then carry in closed form (same result as cpu._carry's loops)."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    if GUARDED:  # the vote kernel found NaN/inf or a corr_accum out of range: change nothing
+        z = i * 0  # counts are loaded per lane (one address, a broadcast): scalar masks break the interpreter
+        m = m & ((tl.load(cnt_ptr + z) + tl.load(cnt_ptr + 1 + z)) == 0)  # both counts are >= 0
+    c = tl.load(corr_ptr + i, mask=m, other=0) + tl.load(delta_ptr + i, mask=m, other=0)
+    if CARRY:
+        e = tl.load(e_ptr + i, mask=m, other=0).to(tl.int64)
+        pos = c >= limit
+        neg = c <= -limit
+        want = tl.where(pos, c // limit, tl.where(neg, (-c) // limit, 0))  # operands >= 0: no sign issue
+        room = tl.where(pos, 127 - e, e + 128)
+        nc = tl.minimum(want, room)
+        sat = want > room
+        step = tl.where(pos, nc, -nc)
+        e = e + step
+        c = c - step * limit
+        c = tl.where(sat, tl.where(pos, limit - 1, -(limit - 1)), c)
+        tl.store(e_ptr + i, e.to(tl.int8), mask=m)
+        n_c = tl.sum(tl.where(m, nc, 0), axis=0)
+        n_s = tl.sum(tl.where(m & sat, 1, 0), axis=0).to(tl.int64)
+        tl.atomic_add(cnt_ptr + 2, n_c, mask=n_c > 0)
+        tl.atomic_add(cnt_ptr + 3, n_s, mask=n_s > 0)
+    tl.store(corr_ptr + i, c, mask=m)
+
+
+@triton.jit
+def _flip_kernel(grad_ptr, tp_ptr, fa_ptr, cnt_ptr, rows, cols, cols_p, nb, theta,
+                 GUARDED: tl.constexpr, BR: tl.constexpr, BB: tl.constexpr):
+    """Tiles of (BR rows, BB packed bytes, 8 lanes of which 5 are the byte's trits)."""
+    r2 = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)[:, None]  # (BR, 1)
+    k2 = (tl.program_id(1) * BB + tl.arange(0, BB))[None, :]  # (1, BB) byte index
+    bmask2 = (r2 < rows) & (k2 < nb)  # (BR, BB)
+    if GUARDED:  # the vote kernel found NaN/inf: change nothing
+        bmask2 = bmask2 & (tl.load(cnt_ptr + k2 * 0) == 0)
+    r = r2[:, :, None]
+    d = tl.arange(0, 8)[None, None, :]  # trit within the byte
+    c = k2[:, :, None] * 5 + d  # (1, BB, 8) column
+    m = bmask2[:, :, None] & (d < 5) & (c < cols)  # positions with a gradient; padding is never touched
+    b = tl.load(tp_ptr + r2 * nb + k2, mask=bmask2, other=121).to(tl.int32)  # (BR, BB)
+    t = _trit(b[:, :, None], d)  # (BR, BB, 8)
+    x = tl.load(grad_ptr + r * cols + c, mask=m, other=0.0)
+    fa = tl.load(fa_ptr + r * cols_p + c, mask=m, other=0).to(tl.int32)
+    v = fa - ((x > 0).to(tl.int32) - (x < 0).to(tl.int32))
+    v = tl.minimum(tl.maximum(v, -theta), theta)
+    up = m & (v == theta) & (t < 1)
+    down = m & (v == -theta) & (t > -1)
+    t = t + up.to(tl.int32) - down.to(tl.int32)
+    v = tl.where(up | down, 0, v)
+    tl.store(fa_ptr + r * cols_p + c, v.to(tl.int8), mask=m)
+    moved = (up | down).to(tl.int32)
+    pow3 = tl.where(d == 0, 1, tl.where(d == 1, 3, tl.where(d == 2, 9, tl.where(d == 3, 27, 81))))
+    nbyte = tl.sum(tl.where(d < 5, (t + 1) * pow3, 0), axis=2)  # (BR, BB), lossless re-encode
+    n_moved = tl.sum(moved, axis=2)  # (BR, BB)
+    tl.store(tp_ptr + r2 * nb + k2, nbyte.to(tl.uint8), mask=bmask2 & (n_moved > 0))
+    flips = tl.sum(tl.sum(n_moved, axis=1), axis=0).to(tl.int64)
+    tl.atomic_add(cnt_ptr + 4, flips, mask=flips > 0)
+
+
+@triton.jit(do_not_specialize=["num", "den"])
+def _fuse_kernel(e_ptr, corr_ptr, out_ptr, cnt_ptr, n, num, den, HAS_XI: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    e = tl.load(e_ptr + i, mask=m, other=0).to(tl.float64)
+    if HAS_XI:
+        xi = _xi(tl.load(corr_ptr + i, mask=m, other=0), num, den)
+    else:
+        xi = tl.zeros([BLOCK], dtype=tl.float64)
+    v = _rint_f64(e + xi)
+    hi = v > 127.0
+    lo = v < -128.0
+    v = tl.where(hi, 127.0, tl.where(lo, -128.0, v))
+    tl.store(out_ptr + i, v.to(tl.int8), mask=m)
+    n_clip = tl.sum((m & (hi | lo)).to(tl.int32), axis=0).to(tl.int64)
+    n_chg = tl.sum((m & (tl.abs(xi) >= 0.5)).to(tl.int32), axis=0).to(tl.int64)
+    tl.atomic_add(cnt_ptr, n_clip, mask=n_clip > 0)
+    tl.atomic_add(cnt_ptr + 1, n_chg, mask=n_chg > 0)
+
+
+# -- launch helpers --------------------------------------------------------------------------------
+# (rows, groups, gs) kernels: 4 rows x 1024 lanes per program; the interpreter is faster on small tiles
+_TILE_COLS, _TILE_ROWS = (128, 2) if _INTERPRET else (1024, 4)
+_FLIP_BYTES, _FLIP_ROWS = (32, 2) if _INTERPRET else (256, 2)
+_BLOCK_1D = 256 if _INTERPRET else 1024
+
+
+def _group_tiles(rows: int, ng: int, gs: int) -> tuple[int, int, int]:
+    """(GSP, BR, BG): tile shape over (rows, groups, gs). It depends on gs alone, so each variant
+    compiles once (shapes only change the grid); lanes past the tensor are masked."""
+    gsp = triton.next_power_of_2(gs)
+    return gsp, _TILE_ROWS, max(1, _TILE_COLS // gsp)
+
+
+def _grid2(rows: int, n: int, br: int, bn: int) -> tuple[int, int]:
+    return triton.cdiv(rows, br), triton.cdiv(n, bn)
+
+
+def _launch_materialize(T_packed, E, corr_accum, gs, num, den, out, round_scale=False) -> None:
+    rows, cols = out.shape
+    nb, ng = T_packed.shape[1], E.shape[1]
+    if rows == 0 or cols == 0:
+        return
+    gsp, br, bg = _group_tiles(rows, ng, gs)
+    _materialize_kernel[_grid2(rows, ng, br, bg)](
+        T_packed, E, corr_accum, out, rows, cols, nb, ng, int(num), int(den) if den else 1,
+        HAS_XI=den != 0, ROUND=bool(round_scale), GS=gs, GSP=gsp, BR=br, BG=bg, num_warps=4,
+    )
+
+
+def _launch_vote(grad, T_packed, gs, delta, counters, corr_accum=None) -> None:
+    rows, cols = grad.shape
+    nb, ng = T_packed.shape[1], delta.shape[1]
+    if rows == 0 or ng == 0:
+        return
+    gsp, br, bg = _group_tiles(rows, ng, gs)
+    check = corr_accum is not None
+    _vote_kernel[_grid2(rows, ng, br, bg)](
+        grad, T_packed, delta, counters, corr_accum if check else delta, rows, cols, nb, ng, _I64_MAX - gs,
+        CHECK_RANGE=check, GS=gs, GSP=gsp, BR=br, BG=bg, num_warps=4,
+    )
+
+
+def _launch_apply(corr_accum, E, delta, carry_limit, counters, guarded) -> None:
+    n = corr_accum.numel()
+    if n == 0:
+        return
+    _apply_kernel[(triton.cdiv(n, _BLOCK_1D),)](
+        corr_accum, E, delta, counters, n, max(int(carry_limit), 1),
+        GUARDED=guarded, CARRY=carry_limit > 0, BLOCK=_BLOCK_1D, num_warps=4,
+    )
+
+
+def _launch_flip(grad, T_packed, flip_accum, theta, counters, guarded) -> None:
+    rows, cols = grad.shape
+    nb, cols_p = T_packed.shape[1], flip_accum.shape[1]
+    if rows == 0 or nb == 0:
+        return
+    bb, br = _FLIP_BYTES, _FLIP_ROWS  # rows x bytes x 8 lanes (5 trits used) per program
+    _flip_kernel[_grid2(rows, nb, br, bb)](
+        grad, T_packed, flip_accum, counters, rows, cols, cols_p, nb, int(theta),
+        GUARDED=guarded, BR=br, BB=bb, num_warps=4,
+    )
+
+
+# -- the contracts of arbs.kernels.cpu -------------------------------------------------------------
+def materialize_into(T_packed, E, corr_accum, gs, num, den, out) -> None:
+    """W_eff = S*T with S = float32(2**(E + Xi)), Xi = float64(num*corr_accum)/den (0 if den == 0).
+
+    T_packed uint8 (rows, nb); E int8 and corr_accum int64 (rows, ng); ``out`` float32, bfloat16 or
+    float16 (rows, cols) is overwritten (a non-float32 ``out`` gets the float32 product, rounded).
+    No sync.
+    """
+    _launch_materialize(T_packed, E, corr_accum, gs, num, den, out)
+
+
+def vote_delta_into(grad, T_packed, gs, delta) -> int:
+    """delta[r, g] = -sum_{c in group g} sign(grad[r, c]) * T[r, c] (sign(0) = 0).
+
+    grad float32/bfloat16/float16/float64 (rows, cols); T_packed uint8 (rows, nb); ``delta`` int64
+    (rows, ng) is overwritten. Returns the number of NaN/inf entries in ``grad`` (one sync).
+    """
+    counters = torch.zeros(_N_COUNTERS, dtype=torch.int64, device=grad.device)
+    _launch_vote(grad, T_packed, gs, delta, counters)
+    return int(counters[0].item())
+
+
+def apply_votes(corr_accum, E, delta, carry_limit) -> tuple[int, int]:
+    """corr_accum += delta, then (carry_limit > 0) carry with saturation at E = -128/127, exactly as
+    cpu.apply_votes. corr_accum int64 and E int8 (rows, ng) are modified in place; delta int64.
+    Returns (carries, saturations) (one sync).
+    """
+    counters = torch.zeros(_N_COUNTERS, dtype=torch.int64, device=corr_accum.device)
+    _launch_apply(corr_accum, E, delta, carry_limit, counters, guarded=False)
+    c = counters.tolist()
+    return c[2], c[3]
+
+
+def flip_into(grad, T_packed, flip_accum, theta) -> int:
+    """The flip rule's trit update, in place on ``T_packed`` (uint8 (rows, nb); bytes are rewritten in
+    place) and ``flip_accum`` (int8 (rows, cols_p)), as cpu.flip_into. The caller must have checked that
+    grad (float (rows, cols)) is finite. Returns the number of flips (one sync).
+    """
+    counters = torch.zeros(_N_COUNTERS, dtype=torch.int64, device=grad.device)
+    _launch_flip(grad, T_packed, flip_accum, theta, counters, guarded=False)
+    return int(counters[4].item())
+
+
+def fuse_into(E, corr_accum, num, den, out) -> tuple[int, int]:
+    """E_fused = clip(rint(E + Xi), -128, 127) (round half to even) into ``out`` (int8 (rows, ng)).
+
+    Returns (clipped, changed) (one sync).
+    """
+    counters = torch.zeros(2, dtype=torch.int64, device=E.device)
+    n = E.numel()
+    if n:
+        _fuse_kernel[(triton.cdiv(n, _BLOCK_1D),)](
+            E, corr_accum, out, counters, n, int(num), int(den) if den else 1,
+            HAS_XI=den != 0, BLOCK=_BLOCK_1D, num_warps=4,
+        )
+    c = counters.tolist()
+    return c[0], c[1]
+
+
+# -- module-level helpers used by arbs.nn ----------------------------------------------------------
+def _out_dtype(device: torch.device, dtype) -> torch.dtype:
+    if dtype is not None:
+        return dtype
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return torch.float32
+
+
+def materialize(mod, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Ephemeral W_eff of E1TM module ``mod`` in its logical shape, on the device of its buffers.
+
+    dtype: float32 by default; inside an enabled ``torch.autocast`` on that device type, the autocast
+    dtype (bfloat16 usually), which halves the bytes written and skips the cast F.linear would make.
+    Pass ``dtype`` to choose explicitly. With ``mod.clock.round_scale`` set (the fuse-aware phase), the
+    scale is S = 2**clip(rint(E + Xi), -128, 127), what ops.fuse + ops.materialize_fused give. Launches one
+    kernel, no sync.
+    """
+    scheme = mod.clock.scheme
+    rows, cols = F.tensor_view(mod.shape)
+    tp = mod.T_packed
+    out = torch.empty(mod.shape, dtype=_out_dtype(tp.device, dtype), device=tp.device)
+    num, den = scheme.xi_ratio(mod.clock.step_counter)
+    _launch_materialize(tp, mod.E, mod.corr_accum, scheme.gs, num, den, out.view(rows, cols),
+                        round_scale=getattr(mod.clock, "round_scale", False))
+    return out
+
+
+def vote_async(mod, grad: torch.Tensor) -> torch.Tensor:
+    """Launch the whole vote of ``mod`` on ``grad`` (the gradient of W_eff) without any sync.
+
+    Returns the int64 device tensor of counts [nonfinite, out_of_range, carries, saturations, flips].
+    If nonfinite or out_of_range is not 0, the kernels changed nothing (they test it on the device);
+    the caller must read the counts before trusting that the vote was applied.
+    """
+    from ..errors import ConfigError
+
+    scheme = mod.clock.scheme
+    rows, cols = F.tensor_view(mod.shape)
+    if tuple(grad.shape) != tuple(mod.shape):
+        raise ValueError(f"gradient has shape {tuple(grad.shape)}; the weight's shape is {tuple(mod.shape)}")
+    if grad.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise TypeError(f"gradient has dtype {grad.dtype}; expected a floating-point dtype")
+    if grad.device != mod.T_packed.device:
+        raise ConfigError(f"gradient is on {grad.device} but the E1TM state is on {mod.T_packed.device}")
+    g2 = grad.detach().contiguous().view(rows, cols)
+    corr = mod.corr_accum
+    counters = torch.zeros(_N_COUNTERS, dtype=torch.int64, device=corr.device)
+    delta = torch.empty(corr.shape, dtype=torch.int64, device=corr.device)
+    limit = scheme.carry_limit
+    _launch_vote(g2, mod.T_packed, scheme.gs, delta, counters, corr_accum=corr if limit == 0 else None)
+    _launch_apply(corr, mod.E, delta, limit, counters, guarded=True)
+    if "flip_accum" in scheme.arrays():
+        _launch_flip(g2, mod.T_packed, mod.flip_accum, scheme.params["theta"], counters, guarded=True)
+    return counters
+
+
+def vote(mod, grad: torch.Tensor):
+    """The rule's integer update of ``mod`` from ``grad``, as arbs.ops.vote: returns ops.VoteStats.
+
+    A NaN/inf in ``grad`` raises NonFiniteError and leaves every buffer untouched; for the average rule
+    a corr_accum within gs of the int64 limit raises IntegerRangeError, also before any change.
+    One sync (a 40-byte device-to-host copy of the counts).
+    """
+    from ..errors import IntegerRangeError, NonFiniteError
+    from ..ops import VoteStats
+
+    nonfinite, oor, carries, sats, flips = vote_async(mod, grad).tolist()
+    if nonfinite:
+        raise NonFiniteError(f"gradient holds {nonfinite} NaN/inf value(s); no vote was applied")
+    if oor:
+        raise IntegerRangeError(f"{oor} corr_accum value(s) are within gs of the int64 limit; refusing to vote")
+    return VoteStats(carries, sats, flips)

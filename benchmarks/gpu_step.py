@@ -1,0 +1,437 @@
+"""Training-step time and peak GPU memory: dense bf16 + AdamW vs BitNet STE vs E1TM32 (arbs.nn), on one GPU.
+
+    python benchmarks/gpu_step.py                 # the table for docs/gpu.md (85M, 1.2B, 6.4B)
+    python benchmarks/gpu_step.py --search        # + the largest model dense / E1TM32 carry train at 1x512
+    python benchmarks/gpu_step.py --smoke --device cpu   # tiny shapes, checks the script runs (no GPU)
+
+Model: a plain GPT: byte vocab (256), untied head, per block qkv d->3d, proj d->d, mlp d->4d->d (GELU),
+causal F.scaled_dot_product_attention, RMSNorm without weights; every run is under bf16 autocast.
+
+- dense: float32 master weights, bf16 autocast, torch.optim.AdamW(fused=True).
+- bitnet: float32 latent weights in the blocks' Linear layers, absmean ternary fake-quant per tensor
+  with a straight-through estimator (BitNet b1.58 style; embedding and head stay float), AdamW(fused).
+- e1tm-<rule>: arbs.nn.ternarize_(model, "E1TM32", rule) on every Linear and the Embedding, state on the
+  GPU; forward/backward/vote exactly as arbs.nn does them, then arbs.nn.step(model).
+- e1tm-carry+P1 / +P1P2: the same with the nn.py changes proposed in docs/gpu.md applied by
+  monkeypatching here (P1: W_eff materialized in the gradient's dtype in backward, bf16 weight gradient
+  voted without a float32 copy; P2: no per-layer sync, counts read once per step).
+
+The initial E1TM state of every layer comes from ops.convert of a random normal weight; to keep setup in
+seconds (ops.convert runs on the CPU at ~150 ns/weight), each distinct weight shape is converted once,
+for at most 256 rows, and tiled over all rows and layers of that shape. This changes nothing a step
+costs. Timing: warm-up steps, then the median of timed steps, each ended by torch.cuda.synchronize();
+peak = torch.cuda.max_memory_allocated() over the timed steps (state, optimizer, activations, transients).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import arbs.nn as anm
+from arbs import ops
+
+GiB = 1024**3
+
+
+# -- model -----------------------------------------------------------------------------------------
+def rms_norm(x):
+    return F.rms_norm(x.float(), (x.shape[-1],)).type_as(x)
+
+
+class BitLinear(nn.Linear):
+    """BitNet b1.58 weight fake-quant: W_q = clamp(round(W/s), -1, 1)*s, s = mean|W|; STE gradient."""
+
+    def forward(self, x):
+        w = self.weight
+        s = w.abs().mean().clamp(min=1e-5)
+        wq = (w / s).round().clamp(-1, 1) * s
+        return F.linear(x, w + (wq - w).detach())
+
+
+class Block(nn.Module):
+    def __init__(self, d, head_dim, linear=nn.Linear):
+        super().__init__()
+        self.n_head = d // head_dim
+        self.qkv = linear(d, 3 * d, bias=False)
+        self.proj = linear(d, d, bias=False)
+        self.fc1 = linear(d, 4 * d, bias=False)
+        self.fc2 = linear(4 * d, d, bias=False)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        q, k, v = self.qkv(rms_norm(x)).view(B, T, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, d))
+        return x + self.fc2(F.gelu(self.fc1(rms_norm(x))))
+
+
+class GPT(nn.Module):
+    def __init__(self, layers, d, linear=nn.Linear):
+        super().__init__()
+        head_dim = 64 if d <= 1024 else 128
+        self.emb = nn.Embedding(256, d)
+        self.blocks = nn.ModuleList([Block(d, head_dim, linear) for _ in range(layers)])
+        self.head = nn.Linear(d, 256, bias=False)
+
+    def forward(self, idx, targets):
+        x = self.emb(idx)
+        for b in self.blocks:
+            x = b(x)
+        logits = self.head(rms_norm(x))
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def n_weights(layers, d):
+    return 12 * layers * d * d + 2 * 256 * d
+
+
+# -- E1TM setup ------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def fast_convert(max_rows=256, seed=0):
+    """ops.convert memoized per (shape, scheme): random normal weight, <= max_rows rows, tiled."""
+    real, cache, rng = ops.convert, {}, np.random.default_rng(seed)
+
+    def convert(w, scheme, *, name="tensor"):
+        key = (tuple(w.shape), scheme.format, scheme.rule, tuple(sorted(scheme.params.items())))
+        if key not in cache:
+            rows, cols = w.shape[0], math.prod(w.shape[1:])
+            r = min(rows, max_rows)
+            w0 = (rng.standard_normal((r, cols)) / math.sqrt(cols)).astype(np.float32)
+            st, stats = real(w0, scheme, name=name)
+            reps = -(-rows // r)
+            cache[key] = ({k: np.ascontiguousarray(np.tile(v, (reps, 1))[:rows]) for k, v in st.items()}, stats)
+        return cache[key]
+
+    ops.convert = convert
+    try:
+        yield
+    finally:
+        ops.convert = real
+
+
+def e1tm_model(layers, d, rule, device):
+    """GPT with every Linear and the Embedding in E1TM32 form, built without allocating float weights."""
+    with torch.device("meta"):
+        model = GPT(layers, d)
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            shape = tuple(m.weight.shape)
+            del m.weight  # a zero-stride stand-in: ternarize_ reads only its shape through fast_convert
+            m.weight = torch.zeros((), dtype=torch.float32).expand(shape)
+    with fast_convert():
+        clock = anm.ternarize_(model, "E1TM32", rule)
+    return model.to(device), clock
+
+
+# -- proposed nn.py changes (P1, P2), applied only inside this context -----------------------------
+class _LinearFnP1(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, anchor, mod):
+        ctx.mod = mod
+        ctx.save_for_backward(x)
+        w = mod.materialize()  # autocast dtype inside autocast
+        return F.linear(x, w if torch.is_autocast_enabled(x.device.type) else w.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, gy):
+        from arbs.kernels import triton_gpu
+
+        (x,) = ctx.saved_tensors
+        mod = ctx.mod
+        w = triton_gpu.materialize(mod, dtype=gy.dtype) if mod.T_packed.is_cuda else mod.materialize().to(gy.dtype)
+        gx = gy @ w if ctx.needs_input_grad[0] else None
+        gw = gy.reshape(-1, gy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(gy.dtype)
+        mod._receive_grad(gw)  # bf16 gradient straight to the vote kernel
+        return gx, None, None
+
+
+@contextlib.contextmanager
+def proposed_nn(p2: bool):
+    from arbs.kernels import triton_gpu
+
+    orig_fn, orig_flush = anm._LinearFn, anm._E1TMWeight.flush
+    pending: list = []
+
+    def flush_lazy(self):
+        grad, self._grad_sum, self._pending = self._grad_sum, None, 0
+        if grad is not None:
+            pending.append(triton_gpu.vote_async(self, grad))
+
+    anm._LinearFn = _LinearFnP1
+    if p2:
+        anm._E1TMWeight.flush = flush_lazy
+    try:
+        yield pending
+    finally:
+        anm._LinearFn, anm._E1TMWeight.flush = orig_fn, orig_flush
+
+
+def read_lazy_counts(pending, clock):
+    """P2: one sync per step for every layer's counts; NaN/inf is reported here instead of in backward."""
+    if not pending:
+        return
+    c = torch.stack(pending).sum(0).tolist()
+    pending.clear()
+    if c[0] or c[1]:
+        raise RuntimeError(f"{c[0]} nonfinite gradient values / {c[1]} corr_accum out of range: votes skipped")
+    for k, v in zip(("carries", "saturations", "flips"), c[2:]):
+        clock.stats[k] += v
+
+
+# -- timing ----------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    model: str
+    params: int
+    batch: str
+    method: str
+    ms: float | None = None
+    tok_s: float | None = None
+    peak_gib: float | None = None
+    note: str = ""
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(step, device, warmup, iters, tokens):
+    for _ in range(warmup):
+        step()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    ms = statistics.median(times) * 1e3
+    peak = torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else float("nan")
+    return ms, tokens / (ms / 1e3), peak
+
+
+def run_row(method, layers, d, batch, ctx, device, warmup, iters, amp_on=True):
+    """Build the model for ``method``, time it, free everything. Returns (ms, tok/s, peak GiB)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    idx = torch.randint(0, 256, (batch, ctx + 1), device=device, generator=gen)
+    x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if amp_on else contextlib.nullcontext()
+    if method in ("dense", "bitnet"):
+        with torch.device(device):
+            model = GPT(layers, d, BitLinear if method == "bitnet" else nn.Linear)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+        def step():
+            with amp:
+                loss = model(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return measure(step, device, warmup, iters, batch * ctx)
+    rule = method.split("-")[1].split("+")[0]
+    model, clock = e1tm_model(layers, d, rule, device)
+    patch = "+P1" in method
+    with proposed_nn(p2="P2" in method) if patch else contextlib.nullcontext([]) as pending:
+
+        def step():
+            with amp:
+                loss = model(x, y)
+            loss.backward()
+            anm.step(model)
+            read_lazy_counts(pending, clock)
+
+        return measure(step, device, warmup, iters, batch * ctx)
+
+
+def free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def try_row(method, layers, d, batch, ctx, device, warmup, iters, amp_on=True) -> tuple:
+    try:
+        return run_row(method, layers, d, batch, ctx, device, warmup, iters, amp_on), ""
+    except torch.OutOfMemoryError:
+        return None, "OOM"
+    except Exception as e:  # report and go on with the next row
+        import traceback
+
+        traceback.print_exc()
+        return None, f"ERR {type(e).__name__}"
+    finally:
+        free(device)
+
+
+# -- kernel breakdown (evidence for the nn.py proposals) -------------------------------------------
+def kernel_breakdown(layers, d, device, reps=5):
+    """Per step of E1TM32 carry: time of materializing every weight (bf16 and float32 out), and of voting
+    every weight on a float32 / bf16 gradient with one sync per layer (vote) vs one per step (vote_async)."""
+    from arbs.kernels import triton_gpu as tg
+
+    model, _ = e1tm_model(layers, d, "carry", device)
+    mods = list(anm.e1tm_modules(model).values())
+    grads = {}
+    for m in mods:
+        if m.shape not in grads:
+            grads[m.shape] = torch.randn(m.shape, device=device) * 1e-3
+
+    def timed(fn):
+        fn()
+        sync(device)
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts) * 1e3
+
+    out = {
+        "materialize_bf16_ms": timed(lambda: [tg.materialize(m, dtype=torch.bfloat16) for m in mods]),
+        "materialize_fp32_ms": timed(lambda: [tg.materialize(m, dtype=torch.float32) for m in mods]),
+        "vote_fp32_sync_each_ms": timed(lambda: [tg.vote(m, grads[m.shape]) for m in mods]),
+        "vote_fp32_async_ms": timed(lambda: torch.stack([tg.vote_async(m, grads[m.shape]) for m in mods]).sum(0).tolist()),
+    }
+    gb = {k: v.to(torch.bfloat16) for k, v in grads.items()}
+    out["vote_bf16_async_ms"] = timed(lambda: torch.stack([tg.vote_async(m, gb[m.shape]) for m in mods]).sum(0).tolist())
+    big = max(mods, key=lambda m: math.prod(m.shape))
+    w = torch.empty(big.shape, dtype=torch.bfloat16, device=device)
+    copy_ms = timed(lambda: w.mul_(1))
+    mat_ms = timed(lambda: tg.materialize(big, dtype=torch.bfloat16))
+    n = math.prod(big.shape)
+    out["largest_weight"] = f"{big.shape[0]}x{big.shape[1]}"
+    out["materialize_largest_GBps"] = n * (2 + 0.2 + 9 / 32) / (mat_ms / 1e3) / 1e9  # bytes written + read
+    out["bf16_inplace_mul_GBps"] = n * 4 / (copy_ms / 1e3) / 1e9  # read + write, a bandwidth yardstick
+    del model, mods, grads, gb, w
+    free(device)
+    return out
+
+
+# -- main ------------------------------------------------------------------------------------------
+CONFIGS = [(12, 768, 16, 512), (24, 2048, 4, 512), (32, 4096, 1, 512)]
+METHODS = ["dense", "bitnet", "e1tm-average", "e1tm-carry", "e1tm-flip", "e1tm-carry+P1", "e1tm-carry+P1P2"]
+
+
+def fmt_params(n):
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+
+
+def print_table(rows, title):
+    print(f"\n{title}")
+    hdr = f"| {'layers x width':>14} | {'params':>7} | {'batch':>6} | {'method':<16} | {'ms/step':>8} | {'tok/s':>9} | {'peak GiB':>8} | {'time/dense':>10} | {'mem/dense':>9} |"
+    print(hdr)
+    print("|" + "|".join("-" * (len(c)) for c in hdr.split("|")[1:-1]) + "|")
+    dense = {(r.model, r.batch): r for r in rows if r.method == "dense" and r.ms}
+    for r in rows:
+        base = dense.get((r.model, r.batch))
+        if r.ms is None:
+            print(f"| {r.model:>14} | {fmt_params(r.params):>7} | {r.batch:>6} | {r.method:<16} | {r.note:>8} | {'':>9} | {'':>8} | {'':>10} | {'':>9} |")
+            continue
+        tr = f"{r.ms / base.ms:.2f}x" if base else "n/a"
+        mr = f"{r.peak_gib / base.peak_gib:.3f}x" if base else "n/a"
+        print(f"| {r.model:>14} | {fmt_params(r.params):>7} | {r.batch:>6} | {r.method:<16} | {r.ms:8.1f} | {r.tok_s:9.0f} | {r.peak_gib:8.2f} | {tr:>10} | {mr:>9} |")
+
+
+def device_info(device):
+    if device.type != "cuda":
+        return {"device": "cpu"}
+    p = torch.cuda.get_device_properties(device)
+    import triton
+
+    return {"device": p.name, "memory_GiB": round(p.total_memory / GiB, 1), "sms": p.multi_processor_count,
+            "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
+            "numpy": np.__version__, "python": sys.version.split()[0]}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--search", action="store_true", help="also search the largest trainable model at 1x512")
+    ap.add_argument("--no-table", action="store_true", help="skip the main table")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (runs on CPU)")
+    ap.add_argument("--no-amp", action="store_true", help="float32, no autocast (arbs.nn on CPU needs it)")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--json", default=os.path.join(os.environ["OUT"], "gpu_step.json") if os.environ.get("OUT") else None)
+    a = ap.parse_args(argv)
+    device = torch.device(a.device)
+    methods = a.methods.split(",")
+    configs = [(2, 64, 2, 32), (2, 128, 1, 32)] if a.smoke else CONFIGS
+    info = device_info(device)
+    print(json.dumps(info), flush=True)
+    result = {"device": info, "argv": sys.argv, "rows": [], "search": [], "breakdown": {}}
+
+    def save():
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(result, f, indent=1)
+
+    rows = []
+    if not a.no_table:
+        for layers, d, b, ctx in configs:
+            for method in methods:
+                if "+P" in method and device.type != "cuda":
+                    continue
+                t0 = time.perf_counter()
+                res, note = try_row(method, layers, d, b, ctx, device, a.warmup, a.iters, not a.no_amp)
+                r = Row(f"{layers}x{d}", n_weights(layers, d), f"{b}x{ctx}", method, *(res or (None, None, None)), note)
+                rows.append(r)
+                result["rows"].append(asdict(r))
+                save()
+                print(f"  {r.model} {r.method}: {r.ms if r.ms is None else round(r.ms, 1)} ms, "
+                      f"peak {r.peak_gib if r.peak_gib is None else round(r.peak_gib, 2)} GiB {note} "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            if device.type == "cuda":
+                bd = kernel_breakdown(layers, d, device)
+                result["breakdown"][f"{layers}x{d}"] = bd
+                save()
+                print(f"  breakdown {layers}x{d}: " + json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in bd.items()}), flush=True)
+    search = []
+    if a.search:
+        L = 2 if a.smoke else 32
+        plan = [("dense", [96, 128]) if a.smoke else ("dense", [3072, 3584]),
+                ("e1tm-carry", [256, 512]) if a.smoke else ("e1tm-carry", [8192, 12288, 16384, 18432])]
+        for method, widths in plan:
+            for d in widths:
+                t0 = time.perf_counter()
+                ctx = 32 if a.smoke else 512
+                res, note = try_row(method, L, d, 1, ctx, device, 1, 3, not a.no_amp)
+                r = Row(f"{L}x{d}", n_weights(L, d), f"1x{ctx}", method, *(res or (None, None, None)), note)
+                search.append(r)
+                result["search"].append(asdict(r))
+                save()
+                print(f"  search {r.model} {method}: {note or f'{r.ms:.0f} ms, {r.peak_gib:.1f} GiB'} ({time.perf_counter() - t0:.0f} s)", flush=True)
+                if res is None:
+                    break
+    if rows:
+        print_table(rows, f"Training step on {info['device']} (median of {a.iters} steps after {a.warmup} warm-up; "
+                          f"{'float32' if a.no_amp else 'bf16 autocast'})")
+    if search:
+        print_table(search, "Largest model at batch 1x512, depth 32 (1 warm-up, median of 3 steps; a search stops at its first OOM)")
+    for k, bd in result["breakdown"].items():
+        print(f"\nkernel time per step of E1TM32 carry, {k} (all weights once): " + ", ".join(
+            f"{n}={v:.2f}" if isinstance(v, float) else f"{n}={v}" for n, v in bd.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""arbs convert."""
+
+from __future__ import annotations
+
+import click
+
+from arbs import formats as F
+from arbs.convert import convert_file
+
+from .common import arbs_errors, echo_json
+
+
+@click.command("convert")
+@click.argument("float_ckpt")
+@click.option("--format", "fmt", default=F.DEFAULT_VARIANT, show_default=True,
+              help=f"E1TM variant: {', '.join(F.VARIANTS)}.")
+@click.option("--rule", default="carry", show_default=True,
+              help=f"Update rule the checkpoint will train with: {', '.join(F.RULES)}.")
+@click.option("--K", "K", type=int, default=None,
+              help=f"carry/flip: Xi = corr_accum/(K*gs) [default {F.DEFAULT_PARAMS['K']}].")
+@click.option("--theta", type=int, default=None,
+              help=f"flip: counter threshold that moves a trit [default {F.DEFAULT_PARAMS['theta']}].")
+@click.option("--include", multiple=True, metavar="PAT",
+              help="Convert only tensors whose name matches this fnmatch pattern (repeatable), e.g. '*.weight'.")
+@click.option("--exclude", multiple=True, metavar="PAT",
+              help="Skip tensors whose name matches this fnmatch pattern (repeatable; applied after --include).")
+@click.option("--out", required=True, metavar="RUN",
+              help="Run directory to write the converted checkpoint into (as step_0).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document with the report on stdout.")
+@arbs_errors
+def convert_cmd(float_ckpt, fmt, rule, K, theta, include, exclude, out, as_json):
+    """Convert a float checkpoint (.safetensors or torch state dict) to an E1TM training checkpoint.
+
+    Every floating tensor with at least one dimension is converted unless --include/--exclude say
+    otherwise. Tensors that are not converted are not stored (E1TM checkpoints are integer only);
+    they are listed in the report. Prints the relative L2 error ||W_eff - W|| / ||W|| per tensor.
+    """
+    report = convert_file(float_ckpt, out, format=fmt, rule=rule, K=K, theta=theta,
+                          include=list(include), exclude=list(exclude))
+    if as_json:
+        echo_json(report.to_dict())
+        return
+    rows = [(t.name, "x".join(map(str, t.shape)), f"{t.rel_l2:.4f}", str(t.zero_groups), str(t.clipped))
+            for t in report.tensors]
+    header = ("tensor", "shape", "rel_l2", "zero_groups", "clipped")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    for r in [header, tuple("-" * w for w in widths), *rows]:
+        click.echo("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+    params = ", ".join(f"{k}={v}" for k, v in report.rule_params.items())
+    click.echo(f"{len(report.tensors)} tensors, {report.weights} weights -> {report.format} rule {report.rule}"
+               f"{f' ({params})' if params else ''}; overall rel_l2 {report.rel_l2:.4f}")
+    if report.skipped:
+        click.echo(f"skipped {len(report.skipped)} (not stored):")
+        for s in report.skipped:
+            click.echo(f"  {s.name} {'x'.join(map(str, s.shape)) or 'scalar'} {s.dtype}: {s.reason}")
+    for n in report.notes:
+        click.echo(f"note: {n}")
+    click.echo(f"saved {report.path}")

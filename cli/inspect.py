@@ -1,0 +1,27 @@
+"""arbs inspect."""
+
+from __future__ import annotations
+
+import click
+
+from arbs.summary import render_text, summarize_path
+
+from .common import arbs_errors, echo_json
+
+
+@click.command("inspect")
+@click.argument("ckpt")
+@click.option("--bpw", is_flag=True,
+              help="Add theoretical bits/weight and per-array byte counts next to the measured figures.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document with the summary on stdout.")
+@arbs_errors
+def inspect_cmd(ckpt, bpw, as_json):
+    """Show what a checkpoint holds: bits/weight, sparsity, E and Xi statistics per tensor.
+
+    CKPT is a run directory (its LATEST checkpoint) or a step_<N> directory.
+    """
+    summary = summarize_path(ckpt, bpw=bpw)
+    if as_json:
+        echo_json(summary)
+    else:
+        click.echo(render_text(summary))

@@ -1,0 +1,137 @@
+"""CLI: arbs convert / fuse / inspect through click's CliRunner (exit codes, stdout JSON, stderr errors)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import arbs
+from arbs_cli.main import COMMANDS, main
+
+
+@pytest.fixture
+def float_file(tmp_path):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "model.safetensors"
+    save_file({
+        "tok.weight": rng.standard_normal((40, 24)).astype(np.float32),
+        "lin.weight": rng.standard_normal((20, 70)).astype(np.float32),
+        "ln.weight": rng.standard_normal(24).astype(np.float32),
+    }, str(path))
+    return path
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_json(result) -> dict:
+    """stdout must be exactly one JSON document (json.loads rejects trailing data)."""
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_convert_inspect_fuse_round_trip(tmp_path, float_file):
+    run = tmp_path / "run"
+    r = invoke("convert", float_file, "--format", "E1TM32", "--rule", "carry", "--K", 8, "--exclude", "ln.*", "--out", run)
+    assert r.exit_code == 0, r.stderr
+    assert "rel_l2" in r.stdout and "lin.weight" in r.stdout and "ln.weight" in r.stdout  # ln listed as skipped
+    assert "excluded by pattern" in r.stdout
+
+    doc = one_json(invoke("inspect", run, "--bpw", "--json"))
+    assert doc["format"] == "E1TM32" and doc["rule"] == "carry" and doc["rule_params"] == {"K": 8}
+    assert doc["step_counter"] == 0 and doc["fused"] is False
+    assert {t["name"] for t in doc["tensors"]} == {"tok.weight", "lin.weight"}
+    assert doc["total"]["bpw_theoretical_training"] == pytest.approx(3.85)
+    assert doc["total"]["bytes_on_disk"] > 0
+
+    r = invoke("fuse", run)
+    assert r.exit_code == 0, r.stderr
+    assert "saved" in r.stdout
+    fused = tmp_path / "run-fused"
+    doc = one_json(invoke("inspect", fused, "--json"))
+    assert doc["fused"] is True and doc["rule"] is None and doc["step_counter"] is None
+    assert doc["meta"]["fused_from"]["rule"] == "carry"
+    assert all(t["bpw_training"] is None for t in doc["tensors"])
+
+    r = invoke("inspect", fused)
+    assert r.exit_code == 0 and "fused" in r.stdout and "bpw(inf)" in r.stdout
+
+
+def test_json_outputs_are_single_documents(tmp_path, float_file):
+    run = tmp_path / "run"
+    doc = one_json(invoke("-v", "convert", float_file, "--out", run, "--json"))  # -v logs go to stderr
+    assert doc["path"] and len(doc["tensors"]) == 3 and doc["rule"] == "carry"
+    doc = one_json(invoke("-vv", "fuse", run, "--json", "--out", tmp_path / "f"))
+    assert doc["mode"] == "fused" and doc["groups"] > 0
+    doc = one_json(invoke("fuse", run, "--keep-accum", "--json"))
+    assert doc["mode"] == "keep-accum"
+    doc = one_json(invoke("inspect", tmp_path / "run-keep-accum", "--json"))
+    assert doc["meta"]["export"] == "keep-accum" and doc["fused"] is False
+
+
+def test_inspect_accepts_step_dir(tmp_path, float_file):
+    run = tmp_path / "run"
+    doc = one_json(invoke("convert", float_file, "--out", run, "--json"))
+    step_dir = doc["path"]
+    a = one_json(invoke("inspect", step_dir, "--json"))
+    b = one_json(invoke("inspect", run, "--json"))
+    assert a["tensors"] == b["tensors"]
+
+
+def test_missing_file_exit_1(tmp_path):
+    r = invoke("convert", tmp_path / "nope.safetensors", "--out", tmp_path / "run")
+    assert r.exit_code == 1
+    assert "does not exist" in r.stderr and r.stdout == ""
+    r = invoke("inspect", tmp_path / "no-run")
+    assert r.exit_code == 1 and r.stderr.startswith("Error:")
+
+
+def test_fuse_fused_exit_1(tmp_path, float_file):
+    invoke("convert", float_file, "--out", tmp_path / "run")
+    assert invoke("fuse", tmp_path / "run").exit_code == 0
+    r = invoke("fuse", tmp_path / "run-fused")
+    assert r.exit_code == 1 and "already fused" in r.stderr
+
+
+def test_unknown_format_did_you_mean(tmp_path, float_file):
+    r = invoke("convert", float_file, "--format", "E1TM33", "--out", tmp_path / "run")
+    assert r.exit_code == 1
+    assert "Did you mean" in r.stderr and "E1TM32" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["convert", "x.safetensors"],  # --out missing
+    ["convert", "x.safetensors", "--out", "r", "--K", "many"],
+    ["inspect", "r", "--bogus"],
+    ["fuse"],
+    ["frobnicate"],
+])
+def test_usage_errors_exit_2(args):
+    r = invoke(*args)
+    assert r.exit_code == 2, r.output
+
+
+@pytest.mark.parametrize("cmd", [[]] + [[c.name] for c in COMMANDS])
+def test_help(cmd):
+    r = invoke(*cmd, "--help")
+    assert r.exit_code == 0 and "Usage:" in r.stdout
+
+
+def test_every_option_has_help():
+    for cmd in COMMANDS:
+        for p in cmd.params:
+            if p.param_type_name == "option":
+                assert p.help, f"{cmd.name} {p.opts} lacks help="
+        assert cmd.help and cmd.get_short_help_str()
+
+
+def test_version():
+    r = invoke("--version")
+    assert r.exit_code == 0 and arbs.__version__ in r.stdout

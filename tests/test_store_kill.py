@@ -1,0 +1,109 @@
+"""Crash safety: SIGKILL a process that saves checkpoints in a loop; the run directory always opens.
+
+The child is this file run as a script. It saves the state ``state_for(step)`` for step = 1, 2, ...
+(keeping the newest ``KEEP``), so the parent can check that whatever it opens is exactly one state the
+child wrote. Each trial starts a child, waits until it is ready, sleeps a random (seeded) delay, kills
+it with SIGKILL and checks the run directory.
+"""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+
+from arbs import formats as F  # noqa: E402
+from arbs import store  # noqa: E402
+from arbs.store import Checkpoint, TensorState  # noqa: E402
+
+KEEP = 2
+TRIALS = 30
+SHAPES = [(192, 640), (96, 320), (160,)]  # cols multiples of lcm(gs, 5) = 160: no padding trits
+FORMAT, RULE = "E1TM32", "flip"
+
+
+def state_for(step: int) -> Checkpoint:
+    """A valid flip-rule state that is a pure function of ``step``."""
+    gs = F.variant_gs(FORMAT)
+    params = F.rule_params(RULE)
+    lim = params["K"] * gs - 1
+    tensors = {}
+    for i, shape in enumerate(SHAPES):
+        rows, cols = F.tensor_view(shape)
+        name = f"layers.{i}.weight"
+
+        def ramp(array, mul, mod, offset):
+            shp = F.array_shape(array, rows, cols, gs)
+            return ((np.arange(np.prod(shp), dtype=np.int64) * mul + step * (i + 1)) % mod + offset).reshape(shp)
+
+        tensors[name] = TensorState(name=name, shape=shape, arrays={
+            "T_packed": ramp("T_packed", 7, F.MAX_PACKED_BYTE + 1, 0).astype(np.uint8),
+            "E": ramp("E", 1, 256, -128).astype(np.int8),
+            "corr_accum": ramp("corr_accum", 31, 2 * lim + 1, -lim),
+            "flip_accum": ramp("flip_accum", 3, 2 * params["theta"] + 1, -params["theta"]).astype(np.int8),
+        })
+    return Checkpoint(kind="e1tm", format=FORMAT, gs=gs, rule=RULE, rule_params=params, fused=False,
+                      step_counter=step, tensors=tensors, meta={"writer": "kill-test", "step": step})
+
+
+def child(run: Path) -> None:
+    done = store.list_checkpoints(run)
+    step = int(done[-1].name.removeprefix("step_")) + 1 if done else 1
+    state = state_for(step)
+    print("ready", flush=True)
+    while True:
+        store.save_checkpoint(run, state, keep=KEEP)
+        step += 1
+        state = state_for(step)
+
+
+def assert_is_state(ck: Checkpoint) -> None:
+    want = state_for(ck.step_counter)
+    assert ck.meta == want.meta and list(ck.tensors) == list(want.tensors)
+    for name, t in want.tensors.items():
+        for k, a in t.arrays.items():
+            got = ck.tensors[name].arrays[k]
+            assert got.dtype == a.dtype and np.array_equal(got, a), (ck.path, name, k)
+
+
+def test_sigkill_during_saves_never_breaks_the_run_dir(tmp_path):
+    run = tmp_path / "run"
+    store.save_checkpoint(run, state_for(0))
+    t0 = time.perf_counter()
+    store.save_checkpoint(run / "timing", state_for(0))
+    save_s = time.perf_counter() - t0
+    rng = np.random.default_rng(1234)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    last_step, interrupted = 0, 0
+    for trial in range(TRIALS):
+        proc = subprocess.Popen([sys.executable, __file__, str(run)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env, text=True)
+        try:
+            line = proc.stdout.readline()
+            assert line == "ready\n", f"child failed to start: {line!r} {proc.communicate()[1]}"
+            time.sleep(rng.uniform(0.0, 0.3))
+            assert proc.poll() is None, f"child exited early: {proc.communicate()[1]}"
+        finally:
+            proc.kill()
+            proc.communicate()
+        interrupted += any(p.name.startswith(".tmp-") for p in run.iterdir())
+        ck = store.open_checkpoint(run)  # follows LATEST, verifies every checksum, removes temp dirs
+        assert_is_state(ck)
+        assert ck.step_counter >= last_step, "LATEST went backwards"
+        last_step = ck.step_counter
+        assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
+        for p in store.list_checkpoints(run):  # every committed checkpoint is whole, none half-deleted
+            assert_is_state(store.open_checkpoint(p))
+    # The test means something only if the kills landed inside saves and the child made progress.
+    assert interrupted >= 1, "no kill interrupted a save; make the state larger"
+    assert last_step >= TRIALS, f"child saved only {last_step} checkpoints in {TRIALS} trials (save took {save_s:.3f}s)"
+
+
+if __name__ == "__main__":
+    child(Path(sys.argv[1]))

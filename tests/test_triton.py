@@ -1,0 +1,341 @@
+"""The Triton kernels (arbs.kernels.triton_gpu) against the numba kernels, on random states.
+
+Integers must be equal and W_eff bit-identical in float32 (NaN where numba has NaN). The ``gpu`` tests
+run on CUDA; ``test_interpreter_matches_numba`` runs the same checks on CPU tensors through Triton's
+interpreter, in a child process (``TRITON_INTERPRET=1`` must be set before triton is imported, and
+must not leak into other tests). Run this file as a script to do the interpreter checks directly:
+``TRITON_INTERPRET=1 python tests/test_triton.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from arbs import formats as F
+from arbs import ops
+from arbs.kernels import cpu
+
+pytest.importorskip("triton", reason="triton is not installed (pip install 'arbs[gpu]')")
+
+VARIANTS = tuple(F.VARIANTS.values())  # every gs: 4, 6, 8, 16, 32, 64, 96
+GPU_SHAPES = [(1, 1), (3, 7), (5, 33), (17, 100), (64, 257), (129, 4099), (300, 1000)]
+INTERP_SHAPES = [(1, 1), (3, 7), (5, 33), (9, 101)]
+INTERP_VARIANTS = (4, 6, 32, 96)
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
+
+
+def _tg():
+    from arbs.kernels import triton_gpu
+
+    return triton_gpu
+
+
+# -- comparison helpers (count and first index on mismatch) ----------------------------------------
+def assert_equal(got, want, what: str) -> None:
+    got = got.detach().cpu().numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
+    assert got.shape == want.shape and got.dtype == want.dtype, f"{what}: {got.shape} {got.dtype} vs {want.shape} {want.dtype}"
+    bad = got != want
+    if got.dtype.kind == "f":
+        bad &= ~(np.isnan(got) & np.isnan(want))
+    if bad.any():
+        idx = tuple(int(i[0]) for i in np.nonzero(bad))
+        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.size} differ; first at {idx}: {got[idx]!r} vs {want[idx]!r}")
+
+
+def assert_same_bits(got, want: np.ndarray, what: str) -> None:
+    """float32 bit patterns equal, NaN matching NaN (CUDA and x86 write different NaN payloads)."""
+    got = got.detach().cpu().numpy()
+    assert got.dtype == np.float32 and want.dtype == np.float32
+    nan = np.isnan(got) & np.isnan(want)
+    assert_equal(np.where(nan, 0, got.view(np.int32)), np.where(nan, 0, want.view(np.int32)), what)
+
+
+# -- random states ---------------------------------------------------------------------------------
+def random_state(rng, rows, cols, gs, *, corr_bound=None, invalid_bytes=False):
+    """T (int8 rows x cols_p, padding 0), T_packed, E with its extremes, corr_accum."""
+    cols_p = F.padded_cols(cols, gs)
+    ng, nb = cols_p // gs, F.packed_cols(cols_p)
+    T = np.zeros((rows, cols_p), np.int8)
+    T[:, :cols] = rng.choice(np.array([-1, 0, 1], np.int8), size=(rows, cols), p=[0.35, 0.3, 0.35])
+    T[rows // 2, :cols] = 0  # an all-zero row of groups
+    tp = np.empty((rows, nb), np.uint8)
+    cpu.pack_into(T, tp)
+    if invalid_bytes:  # readers reject 243..255, but kernels must still mirror each other on them
+        tp.flat[rng.integers(0, tp.size, max(1, tp.size // 20))] = rng.integers(243, 256, max(1, tp.size // 20))
+    E = rng.integers(-128, 128, (rows, ng)).astype(np.int8)
+    E.flat[:: 7] = 127
+    E.flat[3:: 11] = -128
+    bound = corr_bound or 1 << 40
+    corr = rng.integers(-bound + 1, bound, (rows, ng)).astype(np.int64)
+    return T, tp, E, corr
+
+
+def random_grad(rng, rows, cols, *, nonfinite=False):
+    g = rng.standard_normal((rows, cols)).astype(np.float32)
+    g[rng.random((rows, cols)) < 0.1] = 0.0
+    if nonfinite and g.size:
+        g.flat[rng.integers(0, g.size, 3)] = [np.nan, np.inf, -np.inf]
+    return g
+
+
+def xi_cases(gs):
+    """(num, den, corr_bound) for average (several steps), carry/flip K=16, and den == 0."""
+    return [(4, 0, 1000), (4, 3 * gs, 3 * gs), (4, 1_000_003 * gs, 1 << 40), (1, 16 * gs, 16 * gs), (1, gs, gs)]
+
+
+def t(a, dev):
+    return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
+
+
+# -- the checks (shared by the GPU tests and the interpreter run) ----------------------------------
+def check_materialize(dev, seed, rows, cols, gs):
+    tg, rng = _tg(), np.random.default_rng(seed)
+    for num, den, bound in xi_cases(gs):
+        _, tp, E, corr = random_state(rng, rows, cols, gs, corr_bound=bound)
+        want = np.empty((rows, cols), np.float32)
+        cpu.materialize_into(tp, E, corr, gs, num, den, want)
+        out = torch.full((rows, cols), 7.0, device=dev)  # poisoned: every element must be written
+        tg.materialize_into(t(tp, dev), t(E, dev), t(corr, dev), gs, num, den, out)
+        assert_same_bits(out, want, f"materialize gs={gs} {rows}x{cols} num={num} den={den}")
+        if dev != "cpu":  # bf16 out: the float32 value rounded to nearest even
+            ob = torch.empty((rows, cols), dtype=torch.bfloat16, device=dev)
+            tg.materialize_into(t(tp, dev), t(E, dev), t(corr, dev), gs, num, den, ob)
+            wb = torch.from_numpy(want).to(torch.bfloat16)
+            assert_equal(ob.float(), wb.float().numpy(), f"materialize bf16 gs={gs} {rows}x{cols}")
+
+
+def check_vote_delta(dev, seed, rows, cols, gs):
+    tg, rng = _tg(), np.random.default_rng(seed)
+    _, tp, _, _ = random_state(rng, rows, cols, gs, invalid_bytes=True)
+    ng = F.padded_cols(cols, gs) // gs
+    dtypes = [torch.float32, torch.float64] + ([torch.bfloat16] if dev != "cpu" else [])
+    for nonfinite in (False, True):
+        for dt in dtypes:
+            g = t(random_grad(rng, rows, cols, nonfinite=nonfinite), dev).to(dt)
+            gc = g.cpu().double().numpy() if dt != torch.float64 else g.cpu().numpy()
+            want = np.empty((rows, ng), np.int64)
+            bad_want = cpu.vote_delta_into(gc, tp, gs, want)
+            delta = torch.full((rows, ng), 12345, dtype=torch.int64, device=dev)
+            bad = tg.vote_delta_into(g, t(tp, dev), gs, delta)
+            assert bad == bad_want, f"vote nonfinite count {bad} vs {bad_want}"
+            assert_equal(delta, want, f"vote delta gs={gs} {rows}x{cols} {dt}")
+
+
+def check_apply_votes(dev, seed, rows, cols, gs):
+    tg, rng = _tg(), np.random.default_rng(seed)
+    ng = F.padded_cols(cols, gs) // gs
+    for limit in (0, 16 * gs, 1):
+        _, _, E, corr = random_state(rng, rows, cols, gs, corr_bound=max(limit, 2))
+        span = max(limit, 1) * 300  # multi-carries and saturations at E = -128/127
+        delta = rng.integers(-span, span + 1, (rows, ng)).astype(np.int64)
+        delta.flat[::5] = rng.integers(-gs, gs + 1, delta.flat[::5].shape)
+        c_want, e_want = corr.copy(), E.copy()
+        n_want = cpu.apply_votes(c_want, e_want, delta, limit)
+        c, e = t(corr, dev), t(E, dev)
+        n = tg.apply_votes(c, e, t(delta, dev), limit)
+        assert tuple(int(x) for x in n) == tuple(int(x) for x in n_want), f"apply counts {n} vs {n_want}"
+        assert_equal(c, c_want, f"apply corr limit={limit}")
+        assert_equal(e, e_want, f"apply E limit={limit}")
+
+
+def check_flip(dev, seed, rows, cols, gs):
+    tg, rng = _tg(), np.random.default_rng(seed)
+    cols_p = F.padded_cols(cols, gs)
+    for theta in (1, 8, 127):
+        _, tp, _, _ = random_state(rng, rows, cols, gs, invalid_bytes=theta == 8)
+        fa = rng.integers(-theta, theta + 1, (rows, cols_p)).astype(np.int8)
+        fa.flat[::13] = rng.choice(np.array([-128, 127, theta, -theta], np.int8), fa.flat[::13].shape)
+        g = random_grad(rng, rows, cols)
+        tp_want, fa_want = tp.copy(), fa.copy()
+        n_want = cpu.flip_into(g, tp_want, fa_want, theta)
+        tp_d, fa_d = t(tp, dev), t(fa, dev)
+        n = tg.flip_into(t(g, dev), tp_d, fa_d, theta)
+        assert n == n_want, f"flips {n} vs {n_want}"
+        assert_equal(tp_d, tp_want, f"flip T_packed theta={theta} gs={gs} {rows}x{cols}")
+        assert_equal(fa_d, fa_want, f"flip flip_accum theta={theta}")
+
+
+def check_fuse(dev, seed, rows, cols, gs):
+    tg, rng = _tg(), np.random.default_rng(seed)
+    for num, den, bound in xi_cases(gs) + [(4, 8, 1 << 62)]:
+        _, _, E, corr = random_state(rng, rows, cols, gs, corr_bound=bound)
+        if den:  # exact halves: round half to even
+            corr.flat[::3] = (den // (2 * num)) * rng.choice([-1, 1, 3, -3], corr.flat[::3].shape)
+        want = np.empty_like(E)
+        n_want = cpu.fuse_into(E, corr, num, den, want)
+        out = torch.full(E.shape, 99, dtype=torch.int8, device=dev)
+        n = tg.fuse_into(t(E, dev), t(corr, dev), num, den, out)
+        assert tuple(n) == tuple(int(x) for x in n_want), f"fuse counts {n} vs {n_want}"
+        assert_equal(out, want, f"fuse num={num} den={den}")
+
+
+def check_module(dev, seed, rows, cols, fmt, rule):
+    """triton_gpu.materialize(mod) / vote(mod, grad) against ops.materialize / ops.vote, several steps."""
+    from arbs import nn as anm
+    from arbs.errors import NonFiniteError
+
+    tg, rng = _tg(), np.random.default_rng(seed)
+    clock = anm.Clock(F.make_scheme(fmt, rule, K=4, theta=3))
+    state, _ = ops.convert(rng.standard_normal((rows, cols)).astype(np.float32), clock.scheme)
+    mod = anm.E1TMLinear(cols, rows, clock, state).to(dev)
+    ref = {k: v.copy() for k, v in state.items()}
+    for step in range(4):
+        clock.step_counter = step
+        w = tg.materialize(mod)
+        assert w.dtype == torch.float32 and tuple(w.shape) == (rows, cols)
+        assert_same_bits(w, ops.materialize(ref, (rows, cols), clock.scheme, step), f"module materialize step {step}")
+        g = random_grad(rng, rows, cols) * 1e-3
+        st = tg.vote(mod, t(g, dev))
+        st_want = ops.vote(ref, g, (rows, cols), clock.scheme)
+        assert st == st_want, f"{st} vs {st_want}"
+        for k in clock.scheme.arrays():
+            assert_equal(getattr(mod, k), ref[k], f"module {rule} {k} step {step}")
+    if hasattr(clock, "round_scale"):  # fuse-aware phase: S = 2**rint(E + Xi), as fuse stores it
+        clock.round_scale = True
+        E_fused, _ = ops.fuse(ref, (rows, cols), clock.scheme, clock.step_counter)
+        want = ops.materialize_fused(ref["T_packed"], E_fused, (rows, cols), clock.scheme.gs)
+        assert_same_bits(tg.materialize(mod), want, "module materialize round_scale")
+        clock.round_scale = False
+    bad = random_grad(rng, rows, cols, nonfinite=True)
+    before = {k: getattr(mod, k).cpu().clone() for k in clock.scheme.arrays()}
+    with pytest.raises(NonFiniteError):
+        tg.vote(mod, t(bad, dev))
+    for k in clock.scheme.arrays():
+        assert torch.equal(getattr(mod, k).cpu(), before[k]), f"{k} changed by a refused vote"
+
+
+def check_average_range(dev):
+    """average rule: a corr_accum within gs of the int64 limit refuses the vote and changes nothing."""
+    from arbs import nn as anm
+    from arbs.errors import IntegerRangeError
+
+    tg = _tg()
+    clock = anm.Clock(F.make_scheme("E1TM4", "average"))
+    mod = anm.E1TMLinear(8, 2, clock).to(dev)
+    mod.corr_accum[1, 1] = (1 << 63) - 2
+    before = mod.corr_accum.cpu().clone()
+    with pytest.raises(IntegerRangeError):
+        tg.vote(mod, torch.ones(2, 8, device=dev))
+    assert torch.equal(mod.corr_accum.cpu(), before)
+
+
+CHECKS = (check_materialize, check_vote_delta, check_apply_votes, check_flip, check_fuse)
+
+
+# -- GPU tests -------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__[6:])
+@pytest.mark.parametrize("gs", VARIANTS)
+@pytest.mark.parametrize("rows,cols", GPU_SHAPES)
+def test_kernel_matches_numba(check, gs, rows, cols):
+    check("cuda", rows * 7919 + cols * 31 + gs, rows, cols, gs)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("rule", ["average", "carry", "flip"])
+@pytest.mark.parametrize("fmt,rows,cols", [("E1TM32", 48, 130), ("E1TM6", 7, 19), ("E1TM96", 33, 500)])
+def test_module_helpers_match_ops(fmt, rows, cols, rule):
+    check_module("cuda", rows + cols, rows, cols, fmt, rule)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_average_range_refused():
+    check_average_range("cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_materialize_every_carry_scale_bit_exact():
+    """Every (E, corr_accum) of E1TM32 carry at K=16: 256 x 1023 scales, T = +1 so W_eff = S."""
+    gs, limit = 32, 16 * 32
+    E = np.repeat(np.arange(-128, 128, dtype=np.int8)[:, None], 2 * limit - 1, axis=1)  # (256, 1023)
+    corr = np.broadcast_to(np.arange(-limit + 1, limit, dtype=np.int64), E.shape).copy()
+    rows, ng = E.shape
+    tp = np.full((rows, F.packed_cols(ng * gs)), 242, np.uint8)  # all trits +1
+    want = np.empty((rows, ng * gs), np.float32)
+    cpu.materialize_into(tp, E, corr, gs, 1, limit, want)
+    out = torch.empty(want.shape, device="cuda")
+    _tg().materialize_into(t(tp, "cuda"), t(E, "cuda"), t(corr, "cuda"), gs, 1, limit, out)
+    assert_same_bits(out, want, "every carry scale")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_materialize_average_scales_bit_exact_large_sample():
+    """4M groups of the average rule at late steps (Xi in [-4, 4], many distinct fractions)."""
+    rng = np.random.default_rng(5)
+    gs, rows, ng = 4, 2048, 2048
+    for step in (7, 123_457, 10**9 + 7):
+        den = step * gs
+        E = rng.integers(-120, 120, (rows, ng)).astype(np.int8)
+        corr = rng.integers(-den, den + 1, (rows, ng)).astype(np.int64)
+        tp = np.full((rows, F.packed_cols(ng * gs)), 242, np.uint8)
+        want = np.empty((rows, ng * gs), np.float32)
+        cpu.materialize_into(tp, E, corr, gs, 4, den, want)
+        out = torch.empty(want.shape, device="cuda")
+        _tg().materialize_into(t(tp, "cuda"), t(E, "cuda"), t(corr, "cuda"), gs, 4, den, out)
+        assert_same_bits(out, want, f"average scales step={step}")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_nn_linear_on_cuda_trains_like_cpu_votes():
+    """arbs.nn routes CUDA buffers through triton_gpu: a forward/backward/step changes the state."""
+    from arbs import nn as anm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(256, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 256))
+    anm.ternarize_(model, "E1TM32", "flip", K=2, theta=2)
+    model.cuda()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    idx = torch.randint(0, 256, (4, 16), device="cuda")
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten())
+        loss.backward()
+        anm.step(model)
+    after = model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert anm.model_clock(model).step_counter == 3
+
+
+# -- the same checks on CPU tensors through Triton's interpreter -----------------------------------
+def run_interpreter_checks() -> int:
+    """Every check at small shapes; needs TRITON_INTERPRET=1 set before triton is imported."""
+    assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1"
+    n = 0
+    with np.errstate(all="ignore"):  # exp2 overflow to inf and inf*0 are part of the contract
+        for gs in INTERP_VARIANTS:
+            for rows, cols in INTERP_SHAPES:
+                for check in CHECKS:
+                    check("cpu", rows * 7919 + cols * 31 + gs, rows, cols, gs)
+                    n += 1
+        for rule in ("average", "carry", "flip"):
+            check_module("cpu", 3, 5, 70, "E1TM32", rule)
+            check_module("cpu", 4, 3, 13, "E1TM6", rule)
+            n += 2
+        check_average_range("cpu")
+    return n + 1
+
+
+def test_interpreter_matches_numba():
+    """The kernels' logic, checked on CPU in a child process with TRITON_INTERPRET=1 (< 30 s)."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"interpreter checks failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert "interpreter checks passed" in proc.stdout
+
+
+if __name__ == "__main__":
+    print(f"{run_interpreter_checks()} interpreter checks passed")
