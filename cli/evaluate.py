@@ -1,13 +1,12 @@
 """arbs eval and arbs generate."""
 
-import json
 import sys
 
 import click
 
 from arbs.evaluate import eval_checkpoint, generate
 
-from .common import arbs_errors
+from .common import arbs_errors, echo_json
 
 
 @click.command("eval")
@@ -27,7 +26,7 @@ def eval_cmd(ckpt, data, batch_size, batches, device, as_json):
     doc = {"path": r.path, "kind": r.kind, "fused": r.fused, "step_counter": r.step, "val_loss": r.val_loss,
            "val_bpb": r.val_bpb, "val_bytes": r.val_bytes}
     if as_json:
-        click.echo(json.dumps(doc))
+        echo_json(doc)
     else:
         click.echo(f"{r.path}: {r.val_loss:.4f} nats/byte ({r.val_bpb:.4f} bits/byte)"
                    f"{' [fused]' if r.fused else ''}")

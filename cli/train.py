@@ -1,14 +1,14 @@
 """arbs train."""
 
-import json
 import math
+import sys
 
 import click
 
 from arbs import formats as F
 from arbs.train import FLOAT_FORMATS, TrainConfig, train
 
-from .common import arbs_errors, progress_bar
+from .common import arbs_errors, echo_json, progress_bar
 
 _D = TrainConfig()
 
@@ -60,7 +60,7 @@ def train_cmd(fmt, as_json, **opts):
 
         def on_eval(rec):
             bar.write(f"step {rec['step']:>6}  train {rec['train_loss']:.4f}  val {rec['val_loss']:.4f} nats/byte "
-                      f"({rec['val_bpb']:.4f} bits/byte)")
+                      f"({rec['val_bpb']:.4f} bits/byte)", file=sys.stderr)
 
         res = train(cfg, on_step=on_step, on_eval=on_eval)
     doc = {
@@ -70,7 +70,7 @@ def train_cmd(fmt, as_json, **opts):
         "interrupted": res.interrupted,
     }
     if as_json:
-        click.echo(json.dumps(doc))
+        echo_json(doc)
         return
     click.echo(f"{'interrupted, saved' if res.interrupted else 'done'}: {res.steps} steps -> {res.run_dir}")
     click.echo(f"validation loss {res.val_loss:.4f} nats/byte ({res.val_bpb:.4f} bits/byte)")

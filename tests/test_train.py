@@ -1,0 +1,193 @@
+"""arbs train / eval / generate: exact resume, integer-only checkpoints, clear errors, CLI round trip."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from arbs import store
+from arbs.errors import ArbsError, ConfigError, NonFiniteError
+from arbs.train import TrainConfig, train
+from arbs_cli.main import main
+
+SMALL = dict(preset="tiny", context=16, batch_size=2, eval_every=3, eval_batches=2, save_every=3)
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    p = tmp_path_factory.mktemp("data") / "corpus.txt"
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "self", "import", "class", "for", "in", "if", "else", "(", ")", ":", "\n"]
+    p.write_text(" ".join(rng.choice(words, 6000)))
+    return str(p)
+
+
+def _state(run):
+    ck = store.open_checkpoint(run)
+    return ck.step_counter, {(n, k): a for n, t in ck.tensors.items() for k, a in t.arrays.items()}
+
+
+def _losses(run):
+    return [(r["step"], r["train_loss"], r.get("val_loss")) for r in store.read_metrics(run) if "train_loss" in r]
+
+
+@pytest.mark.parametrize("fmt,rule", [("E1TM32", "flip"), ("E1TM16", "carry"), ("E1TM32", "average"), ("fp32", None)])
+def test_resume_is_bit_exact(tmp_path, text, fmt, rule):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(TrainConfig(format=fmt, rule=rule, data=text, steps=6, out=str(a), **SMALL))
+    train(TrainConfig(format=fmt, rule=rule, data=text, steps=3, out=str(b), **SMALL))
+    train(TrainConfig(format=fmt, rule=rule, data=text, steps=6, out=str(b), resume=True, **SMALL))
+    sa, sb = _state(a), _state(b)
+    assert sa[0] == sb[0] == 6
+    assert sa[1].keys() == sb[1].keys()
+    for k in sa[1]:
+        np.testing.assert_array_equal(sa[1][k], sb[1][k], err_msg=str(k))
+    assert _losses(a) == _losses(b)
+
+
+def test_e1tm_checkpoint_holds_only_integers_and_reports_fuse_gap(tmp_path, text):
+    res = train(TrainConfig(format="E1TM32", data=text, steps=3, out=str(tmp_path / "r"), **SMALL))
+    ck = store.open_checkpoint(tmp_path / "r")
+    assert ck.kind == "e1tm" and ck.rule == "flip"
+    for t in ck.tensors.values():
+        for name, a in t.arrays.items():
+            assert a.dtype.kind in "iu", (t.name, name, a.dtype)
+    for zjson in (tmp_path / "r" / "step_3").rglob("zarr.json"):
+        meta = json.loads(zjson.read_text())
+        if meta.get("node_type") == "array":
+            assert not meta["data_type"].startswith(("float", "bfloat")), zjson
+    assert res.fuse_gap == pytest.approx(res.val_loss_fused - res.val_loss)
+    assert (tmp_path / "r" / "loss.png").stat().st_size > 1000
+
+
+def test_fuse_phase_changes_training_but_not_the_format(tmp_path, text):
+    a = train(TrainConfig(format="E1TM32", rule="carry", data=text, steps=6, out=str(tmp_path / "a"), **SMALL))
+    b = train(TrainConfig(format="E1TM32", rule="carry", data=text, steps=6, fuse_phase=0.5, out=str(tmp_path / "b"), **SMALL))
+    sa, sb = _state(tmp_path / "a"), _state(tmp_path / "b")
+    assert any(not np.array_equal(sa[1][k], sb[1][k]) for k in sa[1]), "the fuse phase must change what is learned"
+    assert a.fuse_gap is not None and b.fuse_gap is not None
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, text, monkeypatch):
+    run = tmp_path / "r"
+    train(TrainConfig(format="E1TM32", data=text, steps=3, out=str(run), **SMALL))
+    before = _state(run)
+    import torch.nn.functional as F_
+
+    real = F_.cross_entropy
+    monkeypatch.setattr(F_, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(NonFiniteError, match="last good checkpoint"):
+        train(TrainConfig(format="E1TM32", data=text, steps=6, out=str(run), resume=True, **SMALL))
+    after = _state(run)
+    assert after[0] == before[0] == 3
+    for k in before[1]:
+        np.testing.assert_array_equal(before[1][k], after[1][k])
+
+
+def test_init_from_fp32_run_converts_with_carry(tmp_path, text):
+    train(TrainConfig(format="fp32", data=text, steps=3, out=str(tmp_path / "f"), **SMALL))
+    cfg = TrainConfig(format="E1TM32", data=text, steps=3, init=str(tmp_path / "f"), out=str(tmp_path / "e"), **SMALL)
+    assert cfg.resolved_rule == "carry"
+    train(cfg)
+    assert store.open_checkpoint(tmp_path / "e").rule == "carry"
+
+
+def test_bad_inputs_are_clear_errors(tmp_path, text):
+    with pytest.raises(ConfigError, match="Did you mean 'E1TM32'"):
+        TrainConfig(format="E1TM23")
+    with pytest.raises(ConfigError, match="valid rules"):
+        TrainConfig(rule="flop")
+    with pytest.raises(ConfigError, match="preset"):
+        TrainConfig(preset="huge")
+    with pytest.raises(ConfigError, match="float baseline"):
+        TrainConfig(format="fp32", rule="carry")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ArbsError):
+        train(TrainConfig(data=str(empty), steps=1, out=str(tmp_path / "x"), **SMALL))
+    short = tmp_path / "short.txt"
+    short.write_text("x" * 2000)
+    with pytest.raises(ArbsError, match="context"):
+        train(TrainConfig(data=str(short), steps=1, out=str(tmp_path / "y"), **(SMALL | {"context": 512})))
+    # resume with another rule or format: refused, checkpoint untouched
+    run = tmp_path / "r"
+    train(TrainConfig(format="E1TM32", rule="carry", data=text, steps=3, out=str(run), **SMALL))
+    before = _state(run)
+    with pytest.raises(ConfigError, match="rule"):
+        train(TrainConfig(format="E1TM32", rule="flip", data=text, steps=6, out=str(run), resume=True, **SMALL))
+    with pytest.raises(ConfigError, match="format"):
+        train(TrainConfig(format="E1TM16", rule="carry", data=text, steps=6, out=str(run), resume=True, **SMALL))
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        train(TrainConfig(format="E1TM32", rule="carry", data=text, steps=6, out=str(run), **SMALL))
+    after = _state(run)
+    for k in before[1]:
+        np.testing.assert_array_equal(before[1][k], after[1][k])
+    # a float checkpoint whose shapes do not fit the model
+    sd = tmp_path / "wrong.pt"
+    torch.save({"wte.weight": torch.zeros(3, 3)}, sd)
+    with pytest.raises(ArbsError, match="does not fit|missing"):
+        train(TrainConfig(format="E1TM32", data=text, steps=1, init=str(sd), out=str(tmp_path / "z"), **SMALL))
+
+
+def test_cli_train_fuse_eval_generate(tmp_path, text):
+    r = CliRunner()
+    run, fused = tmp_path / "run", tmp_path / "fused"
+    args = ["train", "--data", text, "--steps", "3", "--context", "16", "--batch-size", "2", "--eval-every", "3",
+            "--out", str(run), "--json"]
+    res = r.invoke(main, args)
+    assert res.exit_code == 0, res.output + res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["steps"] == 3 and doc["rule"] == "flip" and doc["fuse_gap"] is not None
+    res = r.invoke(main, ["inspect", str(run), "--bpw", "--json"])
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["total"]["bpw_training"] > 11.8  # flip: 3.85 + 8
+    assert r.invoke(main, ["fuse", str(run), "--out", str(fused)]).exit_code == 0
+    for ckpt in (run, fused):
+        res = r.invoke(main, ["eval", str(ckpt), "--json", "--batches", "2"])
+        assert res.exit_code == 0, res.stderr
+        assert json.loads(res.stdout)["val_loss"] > 0
+    res = r.invoke(main, ["generate", str(fused), "--prompt", "def ", "--max-bytes", "20", "--temperature", "0"])
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout.startswith("def ")
+    again = r.invoke(main, ["generate", str(fused), "--prompt", "def ", "--max-bytes", "20", "--temperature", "0"])
+    assert again.stdout == res.stdout
+
+
+def test_cli_errors_exit_1_or_2(tmp_path, text):
+    r = CliRunner()
+    res = r.invoke(main, ["train", "--format", "E1TM23", "--out", str(tmp_path / "a")])
+    assert res.exit_code == 1 and "Did you mean 'E1TM32'" in res.stderr
+    res = r.invoke(main, ["train", "--steps", "abc"])
+    assert res.exit_code == 2
+    res = r.invoke(main, ["eval", str(tmp_path / "missing")])
+    assert res.exit_code == 1 and "missing" in res.stderr
+    for cmd in ("train", "eval", "generate", "compare"):
+        assert r.invoke(main, [cmd, "--help"]).exit_code == 0
+
+
+def test_ctrl_c_saves_a_consistent_checkpoint(tmp_path, text):
+    run = tmp_path / "r"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    p = subprocess.Popen(
+        [sys.executable, "-m", "arbs_cli.main", "train", "--data", text, "--steps", "100000", "--context", "16",
+         "--batch-size", "2", "--eval-every", "100000", "--save-every", "100000", "--out", str(run)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 120
+    while not (run / "LATEST").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)  # a few steps past the step-0 checkpoint
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err.decode()
+    assert b"interrupted" in out
+    ck = store.open_checkpoint(run)
+    assert ck.step_counter > 0
