@@ -68,7 +68,7 @@ class CompareConfig:
     out: str = "runs/compare"
     preset: str = "tiny"
     data: str | None = None
-    steps: int = 600
+    steps: int = 1000
     batch_size: int = 16
     context: int | None = None
     seed: int = 0

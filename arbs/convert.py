@@ -18,14 +18,14 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from . import formats as F
-from . import ops
+from . import ops, store
 from .errors import ConfigError, CorruptStoreError, StoreNotFoundError
 
 log = logging.getLogger(__name__)
@@ -280,8 +280,6 @@ def convert_state_dict(
     ConfigError for an unknown format/rule, bad parameters or patterns, or nothing to convert;
     NonFiniteError naming the tensor if a selected tensor holds NaN/inf.
     """
-    from .store import Checkpoint, TensorState
-
     gs = F.variant_gs(format)
     params = _rule_params_for(rule, K, theta)
     scheme = F.make_scheme(format, rule, **params)
@@ -296,7 +294,7 @@ def convert_state_dict(
         if not any(fnmatch.fnmatchcase(n, pat) for n in names):
             log.warning("exclude pattern %r matches no tensor", pat)
 
-    states: dict[str, TensorState] = {}
+    states: dict[str, store.TensorState] = {}
     reports: list[TensorReport] = []
     skipped: list[SkippedTensor] = []
     for name in names:
@@ -324,7 +322,7 @@ def convert_state_dict(
             skip("empty tensor (a dimension is 0)")
             continue
         arrays, st = ops.convert(w, scheme, name=name)
-        states[name] = TensorState(name=name, shape=shape, arrays=arrays)
+        states[name] = store.TensorState(name=name, shape=shape, arrays=arrays)
         groups = int(arrays["E"].size)
         reports.append(TensorReport(name, shape, st.rel_l2, groups, st.zero_groups, st.clipped))
         log.debug("convert %s %s: rel_l2=%.4f zero_groups=%d clipped=%d", name, shape, st.rel_l2, st.zero_groups, st.clipped)
@@ -344,7 +342,7 @@ def convert_state_dict(
         "tensors": len(states),
         "skipped": [s.name for s in skipped],
     }
-    ckpt = Checkpoint(
+    ckpt = store.Checkpoint(
         kind="e1tm",
         format=format,
         gs=gs,
@@ -363,8 +361,6 @@ def convert_state_dict(
 def convert_file(
     src: str | os.PathLike,
     out_run_dir: str | os.PathLike,
-    *,
-    keep: int | None = None,
     **opts: Any,
 ) -> ConvertReport:
     """Read a float checkpoint file, convert it, and save it at step 0 in a new run dir ``out_run_dir``.
@@ -374,10 +370,8 @@ def convert_file(
 
     ``opts`` are the keyword arguments of :func:`convert_state_dict`. Non-floating entries of the
     file appear in ``report.skipped``. The source file is recorded in the checkpoint meta
-    (``converted.source``). ``keep`` is passed to ``store.save_checkpoint``.
+    (``converted.source``).
     """
-    from . import store
-
     out = Path(out_run_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(
@@ -390,9 +384,9 @@ def convert_file(
     ckpt.meta["converted"]["source"] = os.fspath(src)
     extra = tuple(dropped)
     ckpt.meta["converted"]["skipped"] = [s.name for s in extra] + ckpt.meta["converted"]["skipped"]
-    path = store.save_checkpoint(out_run_dir, ckpt, keep=keep)
+    path = store.save_checkpoint(out_run_dir, ckpt)
     log.info("saved %d tensors (%s, rule %s) to %s", len(report.tensors), report.format, report.rule, path)
     return ConvertReport(
         report.format, report.gs, report.rule, report.rule_params, report.tensors,
-        extra + report.skipped, report.notes, source=os.fspath(src), path=os.fspath(path) if path is not None else None,
+        extra + report.skipped, report.notes, source=os.fspath(src), path=os.fspath(path),
     )

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import formats as F
-from . import ops
+from . import ops, store
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -39,13 +39,16 @@ class TensorFuse:
     name: str
     shape: tuple[int, ...]
     groups: int
-    changed: int  # groups whose E moved (|Xi| >= 0.5 rounded away from E)
+    changed: int  # groups whose fused E differs from E
     clipped: int  # groups whose rint(E + Xi) left [-128, 127] and were clipped
 
 
 @dataclass(frozen=True)
 class FuseReport:
-    """What fusing did: per tensor counts; ``source``/``path`` once read from / written to disk."""
+    """What fusing did: per tensor counts; ``source``/``path`` once read from / written to disk.
+
+    For ``mode == "keep-accum"`` the counts say what a fuse *would* change; nothing was changed.
+    """
 
     mode: str  # "fused" (option B) or "keep-accum" (option A)
     format: str
@@ -78,8 +81,8 @@ def _require_training(ckpt, action: str) -> F.Scheme:
     where = f" '{ckpt.path}'" if getattr(ckpt, "path", None) else ""
     if ckpt.kind != "e1tm":
         raise ConfigError(
-            f"checkpoint{where} is a {ckpt.kind!r} checkpoint; only E1TM checkpoints can be {action} "
-            "(run 'arbs convert' first)"
+            f"checkpoint{where} is a {ckpt.kind!r} checkpoint; only E1TM checkpoints can be {action}. "
+            "Make one with 'arbs train --format E1TM32 --init <float run>' or 'arbs convert <weights file>'"
         )
     if ckpt.fused:
         src = ckpt.meta.get("fused_from", {}) if isinstance(ckpt.meta, dict) else {}
@@ -109,8 +112,6 @@ def fuse_checkpoint(ckpt, *, keep_accum: bool = False):
     ------
     ConfigError if ``ckpt`` is already fused or is not an E1TM checkpoint.
     """
-    from .store import TensorState
-
     scheme = _require_training(ckpt, "fused")
     step = int(ckpt.step_counter)
     reports = []
@@ -118,14 +119,16 @@ def fuse_checkpoint(ckpt, *, keep_accum: bool = False):
     for name, ts in ckpt.tensors.items():
         shape = tuple(ts.shape)
         E_fused, st = ops.fuse(ts.arrays, shape, scheme, step)
-        reports.append(TensorFuse(name, shape, st.groups, st.changed, st.clipped))
+        # count real moves: a tie |Xi| = 1/2 rounds half to even, and a clipped group may stay put
+        changed = int(np.count_nonzero(E_fused != ts.arrays["E"]))
+        reports.append(TensorFuse(name, shape, st.groups, changed, st.clipped))
         if st.clipped:
             log.warning("%s: %d group(s) clipped to the int8 range of E while fusing", name, st.clipped)
         if keep_accum:
             arrays = {k: np.array(v, copy=True) for k, v in ts.arrays.items()}
         else:
             arrays = {"T_packed": np.array(ts.arrays["T_packed"], copy=True), "E": E_fused}
-        tensors[name] = TensorState(name=name, shape=shape, arrays=arrays)
+        tensors[name] = store.TensorState(name=name, shape=shape, arrays=arrays)
     meta = copy.deepcopy(dict(ckpt.meta or {}))
     if keep_accum:
         meta["export"] = "keep-accum"
@@ -151,8 +154,6 @@ def _source_root(src: Path, ckpt_dir: Path) -> Path:
     ``src`` as given (a run dir, or a step_<N> dir inside one); a checkpoint directory written on its
     own (``store.write_checkpoint``) stands for itself.
     """
-    from . import store
-
     if ckpt_dir != src:  # src was a run dir, resolved through LATEST
         return src
     parent = ckpt_dir.parent
@@ -164,8 +165,6 @@ def _source_root(src: Path, ckpt_dir: Path) -> Path:
 
 
 def _is_run_dir(d: Path) -> bool:
-    from . import store
-
     return (d / store.LATEST_FILE).is_file() or bool(store.list_checkpoints(d))
 
 
@@ -192,8 +191,6 @@ def fuse_path(
     other non-empty directory, a file, and the source's own run dir are refused (ConfigError). The
     input is never modified. ``keep`` is passed to ``store.save_checkpoint``.
     """
-    from . import store
-
     src_p = Path(src)
     ckpt = store.open_checkpoint(src_p)
     ckpt_dir = Path(ckpt.path)

@@ -245,8 +245,8 @@ def _plain_json(x, where: str):
     )
 
 
-def _fsync_path(path, flags=os.O_RDONLY) -> None:
-    fd = os.open(path, flags)
+def _fsync_path(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -614,9 +614,12 @@ def write_checkpoint(path, ckpt: Checkpoint, *, step: int | None = None) -> Path
         raise ArbsError(f"'{dest}' already exists; arbs never writes into an existing checkpoint. "
                         "Save under another step or remove it first.")
     parent = dest.parent
-    parent.mkdir(parents=True, exist_ok=True)
     tmp = parent / f"{TMP_PREFIX}{dest.name}-{os.getpid()}-{secrets.token_hex(4)}"
-    os.mkdir(tmp)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(tmp)
+    except OSError as e:
+        raise ArbsError(f"cannot create '{tmp}' to save a checkpoint: {e}. Nothing was written.") from e
     try:
         root = zarr.open_group(store=LocalStore(str(tmp)), mode="w-", zarr_format=3, attributes=attrs)
         for tkey, arrays in groups:
@@ -632,10 +635,14 @@ def write_checkpoint(path, ckpt: Checkpoint, *, step: int | None = None) -> Path
             raise ArbsError(f"'{dest}' appeared while it was being saved (another writer?); "
                             "arbs never writes into an existing checkpoint.")
         os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _fsync_dir(parent)
+    except BaseException as e:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise ArbsError(f"could not save checkpoint '{dest}': {e}. Nothing was committed; "
+                            "free disk space or fix permissions, then save again.") from e
         raise
-    _fsync_dir(parent)
     logger.info("committed checkpoint %s", dest)
     return dest
 
@@ -665,7 +672,8 @@ def save_checkpoint(run_dir, ckpt: Checkpoint, keep: int | None = None, *, step:
     ConfigError
         ``ckpt`` is not valid, or ``keep``/``step`` are not.
     ArbsError
-        ``step_<N>`` already exists (checkpoints are never overwritten).
+        ``step_<N>`` already exists (checkpoints are never overwritten), or the file system refused
+        a write (the message says whether the checkpoint was committed).
     """
     run = Path(run_dir)
     if keep is not None and (not _is_int(keep) or keep < 1):
@@ -675,7 +683,10 @@ def save_checkpoint(run_dir, ckpt: Checkpoint, keep: int | None = None, *, step:
         raise ConfigError("a fused checkpoint has no step_counter; pass step= to name its step_<N> directory")
     if not _is_int(n) or n < 0:
         raise ConfigError(f"step {n!r} must be an integer >= 0")
-    run.mkdir(parents=True, exist_ok=True)
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ArbsError(f"cannot create run directory '{run}': {e}") from e
     _clean_temp(run)
     dest = run / f"step_{int(n)}"
     if dest.exists():
@@ -685,13 +696,22 @@ def save_checkpoint(run_dir, ckpt: Checkpoint, keep: int | None = None, *, step:
             "checkpoint. If a save was interrupted after committing it, resume from it, or remove it first."
         )
     write_checkpoint(dest, ckpt, step=int(n))
-    _write_durable(run / f"{LATEST_FILE}.tmp", f"{dest.name}\n".encode())
-    os.replace(run / f"{LATEST_FILE}.tmp", run / LATEST_FILE)
-    _fsync_dir(run)
+    try:
+        _write_durable(run / f"{LATEST_FILE}.tmp", f"{dest.name}\n".encode())
+        os.replace(run / f"{LATEST_FILE}.tmp", run / LATEST_FILE)
+        _fsync_dir(run)
+    except OSError as e:
+        raise ArbsError(f"checkpoint '{dest}' was committed, but '{run / LATEST_FILE}' could not be updated: {e}. "
+                        f"Open '{dest}' directly, or write '{dest.name}' into LATEST.") from e
     if keep is not None:
         for old in list_checkpoints(run)[:-keep]:
-            if old.name != dest.name:
+            if old.name == dest.name:  # LATEST names it
+                continue
+            try:
                 _remove_dir(old)
+            except OSError as e:  # the new checkpoint is safe; an old one lingering is not worth failing for
+                logger.warning("could not remove old checkpoint %s (keep=%d): %s", old, keep, e)
+            else:
                 logger.info("removed old checkpoint %s (keep=%d)", old, keep)
     return dest
 

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from . import formats as F
-from . import ops
+from . import ops, store
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def _stats_Xi(corr: np.ndarray, num: int, den: int) -> dict | None:
         "min": float(xi.min()),
         "max": float(xi.max()),
         "mean_abs": float(a.mean()),
-        "frac_ge_half": float((a >= 0.5).mean()),  # groups whose E would move when fused
+        "frac_ge_half": float((a >= 0.5).mean()),  # groups fuse moves (ties |Xi| = 1/2: half to even)
     }
 
 
@@ -182,9 +182,26 @@ def _summarize_float(ckpt, bpw: bool) -> dict:
         "bytes_on_disk": _bytes_on_disk(ckpt),
     }
     out = {"tensors": rows_out, "total": total, "float_format": ckpt.meta.get("format")}
-    if ckpt.meta.get("deadzone") is not None:
-        out["deadzone"] = ckpt.meta.get("deadzone")
+    _add_deadzone(ckpt, rows_out)
     return out
+
+
+def _add_deadzone(ckpt, rows_out: list[dict]) -> None:
+    """Per ternary-baseline weight: fractions at -1/0/+1 and near a rounding boundary (deadzone trapping)."""
+    from . import baselines
+
+    fmt = ckpt.meta.get("format")
+    if fmt not in baselines.SCHEMES or baselines.scheme_spec(fmt).trits is None:
+        return
+    gs, theta = ckpt.meta.get("gs", 32), ckpt.meta.get("baseline_theta", 0.5)
+    for row in rows_out:
+        name = row["name"]
+        if not name.endswith(".weight") or len(row["shape"]) < 2:
+            continue
+        prefix = name[: -len("weight")] + "quantizer."
+        qstate = {n[len(prefix):]: t.arrays["weight"] for n, t in ckpt.tensors.items() if n.startswith(prefix)}
+        row["deadzone"] = baselines.deadzone_stats(fmt, ckpt.tensors[name].arrays["weight"], qstate or None,
+                                                   gs=gs, theta=theta)
 
 
 # ------------------------------------------------------------------------------------------ public
@@ -199,8 +216,6 @@ SUMMARIZERS: dict[str, Callable] = {
 def _bytes_on_disk(ckpt) -> int | None:
     if getattr(ckpt, "path", None) is None:
         return None
-    from . import store
-
     return int(store.bytes_on_disk(ckpt.path))
 
 
@@ -216,7 +231,8 @@ def summarize(ckpt, bpw: bool = False) -> dict:
     ``bpw_inference``, ``bpw_training`` (incl. the shared 8-byte step_counter), theoretical figures,
     ``sparsity`` and ``bytes_on_disk`` (None for an unsaved checkpoint).
 
-    Float checkpoints get dtypes/bytes per array instead (and ``deadzone`` if their meta has one).
+    Float checkpoints get dtypes/bytes per array instead and, for ternary baselines, a per-tensor ``deadzone``
+    (fractions at -1/0/+1 and near a trit boundary; arbs.baselines.deadzone_stats).
     """
     try:
         fn = SUMMARIZERS[ckpt.kind]
@@ -270,12 +286,18 @@ def render_text(summary: dict) -> str:
     s = summary
     out = []
     if s["kind"] == "float":
-        out.append(f"{s['path'] or '(unsaved)'}: float checkpoint, format {s['format']}, step {s['step_counter']}")
-        if "deadzone" in s:
-            out.append(f"deadzone: {s['deadzone']}")
-        rows = [[t["name"], "x".join(map(str, t["shape"])), ",".join(f"{k}:{v}" for k, v in t["dtypes"].items()),
-                 _human_bytes(sum(t["bytes"].values())), _f(t["bpw_weight"], ".2f")] for t in s["tensors"]]
-        out += _table(["tensor", "shape", "arrays", "bytes", "bpw(weight)"], rows, {3, 4})
+        fmt = s.get("float_format") or s["format"]
+        out.append(f"{s['path'] or '(unsaved)'}: float baseline {fmt}, step {s['step_counter']}")
+        dz = [t.get("deadzone") or {} for t in s["tensors"]]
+        rows = [[t["name"], "x".join(map(str, t["shape"])), t["dtypes"].get("weight", "-"), ",".join(t["dtypes"]),
+                 _human_bytes(sum(t["bytes"].values())), _f(t["bpw_weight"], ".2f"),
+                 *(_f(d.get(k), ".3f") for k in ("frac_neg", "frac_zero", "frac_pos", "frac_near_boundary"))]
+                for t, d in zip(s["tensors"], dz)]
+        out += _table(["tensor", "shape", "dtype", "arrays", "bytes", "bpw(weight)", "T=-1", "T=0", "T=+1",
+                       "near boundary"], rows, {4, 5, 6, 7, 8, 9})
+        if any(dz):
+            out.append(f"near boundary: |W| within {dz[[bool(d) for d in dz].index(True)]['band']} x scale of a "
+                       "trit boundary (deadzone trapping)")
         tot = s["total"]
         out.append(f"total: {tot['tensors']} tensors, {tot['weights']} weights, "
                    f"{_f(tot['bpw_weight'], '.2f')} bpw weight, {_f(tot['bpw_all'], '.2f')} bpw incl. optimizer state, "
@@ -325,6 +347,4 @@ def render_text(summary: dict) -> str:
 
 def summarize_path(path, bpw: bool = False) -> dict:
     """Open the checkpoint at ``path`` (run dir -> LATEST, or a step_<N> dir) and :func:`summarize` it."""
-    from . import store
-
     return summarize(store.open_checkpoint(path), bpw=bpw)

@@ -51,7 +51,7 @@ class TrainConfig:
     theta: int | None = None
     preset: str = "tiny"
     data: str | None = None  # None: the built-in Python-stdlib corpus
-    steps: int = 600
+    steps: int = 1000
     batch_size: int = 16
     context: int | None = None  # None: the preset's context
     seed: int = 0

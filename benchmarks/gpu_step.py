@@ -164,12 +164,14 @@ def proposed_nn(p2: bool):
     from arbs.kernels import triton_gpu
 
     orig_fn, orig_flush = anm._LinearFn, anm._E1TMWeight.flush
-    pending: list = []
+    pending: list = []  # [counters of this step]: every layer adds its counts to one device tensor
 
     def flush_lazy(self):
         grad, self._grad_sum, self._pending = self._grad_sum, None, 0
         if grad is not None:
-            pending.append(triton_gpu.vote_async(self, grad))
+            if not pending:
+                pending.append(triton_gpu.new_counters(grad.device))
+            triton_gpu.vote_async(self, grad, pending[0])
 
     anm._LinearFn = _LinearFnP1
     if p2:
@@ -184,7 +186,7 @@ def read_lazy_counts(pending, clock):
     """P2: one sync per step for every layer's counts; NaN/inf is reported here instead of in backward."""
     if not pending:
         return
-    c = torch.stack(pending).sum(0).tolist()
+    c = pending[0].tolist()
     pending.clear()
     if c[0] or c[1]:
         raise RuntimeError(f"{c[0]} nonfinite gradient values / {c[1]} corr_accum out of range: votes skipped")
@@ -250,6 +252,8 @@ def run_row(method, layers, d, batch, ctx, device, warmup, iters, amp_on=True):
     model, clock = e1tm_model(layers, d, rule, device)
     patch = "+P1" in method
     with proposed_nn(p2="P2" in method) if patch else contextlib.nullcontext([]) as pending:
+        if method.endswith("G"):  # P3: the whole forward/backward/vote captured once in a CUDA graph
+            return measure(graphed_step(model, clock, x, y, pending, device), device, warmup, iters, batch * ctx)
 
         def step():
             with amp:
@@ -259,6 +263,44 @@ def run_row(method, layers, d, batch, ctx, device, warmup, iters, amp_on=True):
             read_lazy_counts(pending, clock)
 
         return measure(step, device, warmup, iters, batch * ctx)
+
+
+def graphed_step(model, clock, x, y, pending, device):
+    """P3 (needs P2: no sync inside a step): capture forward + backward + votes in one CUDA graph and
+    replay it; Python runs once per step for the clock and the counts (one sync). Valid while Xi's
+    (num, den) stay fixed, as for carry and flip (average's den = step*gs changes every step)."""
+    from arbs.kernels import triton_gpu as tg
+
+    counters = tg.new_counters(device)
+    pending.append(counters)  # flush_lazy adds every layer's counts to this one static tensor
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+
+    def body():
+        counters.zero_()
+        with amp:
+            loss = model(x, y)
+        loss.backward()
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            body()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+
+    def step():
+        graph.replay()
+        anm.step(model)  # step_counter += 1 (nothing is pending)
+        c = counters.tolist()
+        if c[0] or c[1]:
+            raise RuntimeError(f"{c[0]} nonfinite gradient values / {c[1]} corr_accum out of range: votes skipped")
+        for k, v in zip(("carries", "saturations", "flips"), c[2:]):
+            clock.stats[k] += v
+
+    return step
 
 
 def free(device):
@@ -305,9 +347,13 @@ def kernel_breakdown(layers, d, device, reps=5):
             ts.append(time.perf_counter() - t0)
         return statistics.median(ts) * 1e3
 
+    def mat_all(dtype):
+        for m in mods:  # each W_eff is dropped at once, as in training
+            tg.materialize(m, dtype=dtype)
+
     out = {
-        "materialize_bf16_ms": timed(lambda: [tg.materialize(m, dtype=torch.bfloat16) for m in mods]),
-        "materialize_fp32_ms": timed(lambda: [tg.materialize(m, dtype=torch.float32) for m in mods]),
+        "materialize_bf16_ms": timed(lambda: mat_all(torch.bfloat16)),
+        "materialize_fp32_ms": timed(lambda: mat_all(torch.float32)),
         "vote_fp32_sync_each_ms": timed(lambda: [tg.vote(m, grads[m.shape]) for m in mods]),
         "vote_fp32_async_ms": timed(lambda: torch.stack([tg.vote_async(m, grads[m.shape]) for m in mods]).sum(0).tolist()),
     }
@@ -326,9 +372,186 @@ def kernel_breakdown(layers, d, device, reps=5):
     return out
 
 
+def kernel_bandwidth(device, shapes=((16384, 4096), (4096, 4096), (3072, 768))):
+    """Each kernel alone on one E1TM32 weight (triton.testing.do_bench, median): ms and GB/s, counting
+    the fewest bytes it must move (each input read once, each output written once)."""
+    import triton
+
+    from arbs import formats as Fm
+    from arbs.kernels import triton_gpu as tg
+
+    res = []
+    gs = 32
+    for rows, cols in shapes:
+        n, ng, nb = rows * cols, rows * cols // gs, Fm.packed_cols(cols) * rows
+        g = torch.Generator(device=device).manual_seed(1)
+        tp = torch.randint(0, 243, (rows, Fm.packed_cols(cols)), dtype=torch.uint8, device=device, generator=g)
+        E = torch.randint(-20, 20, (rows, cols // gs), dtype=torch.int8, device=device, generator=g)
+        corr = torch.randint(-511, 512, (rows, cols // gs), dtype=torch.int64, device=device, generator=g)
+        fa = torch.zeros((rows, cols), dtype=torch.int8, device=device)
+        grad = torch.randn((rows, cols), device=device, generator=g)
+        gradb = grad.to(torch.bfloat16)
+        delta = torch.empty_like(corr)
+        cnt = tg.new_counters(device)
+        ob, of = torch.empty((rows, cols), dtype=torch.bfloat16, device=device), torch.empty((rows, cols), device=device)
+        cases = {
+            "copy bf16 (yardstick)": (lambda: ob.copy_(gradb), 4 * n),
+            "materialize -> bf16": (lambda: tg._launch_materialize(tp, E, corr, gs, 1, 16 * gs, ob), 2 * n + nb + 9 * ng),
+            "materialize -> fp32": (lambda: tg._launch_materialize(tp, E, corr, gs, 1, 16 * gs, of), 4 * n + nb + 9 * ng),
+            "vote_delta fp32 grad": (lambda: tg._launch_vote(grad, tp, gs, delta, cnt), 4 * n + nb + 8 * ng),
+            "vote_delta bf16 grad": (lambda: tg._launch_vote(gradb, tp, gs, delta, cnt), 2 * n + nb + 8 * ng),
+            "apply_votes (carry)": (lambda: tg._launch_apply(corr, E, delta, 16 * gs, cnt, True), 26 * ng),
+            "flip fp32 grad": (lambda: tg._launch_flip(grad, tp, fa, 8, cnt, True), 4 * n + 2 * n + 2 * nb),
+        }
+        for name, (fn, nbytes) in cases.items():
+            ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            res.append({"shape": f"{rows}x{cols}", "kernel": name, "ms": ms, "GBps": nbytes / ms / 1e6})
+        del tp, E, corr, fa, grad, gradb, delta, ob, of
+        free(device)
+    return res
+
+
+def profile_steps(layers, d, batch, ctx, method, device, steps=3):
+    """torch.profiler over ``steps`` steps: wall ms/step, GPU-busy ms/step (sum of kernel times), top kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    idx = torch.randint(0, 256, (batch, ctx + 1), device=device, generator=gen)
+    x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
+    amp = torch.autocast(device.type, dtype=torch.bfloat16)
+    if method == "dense":
+        with torch.device(device):
+            model = GPT(layers, d)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+        def step():
+            with amp:
+                loss = model(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        ctxm = contextlib.nullcontext([])
+    else:
+        model, clock = e1tm_model(layers, d, "carry", device)
+        ctxm = proposed_nn("P2" in method) if "+P1" in method else contextlib.nullcontext([])
+    with ctxm as pending:
+        if method != "dense":
+
+            def step():
+                with amp:
+                    loss = model(x, y)
+                loss.backward()
+                anm.step(model)
+                read_lazy_counts(pending, clock)
+
+        for _ in range(3):
+            step()
+        sync(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            sync(device)
+            wall = (time.perf_counter() - t0) / steps * 1e3
+    kern = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    busy = sum(e.self_device_time_total for e in kern) / steps / 1e3
+    top = sorted(kern, key=lambda e: e.self_device_time_total, reverse=True)[:8]
+    out = {"wall_ms_profiled": wall, "gpu_busy_ms": busy,
+           "top": [(e.key[:60], round(e.self_device_time_total / steps / 1e3, 2), e.count // steps) for e in top]}
+    del model
+    free(device)
+    return out
+
+
+def launch_overheads(device, n=2000):
+    """CPU microseconds per call (issue only, then with the GPU work) of launches on a tiny weight."""
+    from arbs import formats as Fm
+    from arbs.kernels import triton_gpu as tg
+
+    clock = anm.Clock(Fm.make_scheme("E1TM32", "carry"))
+    mod = anm.E1TMLinear(256, 256, clock).to(device)
+    g = torch.randn(256, 256, device=device)
+    buf = torch.empty(256, 256, device=device)
+    cnt = tg.new_counters(device)
+
+    def per_call(fn):
+        fn()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        t1 = time.perf_counter()
+        sync(device)
+        return round((t1 - t0) / n * 1e6, 1), round((time.perf_counter() - t0) / n * 1e6, 1)
+
+    out = {
+        "torch add_ (one aten kernel)": per_call(lambda: buf.add_(1.0)),
+        "torch.empty 256x256": per_call(lambda: torch.empty(256, 256, device=device)),
+        "_launch_materialize (one Triton kernel)": per_call(
+            lambda: tg._launch_materialize(mod.T_packed, mod.E, mod.corr_accum, 32, 1, 512, buf)),
+        "triton_gpu.materialize(mod)": per_call(lambda: tg.materialize(mod)),
+        "triton_gpu.vote_async(mod, g, counters)": per_call(lambda: tg.vote_async(mod, g, cnt)),
+        "triton_gpu.vote(mod, g) (+ sync)": per_call(lambda: tg.vote(mod, g)),
+    }
+    mods = [anm.E1TMLinear(256, 256, clock).to(device) for _ in range(48)]
+    lins = [nn.Linear(256, 256, bias=False, device=device) for _ in range(48)]
+    x0 = torch.randn(64, 256, device=device, requires_grad=True)
+
+    def chain(layers):
+        def f():
+            h = x0
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                for m in layers:
+                    h = m(h)
+            h.float().sum().backward()
+        return f
+
+    with proposed_nn(p2=True) as pending:
+        def e1tm_p2():
+            chain(mods)()
+            read_lazy_counts(pending, clock)
+        out["fwd+bwd per E1TM layer (P1P2)"] = tuple(round(v / 48, 1) for v in per_call(e1tm_p2))
+    out["fwd+bwd per E1TM layer (nn.py)"] = tuple(round(v / 48, 1) for v in per_call(chain(mods)))
+    out["fwd+bwd per nn.Linear layer"] = tuple(round(v / 48, 1) for v in per_call(chain(lins)))
+    return out
+
+
+def cpu_profile(layers, d, batch, ctx, method, device, steps=3, top=14):
+    """Top operators by self CPU time over ``steps`` E1TM steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    idx = torch.randint(0, 256, (batch, ctx + 1), device=device, generator=gen)
+    x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
+    model, clock = e1tm_model(layers, d, "carry", device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16)
+    with (proposed_nn("P2" in method) if "+P1" in method else contextlib.nullcontext([])) as pending:
+        def step():
+            with amp:
+                loss = model(x, y)
+            loss.backward()
+            anm.step(model)
+            read_lazy_counts(pending, clock)
+
+        for _ in range(3):
+            step()
+        sync(device)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+            sync(device)
+    ev = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    del model
+    free(device)
+    return [(e.key[:60], round(e.self_cpu_time_total / steps / 1e3, 2), e.count // steps) for e in ev]
+
+
 # -- main ------------------------------------------------------------------------------------------
 CONFIGS = [(12, 768, 16, 512), (24, 2048, 4, 512), (32, 4096, 1, 512)]
-METHODS = ["dense", "bitnet", "e1tm-average", "e1tm-carry", "e1tm-flip", "e1tm-carry+P1", "e1tm-carry+P1P2"]
+METHODS = ["dense", "bitnet", "e1tm-average", "e1tm-carry", "e1tm-flip", "e1tm-carry+P1", "e1tm-carry+P1P2",
+           "e1tm-carry+P1P2G", "e1tm-flip+P1P2G"]
 
 
 def fmt_params(n):
@@ -372,6 +595,10 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (runs on CPU)")
     ap.add_argument("--no-amp", action="store_true", help="float32, no autocast (arbs.nn on CPU needs it)")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--kernels", action="store_true", help="also time each kernel alone (GB/s)")
+    ap.add_argument("--profile", action="store_true", help="also profile steps: GPU-busy vs wall time")
+    ap.add_argument("--diag", action="store_true", help="also measure launch overheads and CPU hot spots")
+    ap.add_argument("--no-breakdown", action="store_true", help="skip the per-size kernel breakdown")
     ap.add_argument("--json", default=os.path.join(os.environ["OUT"], "gpu_step.json") if os.environ.get("OUT") else None)
     a = ap.parse_args(argv)
     device = torch.device(a.device)
@@ -386,6 +613,48 @@ def main(argv=None):
             with open(a.json, "w") as f:
                 json.dump(result, f, indent=1)
 
+    def guarded(fn, *args):
+        try:
+            return fn(*args)
+        except Exception:  # a failed extra must not cost the table
+            import traceback
+
+            traceback.print_exc()
+            free(device)
+            return None
+
+    if a.kernels and device.type == "cuda":
+        result["kernels"] = guarded(kernel_bandwidth, device) or []
+        save()
+        print("\nkernels alone (E1TM32, do_bench median):")
+        for k in result["kernels"]:
+            print(f"  {k['shape']:>10} {k['kernel']:<22} {k['ms']:8.3f} ms {k['GBps']:7.0f} GB/s")
+    if a.diag and device.type == "cuda":
+        lo = guarded(launch_overheads, device) or {}
+        result["launch_overheads_us"] = lo
+        print("\nCPU us per call (issue only, issue + GPU):")
+        for k, v in lo.items():
+            print(f"  {k:<42} {v}")
+        for method in ("e1tm-carry", "e1tm-carry+P1P2"):
+            cp = guarded(cpu_profile, 24, 2048, 4, 512, method, device) or []
+            result[f"cpu_profile 24x2048 {method}"] = cp
+            print(f"\ntop self-CPU ops, 24x2048 {method} (ms/step, calls/step):")
+            for name, ms, cnt in cp:
+                print(f"  {ms:8.2f} {cnt:5d}  {name}")
+        save()
+    if a.profile and device.type == "cuda":
+        result["profile"] = {}
+        for cfg in [(12, 768, 16, 512), (24, 2048, 4, 512)]:
+            for method in ("dense", "e1tm-carry", "e1tm-carry+P1P2"):
+                pr = guarded(profile_steps, *cfg, method, device)
+                if pr is None:
+                    continue
+                result["profile"][f"{cfg[0]}x{cfg[1]} {method}"] = pr
+                save()
+                print(f"\nprofile {cfg[0]}x{cfg[1]} {method}: wall {pr['wall_ms_profiled']:.1f} ms/step, "
+                      f"GPU busy {pr['gpu_busy_ms']:.1f} ms/step; top kernels (ms/step, launches/step):")
+                for name, ms, cnt in pr["top"]:
+                    print(f"    {ms:7.2f} {cnt:4d}  {name}")
     rows = []
     if not a.no_table:
         for layers, d, b, ctx in configs:
@@ -401,8 +670,8 @@ def main(argv=None):
                 print(f"  {r.model} {r.method}: {r.ms if r.ms is None else round(r.ms, 1)} ms, "
                       f"peak {r.peak_gib if r.peak_gib is None else round(r.peak_gib, 2)} GiB {note} "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
-            if device.type == "cuda":
-                bd = kernel_breakdown(layers, d, device)
+            if device.type == "cuda" and not a.no_breakdown:
+                bd = guarded(kernel_breakdown, layers, d, device) or {}
                 result["breakdown"][f"{layers}x{d}"] = bd
                 save()
                 print(f"  breakdown {layers}x{d}: " + json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in bd.items()}), flush=True)

@@ -13,6 +13,7 @@ import click
 
 from arbs.errors import ArbsError
 
+
 def arbs_errors(f):
     """Decorator: an ArbsError becomes a click.ClickException (message on stderr, exit status 1).
 
@@ -54,14 +55,27 @@ def echo_json(doc) -> None:
     click.echo(json.dumps(_finite(json.loads(json.dumps(doc, default=_jsonable))), allow_nan=False))
 
 
-@contextlib.contextmanager
-def progress_bar(total: int | None = None, desc: str | None = None, **kwargs):
-    """A tqdm bar on stderr (hidden when stderr is not a terminal, unless ``disable=False`` is passed)."""
+def _stderr_tqdm():
     from tqdm import tqdm
 
+    class StderrTqdm(tqdm):
+        """tqdm whose ``write`` (lines printed above the bar) also defaults to stderr, not stdout."""
+
+        @classmethod
+        def write(cls, s, file=None, end="\n", nolock=False):
+            return super().write(s, file=sys.stderr if file is None else file, end=end, nolock=nolock)
+
+    return StderrTqdm
+
+
+@contextlib.contextmanager
+def progress_bar(total: int | None = None, desc: str | None = None, **kwargs):
+    """A tqdm bar on stderr; ``bar.write(line)`` prints above it, also on stderr (stdout stays clean
+    for ``--json``). The bar is hidden when stderr is not a terminal unless ``disable=False``.
+    """
     kwargs.setdefault("disable", None)  # tqdm: None disables the bar on non-TTY output
     kwargs.setdefault("dynamic_ncols", True)
-    bar = tqdm(total=total, desc=desc, file=sys.stderr, **kwargs)
+    bar = _stderr_tqdm()(total=total, desc=desc, file=sys.stderr, **kwargs)
     try:
         yield bar
     finally:

@@ -29,9 +29,9 @@ from .common import arbs_errors, echo_json
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document with the report on stdout.")
 @arbs_errors
 def convert_cmd(float_ckpt, fmt, rule, K, theta, include, exclude, out, as_json):
-    """Convert a float checkpoint (.safetensors or torch state dict) to an E1TM training checkpoint.
+    """Convert float weights to an E1TM training checkpoint.
 
-    Every floating tensor with at least one dimension is converted unless --include/--exclude say
+    FLOAT_CKPT is a .safetensors file or a torch state dict (.pt/.pth/.bin/.ckpt). Every floating tensor with at least one dimension is converted unless --include/--exclude say
     otherwise. Tensors that are not converted are not stored (E1TM checkpoints are integer only);
     they are listed in the report. Prints the relative L2 error ||W_eff - W|| / ||W|| per tensor.
     """

@@ -20,10 +20,11 @@ from .common import arbs_errors, echo_json
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document with the report on stdout.")
 @arbs_errors
 def fuse_cmd(ckpt, out, keep_accum, as_json):
-    """Fuse a training checkpoint into an inference checkpoint (T_packed and E only).
+    """Fuse a training checkpoint into an inference checkpoint.
 
-    E_fused = clip(rint(E + Xi), -128, 127), so S = 2**E exactly; corr_accum, flip_accum and the
-    step counter are dropped. The input is never modified.
+    The result holds T_packed and E_fused = clip(rint(E + Xi), -128, 127) per tensor, so
+    S = 2**E exactly; corr_accum, flip_accum and the step counter are dropped. --keep-accum copies
+    the training state unchanged instead. The input is never modified.
 
     CKPT is a run directory (its LATEST checkpoint) or a step_<N> directory.
     """

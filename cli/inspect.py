@@ -16,7 +16,7 @@ from .common import arbs_errors, echo_json
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document with the summary on stdout.")
 @arbs_errors
 def inspect_cmd(ckpt, bpw, as_json):
-    """Show what a checkpoint holds: bits/weight, sparsity, E and Xi statistics per tensor.
+    """Show bits/weight, sparsity, E and Xi statistics of a checkpoint.
 
     CKPT is a run directory (its LATEST checkpoint) or a step_<N> directory.
     """

@@ -31,7 +31,7 @@ COMMANDS: list[click.Command] = [
 def main(verbose: int) -> None:
     """arbs: train ternary (1.58-bit) networks whose persistent state is integer only.
 
-    Checkpoints are E1TM run directories: CKPT arguments accept a run directory (its LATEST
+    Checkpoints live in run directories: CKPT arguments accept a run directory (its LATEST
     checkpoint) or a step_<N> directory inside it.
     """
     setup_logging(verbose)

@@ -1,4 +1,4 @@
-"""Shared test helpers: a random, valid E1TM checkpoint built with numpy only."""
+"""Shared test helpers: a random, valid E1TM checkpoint (numpy only), as functions and as a fixture."""
 
 import numpy as np
 import pytest
@@ -46,4 +46,5 @@ def build_e1tm(shapes, *, format="E1TM32", rule="carry", fused=False, step=7, se
 
 @pytest.fixture
 def make_e1tm():
+    """The ``build_e1tm`` factory, for tests that prefer a fixture."""
     return build_e1tm

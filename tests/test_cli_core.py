@@ -65,7 +65,9 @@ def test_convert_inspect_fuse_round_trip(tmp_path, float_file):
 
 def test_json_outputs_are_single_documents(tmp_path, float_file):
     run = tmp_path / "run"
-    doc = one_json(invoke("-v", "convert", float_file, "--out", run, "--json"))  # -v logs go to stderr
+    r = invoke("-v", "convert", float_file, "--out", run, "--json")
+    doc = one_json(r)
+    assert "INFO" in r.stderr and "INFO" not in r.stdout  # -v logs go to stderr only
     assert doc["path"] and len(doc["tensors"]) == 3 and doc["rule"] == "carry"
     doc = one_json(invoke("-vv", "fuse", run, "--json", "--out", tmp_path / "f"))
     assert doc["mode"] == "fused" and doc["groups"] > 0
@@ -90,6 +92,12 @@ def test_missing_file_exit_1(tmp_path):
     assert "does not exist" in r.stderr and r.stdout == ""
     r = invoke("inspect", tmp_path / "no-run")
     assert r.exit_code == 1 and r.stderr.startswith("Error:")
+
+
+def test_convert_into_existing_run_exit_1(tmp_path, float_file):
+    assert invoke("convert", float_file, "--out", tmp_path / "run").exit_code == 0
+    r = invoke("convert", float_file, "--out", tmp_path / "run")
+    assert r.exit_code == 1 and "not an empty directory" in r.stderr
 
 
 def test_fuse_fused_exit_1(tmp_path, float_file):
@@ -135,3 +143,40 @@ def test_every_option_has_help():
 def test_version():
     r = invoke("--version")
     assert r.exit_code == 0 and arbs.__version__ in r.stdout
+
+
+def test_progress_bar_and_its_lines_go_to_stderr():
+    import click
+
+    from arbs_cli.common import echo_json, progress_bar
+
+    @click.command()
+    def cmd():
+        with progress_bar(total=2, disable=False) as bar:
+            bar.update(1)
+            bar.write("step 1 val 0.5")
+        echo_json({"ok": float("nan")})
+
+    r = CliRunner().invoke(cmd)
+    assert r.exit_code == 0
+    assert json.loads(r.stdout) == {"ok": None}  # strict JSON: NaN -> null
+    assert "step 1 val 0.5" in r.stderr and "step 1" not in r.stdout
+
+
+def test_inspect_and_fuse_float_checkpoint(tmp_path):
+    from arbs import store
+
+    w = np.ones((8, 4), np.float32)
+    w[0] = 0.0  # absmean: a = 7/8, so row 0 rounds to 0 and the rest to +1
+    ck = store.Checkpoint(kind="float", format=None, gs=None, rule=None, rule_params={}, fused=False, step_counter=3,
+                          tensors={"fc.weight": store.TensorState(name="fc.weight", shape=(8, 4), arrays={"weight": w})},
+                          meta={"format": "absmean"})
+    store.save_checkpoint(tmp_path / "flt", ck)
+    doc = one_json(invoke("inspect", tmp_path / "flt", "--json"))
+    assert doc["kind"] == "float" and doc["total"]["bpw_weight"] == 32.0
+    dz = doc["tensors"][0]["deadzone"]
+    assert (dz["frac_neg"], dz["frac_zero"], dz["frac_pos"], dz["frac_near_boundary"]) == (0.0, 0.125, 0.875, 0.0)
+    r = invoke("inspect", tmp_path / "flt")
+    assert r.exit_code == 0 and "deadzone trapping" in r.stdout and "0.875" in r.stdout
+    r = invoke("fuse", tmp_path / "flt")
+    assert r.exit_code == 1 and "only E1TM checkpoints" in r.stderr

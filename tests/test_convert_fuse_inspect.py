@@ -237,7 +237,7 @@ def test_fuse_counts_changed_and_clipped(make_e1tm, rule):
         E = ts.arrays["E"].astype(np.int64)
         wide = np.rint(E + num * ts.arrays["corr_accum"].astype(np.float64) / den)
         np.testing.assert_array_equal(fused.tensors[name].arrays["E"], np.clip(wide, -128, 127).astype(np.int8))
-        changed += int((wide != E).sum())
+        changed += int((np.clip(wide, -128, 127) != E).sum())
         clipped += int(((wide < -128) | (wide > 127)).sum())
     assert report.changed == changed > 0
     assert report.clipped == clipped > 0
@@ -296,6 +296,47 @@ def test_fuse_out_rules(training_run, tmp_path):
     empty.mkdir()
     rep = fuse_path(training_run, empty)
     assert store.open_checkpoint(empty).fused and Path(rep.path).is_relative_to(empty)
+
+
+def test_fuse_changed_counts_real_moves_on_ties():
+    # carry K=16, gs=4: Xi = corr/64; Xi = +1/2 rounds half to even: E=2 stays, E=3 -> 4
+    T = np.ones((1, 16), np.int8)
+    arrays = {"T_packed": ops.pack(T, 4), "E": np.array([[2, 3, 127, 0]], np.int8),
+              "corr_accum": np.array([[32, 32, 63, 0]], np.int64)}
+    ck = store.Checkpoint(kind="e1tm", format="E1TM4", gs=4, rule="carry", rule_params={"K": 16}, fused=False,
+                          step_counter=1, tensors={"w": store.TensorState(name="w", shape=(1, 16), arrays=arrays)},
+                          meta={})
+    fused, report = fuse_checkpoint(ck)
+    np.testing.assert_array_equal(fused.tensors["w"].arrays["E"], [[2, 4, 127, 0]])
+    assert (report.changed, report.clipped) == (1, 1)
+
+
+def test_fuse_into_existing_run_dir_adds_a_step(training_run, make_e1tm, tmp_path):
+    first = fuse_path(training_run)  # run-fused/step_0
+    later = tmp_path / "later"
+    store.save_checkpoint(later, make_e1tm([(4, 64)], step=7))
+    rep = fuse_path(later, Path(first.path).parent)  # into run-fused: adds step_7, LATEST -> step_7
+    out = training_run.with_name("run-fused")
+    assert [p.name for p in store.list_checkpoints(out)] == ["step_0", "step_7"]
+    assert store.open_checkpoint(out).meta["fused_from"]["step_counter"] == 7
+    assert Path(rep.path) == out / "step_7"
+    from arbs.errors import ArbsError
+
+    with pytest.raises(ArbsError, match="already exists"):  # step dirs are never overwritten
+        fuse_path(training_run, out)
+
+
+def test_fuse_step_dir_default_out_is_run_sibling(training_run):
+    rep = fuse_path(training_run / "step_0")
+    assert Path(rep.path) == training_run.with_name("run-fused") / "step_0"
+
+
+def test_convert_refuses_non_empty_out(tmp_path, training_run):
+    from safetensors.numpy import save_file
+
+    save_file(gaussian_state(), str(tmp_path / "m.safetensors"))
+    with pytest.raises(ConfigError, match="not an empty directory"):
+        convert_file(tmp_path / "m.safetensors", training_run)
 
 
 def test_fused_weights_fused_vs_training(training_run):
@@ -387,11 +428,13 @@ def test_summarize_saved_checkpoint(training_run):
 
 def test_summarize_float_checkpoint():
     w = np.ones((8, 4), np.float32)
-    ts = store.TensorState(name="w", shape=(8, 4), arrays={"weight": w, "exp_avg": w.copy()})
+    w[:, 0] = 0.4375  # absmean: a = mean|W| = 0.859; |W/a| = 0.509 in column 0 is within 0.05 of the 0.5 boundary
+    ts = store.TensorState(name="fc.weight", shape=(8, 4), arrays={"weight": w, "exp_avg": w.copy()})
     ck = store.Checkpoint(kind="float", format=None, gs=None, rule=None, rule_params={}, fused=False, step_counter=5,
-                          tensors={"w": ts}, meta={"format": "ternary-deadzone", "deadzone": 0.7}, path=None)
+                          tensors={"fc.weight": ts}, meta={"format": "absmean"}, path=None)
     s = summarize(ck)
-    assert s["kind"] == "float" and s["deadzone"] == 0.7 and s["format"] == "ternary-deadzone"
+    assert s["kind"] == "float" and s["float_format"] == "absmean"
+    assert s["tensors"][0]["deadzone"]["frac_near_boundary"] == 0.25
     assert s["tensors"][0]["dtypes"] == {"weight": "float32", "exp_avg": "float32"}
     assert s["total"]["bpw_weight"] == 32.0 and s["total"]["bpw_all"] == 64.0
-    assert "deadzone" in render_text(s)
+    assert "deadzone trapping" in render_text(s)

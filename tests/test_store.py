@@ -366,3 +366,20 @@ def test_metrics_truncated_last_line_is_skipped_bad_middle_line_raises(tmp_path)
         store.read_metrics(tmp_path)
     (tmp_path / "sub").mkdir()
     assert store.read_metrics(tmp_path / "sub") == []
+
+
+def test_write_failures_are_typed_and_leave_nothing(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ArbsError, match="cannot create run directory"):
+        store.save_checkpoint(tmp_path / "afile", build_e1tm([(4, 8)]))
+    run = tmp_path / "run"
+    store.save_checkpoint(run, build_e1tm([(4, 8)], step=1))
+
+    def disk_full(_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store, "_fsync_tree", disk_full)
+    with pytest.raises(ArbsError, match="No space left.*Nothing was committed"):
+        store.save_checkpoint(run, build_e1tm([(4, 8)], step=2))
+    assert sorted(p.name for p in run.iterdir()) == ["LATEST", "step_1"]
+    assert store.open_checkpoint(run).step_counter == 1

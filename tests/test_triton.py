@@ -25,9 +25,9 @@ from arbs.kernels import cpu
 pytest.importorskip("triton", reason="triton is not installed (pip install 'arbs[gpu]')")
 
 VARIANTS = tuple(F.VARIANTS.values())  # every gs: 4, 6, 8, 16, 32, 64, 96
-GPU_SHAPES = [(1, 1), (3, 7), (5, 33), (17, 100), (64, 257), (129, 4099), (300, 1000)]
-INTERP_SHAPES = [(1, 1), (3, 7), (5, 33), (9, 101)]
-INTERP_VARIANTS = (4, 6, 32, 96)
+GPU_SHAPES = [(1, 1), (3, 7), (17, 100), (64, 257), (129, 4099), (256, 1024)]
+# the interpreter costs ~0.05 s per launch: a few (gs, rows, cols) that cover odd groups, padding, 1x1
+INTERP_CASES = [(4, 9, 101), (6, 3, 7), (32, 5, 33), (32, 4, 200), (96, 1, 1), (96, 3, 250)]
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
 
@@ -227,6 +227,29 @@ def check_average_range(dev):
     assert torch.equal(mod.corr_accum.cpu(), before)
 
 
+def check_shared_counters(dev):
+    """vote_async into one counters tensor: after a layer with NaN/inf, later layers change nothing."""
+    from arbs import nn as anm
+
+    tg, rng = _tg(), np.random.default_rng(11)
+    clock = anm.Clock(F.make_scheme("E1TM8", "flip", K=1, theta=1))
+    mods = [anm.E1TMLinear(20, 6, clock, ops.convert(rng.standard_normal((6, 20)).astype(np.float32), clock.scheme)[0]).to(dev)
+            for _ in range(3)]
+    ref = [{k: v.copy() for k, v in m.state_arrays().items()} if dev == "cpu" else
+           {k: getattr(m, k).cpu().numpy().copy() for k in clock.scheme.arrays()} for m in mods]
+    grads = [random_grad(rng, 6, 20) for _ in range(3)]
+    grads[1][2, 3] = np.nan
+    counters = tg.new_counters(dev)
+    for m, g in zip(mods, grads):
+        tg.vote_async(m, t(g, dev), counters)
+    nonfinite, oor, carries, sats, flips = counters.tolist()
+    st = ops.vote(ref[0], grads[0], (6, 20), clock.scheme)  # only the first layer voted
+    assert (nonfinite, oor, carries, sats, flips) == (1, 0, st.carries, st.saturations, st.flips)
+    for m, r in zip(mods, ref):
+        for k in clock.scheme.arrays():
+            assert_equal(getattr(m, k), r[k], f"shared counters {k}")
+
+
 CHECKS = (check_materialize, check_vote_delta, check_apply_votes, check_flip, check_fuse)
 
 
@@ -252,6 +275,12 @@ def test_module_helpers_match_ops(fmt, rows, cols, rule):
 @needs_cuda
 def test_average_range_refused():
     check_average_range("cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_shared_counters_stop_after_nonfinite():
+    check_shared_counters("cuda")
 
 
 @pytest.mark.gpu
@@ -315,17 +344,17 @@ def run_interpreter_checks() -> int:
     assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1"
     n = 0
     with np.errstate(all="ignore"):  # exp2 overflow to inf and inf*0 are part of the contract
-        for gs in INTERP_VARIANTS:
-            for rows, cols in INTERP_SHAPES:
-                for check in CHECKS:
-                    check("cpu", rows * 7919 + cols * 31 + gs, rows, cols, gs)
-                    n += 1
+        for gs, rows, cols in INTERP_CASES:
+            for check in CHECKS:
+                check("cpu", rows * 7919 + cols * 31 + gs, rows, cols, gs)
+                n += 1
         for rule in ("average", "carry", "flip"):
             check_module("cpu", 3, 5, 70, "E1TM32", rule)
-            check_module("cpu", 4, 3, 13, "E1TM6", rule)
-            n += 2
+            n += 1
+        check_module("cpu", 4, 3, 13, "E1TM6", "flip")
         check_average_range("cpu")
-    return n + 1
+        check_shared_counters("cpu")
+    return n + 3
 
 
 def test_interpreter_matches_numba():

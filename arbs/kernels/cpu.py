@@ -18,6 +18,7 @@ from numba import njit, prange
 _OPTS = dict(cache=True, nogil=True)
 _NCHUNK = 64  # row chunks per parallel kernel call (>= 8 per thread on small machines)
 _PAD_BYTE = 121  # five padding trits (0, digit 1): 1 + 3 + 9 + 27 + 81
+_TABLE_MIN_GROUPS = 1 << 12  # materialize: below this many groups, exp2 per group is cheap enough
 
 
 @njit(inline="always")
@@ -122,6 +123,42 @@ def unpack_into(T_packed, out):
                     o[j + 3] = np.int8(d3) - np.int8(1)
 
 
+@njit(**_OPTS)
+def _scale_table(E, corr_accum, num, den):
+    """(table, n_min) with table[n - n_min] = float32(exp2(n/den)) for every n = E*den + num*corr_accum
+    of the tensor, or an empty table when that would not save exp2 calls or would not be exact.
+
+    With den = 2**k (carry/flip with K*gs a power of two, e.g. the default 16*32) and moderate values,
+    float64(E) + float64(num*corr)/den is computed exactly and equals n/den, so S depends on the
+    integer n alone and the same exp2 call on the same float64 argument gives a bit-identical S.
+    Trained tensors span few exponents, so there are far fewer distinct n than groups. Serial: one
+    cheap pass over E and corr_accum, and no extra parallel region.
+    """
+    rows, ng = E.shape
+    empty = np.empty(0, np.float32)
+    if den <= 0 or (den & (den - 1)) != 0 or den > (1 << 40) or abs(num) > 4 or rows * ng < _TABLE_MIN_GROUPS:
+        return empty, 0
+    n_min = np.int64(1) << 62
+    n_max = -n_min
+    for r in range(rows):
+        er = E[r]
+        cr = corr_accum[r]
+        for g in range(ng):
+            c = cr[g]
+            if c < -(1 << 41) or c > (1 << 41):  # |n| < 2**48 keeps n/den exact in float64
+                return empty, 0
+            n = np.int64(er[g]) * den + num * c
+            n_min = min(n_min, n)
+            n_max = max(n_max, n)
+    if n_max - n_min >= (rows * ng) // 4:
+        return empty, 0
+    fden = np.float64(den)
+    table = np.empty(n_max - n_min + 1, np.float32)
+    for i in range(table.size):
+        table[i] = np.float32(np.exp2(np.float64(n_min + i) / fden))
+    return table, n_min
+
+
 @njit(parallel=True, **_OPTS)
 def materialize_into(T_packed, E, corr_accum, gs, num, den, out):
     """W_eff = S*T with S = float32(2**(E + Xi)), Xi = float64(num*corr_accum)/den (0 if den == 0).
@@ -135,6 +172,7 @@ def materialize_into(T_packed, E, corr_accum, gs, num, den, out):
     nfull = min(cols // gs, ng)  # groups lying wholly inside cols
     tail = cols - nfull * gs  # trits of the last, partial group
     fden = np.float64(den)
+    table, n_min = _scale_table(E, corr_accum, num, den)
     nchunk = min(rows, _NCHUNK)
     for ch in prange(nchunk):
         r0, r1 = _chunk(ch, nchunk, rows)
@@ -144,7 +182,10 @@ def materialize_into(T_packed, E, corr_accum, gs, num, den, out):
             _unpack_row(T_packed[r], nb, buf)
             er = E[r]
             cr = corr_accum[r]
-            if den == 0:
+            if table.size:
+                for g in range(ng):
+                    S[g] = table[np.int64(er[g]) * den + num * cr[g] - n_min]
+            elif den == 0:
                 for g in range(ng):
                     S[g] = np.float32(np.exp2(np.float64(er[g]) + 0.0))
             else:
@@ -321,6 +362,8 @@ def fuse_into(E, corr_accum, num, den, out):
     """
     rows, ng = E.shape
     fden = np.float64(den)
+    # den = 2**k (e.g. K*gs = 16*32): x / den == x * (1/den) exactly (1/den is exact, x is an integer)
+    inv = 1.0 / fden if den > 0 and (den & (den - 1)) == 0 else 0.0
     nchunk = min(rows, _NCHUNK)
     counts = np.zeros((max(nchunk, 1), 2), np.int64)
     for ch in prange(nchunk):
@@ -333,14 +376,15 @@ def fuse_into(E, corr_accum, num, den, out):
             if den == 0:  # Xi = 0: E_fused = E
                 for g in range(ng):
                     o[g] = er[g]
-            else:
-                cr = corr_accum[r]
-                for g in range(ng):
-                    xi = np.float64(num * cr[g]) / fden
-                    v = np.rint(np.float64(er[g]) + xi)
-                    nclip += np.int64(v > 127.0) + np.int64(v < -128.0)
-                    o[g] = np.int8(min(max(v, -128.0), 127.0))
-                    nchg += np.int64(abs(xi) >= 0.5)
+                continue
+            cr = corr_accum[r]
+            for g in range(ng):
+                x = np.float64(num * cr[g])
+                xi = x * inv if inv != 0.0 else x / fden
+                v = np.rint(np.float64(er[g]) + xi)
+                nclip += np.int64(v > 127.0) + np.int64(v < -128.0)
+                o[g] = np.int8(min(max(v, -128.0), 127.0))
+                nchg += np.int64(abs(xi) >= 0.5)
         counts[ch, 0] = nclip
         counts[ch, 1] = nchg
     return counts[:, 0].sum(), counts[:, 1].sum()

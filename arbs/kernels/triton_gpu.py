@@ -188,33 +188,40 @@ def _apply_kernel(corr_ptr, e_ptr, delta_ptr, cnt_ptr, n, limit, GUARDED: tl.con
 @triton.jit
 def _flip_kernel(grad_ptr, tp_ptr, fa_ptr, cnt_ptr, rows, cols, cols_p, nb, theta,
                  GUARDED: tl.constexpr, BR: tl.constexpr, BB: tl.constexpr):
-    """Tiles of (BR rows, BB packed bytes, 8 lanes of which 5 are the byte's trits)."""
-    r2 = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)[:, None]  # (BR, 1)
-    k2 = (tl.program_id(1) * BB + tl.arange(0, BB))[None, :]  # (1, BB) byte index
-    bmask2 = (r2 < rows) & (k2 < nb)  # (BR, BB)
+    """Tiles of (BR rows, BB packed bytes); each lane owns one byte and its 5 trits (unrolled loop)."""
+    r = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)[:, None]  # (BR, 1)
+    k = (tl.program_id(1) * BB + tl.arange(0, BB))[None, :]  # (1, BB) byte index
+    bmask = (r < rows) & (k < nb)  # (BR, BB)
     if GUARDED:  # the vote kernel found NaN/inf: change nothing
-        bmask2 = bmask2 & (tl.load(cnt_ptr + k2 * 0) == 0)
-    r = r2[:, :, None]
-    d = tl.arange(0, 8)[None, None, :]  # trit within the byte
-    c = k2[:, :, None] * 5 + d  # (1, BB, 8) column
-    m = bmask2[:, :, None] & (d < 5) & (c < cols)  # positions with a gradient; padding is never touched
-    b = tl.load(tp_ptr + r2 * nb + k2, mask=bmask2, other=121).to(tl.int32)  # (BR, BB)
-    t = _trit(b[:, :, None], d)  # (BR, BB, 8)
-    x = tl.load(grad_ptr + r * cols + c, mask=m, other=0.0)
-    fa = tl.load(fa_ptr + r * cols_p + c, mask=m, other=0).to(tl.int32)
-    v = fa - ((x > 0).to(tl.int32) - (x < 0).to(tl.int32))
-    v = tl.minimum(tl.maximum(v, -theta), theta)
-    up = m & (v == theta) & (t < 1)
-    down = m & (v == -theta) & (t > -1)
-    t = t + up.to(tl.int32) - down.to(tl.int32)
-    v = tl.where(up | down, 0, v)
-    tl.store(fa_ptr + r * cols_p + c, v.to(tl.int8), mask=m)
-    moved = (up | down).to(tl.int32)
-    pow3 = tl.where(d == 0, 1, tl.where(d == 1, 3, tl.where(d == 2, 9, tl.where(d == 3, 27, 81))))
-    nbyte = tl.sum(tl.where(d < 5, (t + 1) * pow3, 0), axis=2)  # (BR, BB), lossless re-encode
-    n_moved = tl.sum(moved, axis=2)  # (BR, BB)
-    tl.store(tp_ptr + r2 * nb + k2, nbyte.to(tl.uint8), mask=bmask2 & (n_moved > 0))
-    flips = tl.sum(tl.sum(n_moved, axis=1), axis=0).to(tl.int64)
+        bmask = bmask & (tl.load(cnt_ptr + k * 0) == 0)
+    q = tl.load(tp_ptr + r * nb + k, mask=bmask, other=121).to(tl.int32)
+    nbyte = tl.zeros([BR, BB], dtype=tl.int32)
+    moved = tl.zeros([BR, BB], dtype=tl.int32)
+    pw = 1
+    for d in tl.static_range(5):
+        if d < 4:  # digit d = (b // 3**d) % 3; the top digit is not reduced (as cpu._unpack_row)
+            qn = q // 3
+            t = q - 3 * qn - 1
+        else:
+            qn = q
+            t = q - 1
+        c = k * 5 + d
+        m = bmask & (c < cols)  # positions with a gradient; padding trits are never touched
+        x = tl.load(grad_ptr + r * cols + c, mask=m, other=0.0)
+        v = tl.load(fa_ptr + r * cols_p + c, mask=m, other=0).to(tl.int32)
+        v = v - ((x > 0).to(tl.int32) - (x < 0).to(tl.int32))
+        v = tl.minimum(tl.maximum(v, -theta), theta)
+        up = m & (v == theta) & (t < 1)
+        down = m & (v == -theta) & (t > -1)
+        t = t + up.to(tl.int32) - down.to(tl.int32)
+        v = tl.where(up | down, 0, v)
+        tl.store(fa_ptr + r * cols_p + c, v.to(tl.int8), mask=m)
+        nbyte += (t + 1) * pw  # lossless re-encode, also of invalid bytes
+        moved += (up | down).to(tl.int32)
+        pw = pw * 3
+        q = qn
+    tl.store(tp_ptr + r * nb + k, nbyte.to(tl.uint8), mask=bmask & (moved > 0))
+    flips = tl.sum(tl.sum(moved, axis=1), axis=0).to(tl.int64)
     tl.atomic_add(cnt_ptr + 4, flips, mask=flips > 0)
 
 
@@ -241,7 +248,7 @@ def _fuse_kernel(e_ptr, corr_ptr, out_ptr, cnt_ptr, n, num, den, HAS_XI: tl.cons
 # -- launch helpers --------------------------------------------------------------------------------
 # (rows, groups, gs) kernels: 4 rows x 1024 lanes per program; the interpreter is faster on small tiles
 _TILE_COLS, _TILE_ROWS = (128, 2) if _INTERPRET else (1024, 4)
-_FLIP_BYTES, _FLIP_ROWS = (32, 2) if _INTERPRET else (256, 2)
+_FLIP_BYTES, _FLIP_ROWS = (64, 2) if _INTERPRET else (512, 2)
 _BLOCK_1D = 256 if _INTERPRET else 1024
 
 
@@ -296,7 +303,7 @@ def _launch_flip(grad, T_packed, flip_accum, theta, counters, guarded) -> None:
     nb, cols_p = T_packed.shape[1], flip_accum.shape[1]
     if rows == 0 or nb == 0:
         return
-    bb, br = _FLIP_BYTES, _FLIP_ROWS  # rows x bytes x 8 lanes (5 trits used) per program
+    bb, br = _FLIP_BYTES, _FLIP_ROWS  # rows x bytes (5 trits each) per program
     _flip_kernel[_grid2(rows, nb, br, bb)](
         grad, T_packed, flip_accum, counters, rows, cols, cols_p, nb, int(theta),
         GUARDED=guarded, BR=br, BB=bb, num_warps=4,
@@ -390,12 +397,19 @@ def materialize(mod, dtype: torch.dtype | None = None) -> torch.Tensor:
     return out
 
 
-def vote_async(mod, grad: torch.Tensor) -> torch.Tensor:
+def new_counters(device) -> torch.Tensor:
+    """Zeroed int64 device tensor for vote_async: [nonfinite, out_of_range, carries, saturations, flips]."""
+    return torch.zeros(_N_COUNTERS, dtype=torch.int64, device=device)
+
+
+def vote_async(mod, grad: torch.Tensor, counters: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the whole vote of ``mod`` on ``grad`` (the gradient of W_eff) without any sync.
 
-    Returns the int64 device tensor of counts [nonfinite, out_of_range, carries, saturations, flips].
-    If nonfinite or out_of_range is not 0, the kernels changed nothing (they test it on the device);
-    the caller must read the counts before trusting that the vote was applied.
+    Returns the int64 device tensor of counts [nonfinite, out_of_range, carries, saturations, flips]
+    (``counters`` if given: the counts are added to it, so one tensor can serve every layer of a step).
+    The state changes only while counts[0] (nonfinite) and counts[1] (out_of_range) are 0, tested on
+    the device: with a shared tensor, once one layer's gradient holds NaN/inf no later layer votes,
+    as when the CPU path raises. The caller must read the counts before trusting that votes applied.
     """
     from ..errors import ConfigError
 
@@ -409,7 +423,8 @@ def vote_async(mod, grad: torch.Tensor) -> torch.Tensor:
         raise ConfigError(f"gradient is on {grad.device} but the E1TM state is on {mod.T_packed.device}")
     g2 = grad.detach().contiguous().view(rows, cols)
     corr = mod.corr_accum
-    counters = torch.zeros(_N_COUNTERS, dtype=torch.int64, device=corr.device)
+    if counters is None:
+        counters = new_counters(corr.device)
     delta = torch.empty(corr.shape, dtype=torch.int64, device=corr.device)
     limit = scheme.carry_limit
     _launch_vote(g2, mod.T_packed, scheme.gs, delta, counters, corr_accum=corr if limit == 0 else None)

@@ -16,7 +16,7 @@ def pack(T, nb):
 def unpack(T_packed, cols):
     b = T_packed.astype(np.int64)[:, :, None]
     digits = (b // POW3) % 3  # (rows, nb, 5), first trit least significant
-    return (digits.reshape(T_packed.shape[0], -1)[:, :cols] - 1).astype(np.int8)
+    return (digits.reshape(T_packed.shape[0], 5 * T_packed.shape[1])[:, :cols] - 1).astype(np.int8)
 
 
 def xi(corr_accum, num, den):

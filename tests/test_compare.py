@@ -1,0 +1,96 @@
+"""Float baselines through the CLI, the deadzone diagnostic, and arbs compare (table, plots, resume)."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from arbs import store
+from arbs.compare import CompareConfig, compare, parse_entry
+from arbs.errors import ConfigError
+from arbs.train import FLOAT_FORMATS
+from arbs_cli.main import main
+
+TINY = ["--context", "16", "--batch-size", "2", "--eval-every", "2", "--eval-batches", "1"]
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    p = tmp_path_factory.mktemp("data") / "corpus.txt"
+    p.write_text("def f(x):\n    return x + 1\n" * 300)
+    return str(p)
+
+
+@pytest.mark.parametrize("fmt", FLOAT_FORMATS)
+def test_every_baseline_trains_through_the_cli_and_is_marked_float(tmp_path, text, fmt):
+    run = tmp_path / fmt
+    res = CliRunner().invoke(main, ["train", "--format", fmt, "--data", text, "--steps", "2", "--out", str(run), "--json", *TINY])
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["fuse_gap"] is None and np.isfinite(doc["val_loss"])
+    ck = store.open_checkpoint(run)
+    assert ck.kind == "float" and ck.meta["format"] == fmt
+    res = CliRunner().invoke(main, ["inspect", str(run), "--json"])
+    assert res.exit_code == 0, res.stderr
+    rows = json.loads(res.stdout)["tensors"]
+    weights = [r for r in rows if r["name"].endswith(".weight") and len(r["shape"]) == 2]
+    if fmt == "fp32":
+        assert all("deadzone" not in r for r in weights)
+    else:
+        for r in weights:
+            d = r["deadzone"]
+            assert d["frac_neg"] + d["frac_zero"] + d["frac_pos"] == pytest.approx(1.0)
+            assert 0.0 <= d["frac_near_boundary"] <= 1.0
+
+
+def test_float_checkpoint_is_never_taken_for_e1tm(tmp_path, text):
+    run = tmp_path / "f"
+    CliRunner().invoke(main, ["train", "--format", "fp32", "--data", text, "--steps", "2", "--out", str(run), *TINY])
+    res = CliRunner().invoke(main, ["fuse", str(run), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 1 and "float" in res.stderr
+
+
+def test_entry_syntax():
+    assert parse_entry("E1TM32:carry@init").slug == "E1TM32-carry-init"
+    assert parse_entry("E1TM16").rule == "flip"
+    with pytest.raises(ConfigError, match="Did you mean"):
+        parse_entry("absmaen")
+    with pytest.raises(ConfigError, match="E1TM formats only"):
+        parse_entry("fp32:carry")
+    with pytest.raises(ConfigError, match="form"):
+        parse_entry("E1TM32:carry:x")
+
+
+def test_compare_writes_table_and_plots_and_resumes(tmp_path, text):
+    out = tmp_path / "cmp"
+    cfg = CompareConfig(entries=("absmean", "E1TM32:flip", "E1TM32:carry@init"), out=str(out), data=text, steps=2,
+                        context=16, batch_size=2, eval_every=1, eval_batches=1)
+    rows = compare(cfg)
+    labels = [r.label for r in rows]
+    # fp32 is added (the @init entry needs it) and comes first; every E1TM entry also has a fused row
+    assert labels == ["fp32", "absmean", "E1TM32:flip", "E1TM32:flip fused", "E1TM32:carry@init",
+                      "E1TM32:carry@init fused"]
+    assert rows[0].ratio_fp32 == pytest.approx(1.0)
+    e1tm = {r.label: r for r in rows}
+    assert e1tm["E1TM32:flip"].train_bpw < 12.5 < e1tm["absmean"].train_bpw
+    assert e1tm["E1TM32:flip fused"].infer_bpw < 2.0
+    for f in ("compare.md", "compare.json", "val_curves.png", "final_loss.png"):
+        assert (out / f).stat().st_size > 100, f
+    md = (out / "compare.md").read_text()
+    assert "E1TM32:carry@init fused" in md
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("COMMIT")}
+    again = compare(cfg)  # finished entries are read back, not retrained
+    assert [r.val_loss for r in again] == [r.val_loss for r in rows]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("COMMIT")} == mtimes
+
+
+def test_compare_cli(tmp_path, text):
+    out = tmp_path / "c"
+    res = CliRunner().invoke(main, ["compare", "fp32", "E1TM32:average", "--data", text, "--steps", "2", "--out", str(out),
+                                    "--json", *TINY])
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert [r["label"] for r in doc] == ["fp32", "E1TM32:average", "E1TM32:average fused"]
+    res = CliRunner().invoke(main, ["compare", "E1TM32:flop", "--out", str(out)])
+    assert res.exit_code == 1 and "valid rules" in res.stderr

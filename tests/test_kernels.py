@@ -1,0 +1,328 @@
+"""Every numba kernel against its numpy twin in arbs.testing.reference.
+
+Integers are compared exactly and W_eff bit for bit (float32 bit patterns), for every E1TM variant, for
+the parallel kernels and their serial twins (``cpu.kernel(name, 0)``, used for small tensors), on
+random shapes whose cols are often not a multiple of gs or of 5. A mismatch reports how many entries
+differ and the first index.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from arbs import formats as F
+from arbs.kernels import cpu
+from arbs.testing import reference as ref
+from arbs.testing import strategies as S
+
+# hypothesis imports libcst to print a falsifying example, and libcst's import warns (mypy_extensions
+# TypedDict): without this, any failure would surface as an INTERNALERROR under filterwarnings=error.
+pytestmark = pytest.mark.filterwarnings("ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning")
+FAST = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+VARIANTS = list(F.VARIANTS)
+IMPLS = ["parallel", "serial"]
+
+
+def K(name: str, impl: str):
+    """The kernel ``name``: the parallel one or its serial twin."""
+    return getattr(cpu, name) if impl == "parallel" else cpu.kernel(name, 0)
+
+
+def assert_same(got, want, what: str) -> None:
+    """Exact equality of dtype, shape and values; floats compared as bit patterns (NaN matches NaN)."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    if got.dtype.kind == "f":
+        nan = np.isnan(got) & np.isnan(want)
+        bits = {4: np.uint32, 8: np.uint64}[got.dtype.itemsize]
+        bad = (got.view(bits) != want.view(bits)) & ~nan
+    else:
+        bad = got != want
+    if bad.any():
+        first = tuple(int(i[0]) for i in np.nonzero(bad))
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.size} entries differ; first at {first}: got {got[first]!r}, want {want[first]!r}"
+        )
+
+
+def dims(rows: int, cols: int, gs: int) -> tuple[int, int, int]:
+    """(cols_p, ng, nb)."""
+    cols_p = F.padded_cols(cols, gs)
+    return cols_p, cols_p // gs, F.packed_cols(cols_p)
+
+
+def state_for(seed: int, rows: int, cols: int, gs: int, bound: int):
+    """(T, T_packed, E, corr_accum) with E extremes and corr_accum up to +-bound planted."""
+    rng = np.random.default_rng(seed)
+    _, ng, nb = dims(rows, cols, gs)
+    T = rng.integers(-1, 2, (rows, cols), dtype=np.int8)
+    if rows and cols:
+        T[rng.integers(0, rows), : min(gs, cols)] = 0  # an all-zero group
+    Tp = ref.pack(T, nb)
+    E = rng.integers(-128, 128, (rows, ng), dtype=np.int8)
+    corr = rng.integers(-bound, bound + 1, (rows, ng), dtype=np.int64)
+    if E.size:
+        E.flat[rng.integers(0, E.size, 2)] = [127, -128]
+        corr.flat[rng.integers(0, corr.size, 2)] = [bound, -bound]
+    return T, Tp, E, corr
+
+
+rows_st = st.integers(0, 7)
+cols_st = S.lengths(230)
+
+
+# ------------------------------------------------------------------------------------ pack / unpack
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("variant", VARIANTS)
+@FAST
+@given(T=S.trits(max_rows=7, max_cols=230))
+def test_pack_matches_reference(impl, variant, T):
+    gs = F.variant_gs(variant)
+    _, _, nb = dims(*T.shape, gs)
+    out = np.full((T.shape[0], nb), 255, np.uint8)  # garbage: every byte must be overwritten
+    K("pack_into", impl)(T, out)
+    assert_same(out, ref.pack(T, nb), f"pack {variant} {T.shape}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@FAST
+@given(rows=rows_st, nb=st.integers(0, 50), data=st.data())
+def test_unpack_matches_reference(impl, rows, nb, data):
+    seed = data.draw(S.seeds)
+    Tp = np.random.default_rng(seed).integers(0, 243, (rows, nb), dtype=np.uint8)
+    cols = data.draw(st.integers(0, 5 * nb))  # any cols the bytes can hold, multiple of 5 or not
+    out = np.full((rows, cols), 99, np.int8)
+    K("unpack_into", impl)(Tp, out)
+    assert_same(out, ref.unpack(Tp, cols), f"unpack nb={nb} cols={cols}")
+
+
+def test_unpack_every_byte_value():
+    """All 243 valid bytes in one row decode to their five digits minus one, first digit least significant."""
+    Tp = np.arange(243, dtype=np.uint8)[None, :]
+    out = np.empty((1, 5 * 243), np.int8)
+    cpu.unpack_into(Tp, out)
+    b = np.arange(243)
+    want = np.stack([(b // 3**i) % 3 - 1 for i in range(5)], axis=1).reshape(1, -1).astype(np.int8)
+    assert_same(out, want, "unpack 0..242")
+
+
+# ------------------------------------------------------------------------------------- materialize
+
+
+def _ratios(gs: int, step: int, K_: int) -> list[tuple[str, int, int, int]]:
+    """(label, num, den, corr bound) for average at step 0, average at ``step`` and carry with ``K_``."""
+    return [("average@0", 4, 0, 0), (f"average@{step}", 4, step * gs, step * gs), (f"carry K={K_}", 1, K_ * gs, K_ * gs - 1)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("variant", VARIANTS)
+@FAST
+@given(rows=rows_st, cols=cols_st, seed=S.seeds, step=st.integers(1, 1000), K_=st.integers(1, 64))
+def test_materialize_matches_reference(impl, variant, rows, cols, seed, step, K_):
+    gs = F.variant_gs(variant)
+    for label, num, den, bound in _ratios(gs, step, K_):
+        _, Tp, E, corr = state_for(seed, rows, cols, gs, bound)
+        out = np.full((rows, cols), np.nan, np.float32)
+        K("materialize_into", impl)(Tp, E, corr, gs, num, den, out)
+        with np.errstate(over="ignore", invalid="ignore"):  # E = 127 with Xi > 0 overflows float32 to inf
+            want = ref.materialize(Tp, E, corr, gs, num, den, cols)
+        assert_same(out, want, f"materialize {variant} {label} ({rows}, {cols})")
+
+
+# --------------------------------------------------------------------------------------------- vote
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("variant", VARIANTS)
+@FAST
+@given(rows=rows_st, cols=cols_st, seed=S.seeds, dtype=st.sampled_from([np.float32, np.float64]))
+def test_vote_delta_matches_reference(impl, variant, rows, cols, seed, dtype):
+    gs = F.variant_gs(variant)
+    _, ng, _ = dims(rows, cols, gs)
+    T, Tp, _, _ = state_for(seed, rows, cols, gs, 0)
+    rng = np.random.default_rng(seed + 1)
+    grad = rng.standard_normal((rows, cols)).astype(dtype)
+    if grad.size:
+        grad.flat[rng.integers(0, grad.size, max(1, grad.size // 4))] = 0.0  # sign(0) = 0
+        grad.flat[0] = -0.0
+    delta = np.full((rows, ng), 12345, np.int64)
+    bad = K("vote_delta_into", impl)(grad, Tp, gs, delta)
+    assert bad == 0
+    assert_same(delta, ref.vote_delta(grad, Tp, gs, ng), f"vote_delta {variant} ({rows}, {cols}) {np.dtype(dtype)}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_vote_delta_counts_nonfinite(impl, dtype, value):
+    gs, rows, cols = 8, 3, 21
+    _, ng, _ = dims(rows, cols, gs)
+    _, Tp, _, _ = state_for(0, rows, cols, gs, 0)
+    grad = np.ones((rows, cols), dtype)
+    grad[1, 20] = value
+    grad[2, 0] = value
+    delta = np.empty((rows, ng), np.int64)
+    assert K("vote_delta_into", impl)(grad, Tp, gs, delta) == 2
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@FAST
+@given(rows=rows_st, ng=st.integers(0, 12), seed=S.seeds, limit=st.sampled_from([0, 4, 6, 32, 512, 1536]),
+       scale=st.sampled_from([1, 3, 300]))
+def test_apply_votes_matches_reference(impl, rows, ng, seed, limit, scale):
+    """Carries, multi-carries (|delta| up to 300*limit) and saturation at E = -128/127 included."""
+    rng = np.random.default_rng(seed)
+    E = rng.integers(-128, 128, (rows, ng), dtype=np.int8)
+    bound = max(limit - 1, 0) if limit else 10**6
+    corr = rng.integers(-bound, bound + 1, (rows, ng), dtype=np.int64)
+    delta = rng.integers(-scale * max(limit, 64), scale * max(limit, 64) + 1, (rows, ng), dtype=np.int64)
+    if E.size:
+        E.flat[: min(4, E.size)] = [127, -128, 126, -127][: min(4, E.size)]
+        delta.flat[: min(4, E.size)] = [2 * limit + 5, -2 * limit - 5, 3 * limit, -3 * limit][: min(4, E.size)]
+    want_c, want_e, want_nc, want_ns = ref.apply_votes(corr, E, delta, limit)
+    c, e = corr.copy(), E.copy()
+    nc, ns = K("apply_votes", impl)(c, e, delta, limit)
+    assert_same(c, want_c, f"apply_votes corr_accum limit={limit}")
+    assert_same(e, want_e, f"apply_votes E limit={limit}")
+    assert (nc, ns) == (want_nc, want_ns)
+
+
+# --------------------------------------------------------------------------------------------- flip
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("variant", VARIANTS)
+@FAST
+@given(rows=rows_st, cols=cols_st, seed=S.seeds, theta=st.sampled_from([1, 2, 3, 8, 127]))
+def test_flip_matches_reference(impl, variant, rows, cols, seed, theta):
+    gs = F.variant_gs(variant)
+    cols_p, _, _ = dims(rows, cols, gs)
+    _, Tp, _, _ = state_for(seed, rows, cols, gs, 0)
+    rng = np.random.default_rng(seed + 2)
+    fa = np.zeros((rows, cols_p), np.int8)
+    fa[:, :cols] = rng.integers(-theta, theta + 1, (rows, cols), dtype=np.int8)
+    grad = rng.standard_normal((rows, cols)).astype(np.float32)
+    if grad.size:
+        grad.flat[rng.integers(0, grad.size, max(1, grad.size // 5))] = 0.0
+    want_tp, want_fa, want_n = ref.flip(grad, Tp, fa, theta)
+    tp, f = Tp.copy(), fa.copy()
+    n = K("flip_into", impl)(grad, tp, f, theta)
+    assert_same(tp, want_tp, f"flip T_packed {variant} theta={theta}")
+    assert_same(f, want_fa, f"flip flip_accum {variant} theta={theta}")
+    assert n == want_n
+
+
+# --------------------------------------------------------------------------------------------- fuse
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("variant", VARIANTS)
+@FAST
+@given(rows=rows_st, cols=cols_st, seed=S.seeds, step=st.integers(1, 1000), K_=st.integers(1, 64))
+def test_fuse_matches_reference(impl, variant, rows, cols, seed, step, K_):
+    gs = F.variant_gs(variant)
+    for label, num, den, bound in _ratios(gs, step, K_):
+        _, _, E, corr = state_for(seed, rows, cols, gs, bound)
+        out = np.full(E.shape, 77, np.int8)
+        clipped, changed = K("fuse_into", impl)(E, corr, num, den, out)
+        want, want_clipped, want_changed = ref.fuse(E, corr, num, den)
+        assert_same(out, want, f"fuse {variant} {label}")
+        assert (clipped, changed) == (want_clipped, want_changed), label
+
+
+def test_fuse_counts_clips_and_half_even():
+    """Hand-made: E=127 with Xi=+0.75 clips; E=-128 with Xi=-0.75 clips; halves round to even."""
+    E = np.array([[127, -128, 1, 2, -1, -2, 5]], np.int8)
+    corr = np.array([[3, -3, 2, 2, -2, -2, 1]], np.int64)  # Xi = corr/4: 0.75, -0.75, 0.5, 0.5, -0.5, -0.5, 0.25
+    for impl in IMPLS:
+        out = np.empty_like(E)
+        clipped, changed = K("fuse_into", impl)(E, corr, 1, 4, out)
+        assert out.tolist() == [[127, -128, 2, 2, -2, -2, 5]]
+        assert (clipped, changed) == (2, 6)
+
+
+# ------------------------------------------------------------------ many rows: chunking and threads
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("rows, cols", [(131, 77), (64, 5), (65, 1)])
+def test_all_kernels_many_rows(variant, rows, cols):
+    """More rows than row chunks (uneven chunks), for every kernel, parallel and serial, and with one
+    numba thread: results never depend on how rows are split."""
+    import numba
+
+    gs = F.variant_gs(variant)
+    cols_p, ng, nb = dims(rows, cols, gs)
+    L = 2 * gs
+    T, Tp, E, corr = state_for(rows * 1000 + cols, rows, cols, gs, L - 1)
+    rng = np.random.default_rng(cols)
+    grad = rng.standard_normal((rows, cols)).astype(np.float32)
+    fa = np.zeros((rows, cols_p), np.int8)
+    fa[:, :cols] = rng.integers(-2, 3, (rows, cols), dtype=np.int8)
+    want_W = ref.materialize(Tp, E, corr, gs, 1, L, cols)
+    want_d = ref.vote_delta(grad, Tp, gs, ng)
+    want_av = ref.apply_votes(corr, E, 40 * want_d, L)
+    want_fl = ref.flip(grad, Tp, fa, 2)
+    want_fu = ref.fuse(E, corr, 1, L)
+    threads = numba.get_num_threads()
+    for impl, nthreads in [("parallel", threads), ("parallel", 1), ("serial", threads)]:
+        numba.set_num_threads(nthreads)
+        try:
+            tp = np.empty_like(Tp)
+            K("pack_into", impl)(T, tp)
+            assert_same(tp, Tp, "pack")
+            t = np.empty_like(T)
+            K("unpack_into", impl)(Tp, t)
+            assert_same(t, T, "unpack")
+            W = np.empty((rows, cols), np.float32)
+            K("materialize_into", impl)(Tp, E, corr, gs, 1, L, W)
+            assert_same(W, want_W, "materialize")
+            d = np.empty((rows, ng), np.int64)
+            assert K("vote_delta_into", impl)(grad, Tp, gs, d) == 0
+            assert_same(d, want_d, "vote_delta")
+            c, e = corr.copy(), E.copy()
+            assert K("apply_votes", impl)(c, e, 40 * d, L) == want_av[2:]
+            assert_same(c, want_av[0], "apply_votes corr")
+            assert_same(e, want_av[1], "apply_votes E")
+            tp, f = Tp.copy(), fa.copy()
+            assert K("flip_into", impl)(grad, tp, f, 2) == want_fl[2]
+            assert_same(tp, want_fl[0], "flip T_packed")
+            assert_same(f, want_fl[1], "flip flip_accum")
+            out = np.empty_like(E)
+            assert K("fuse_into", impl)(E, corr, 1, L, out) == want_fu[1:]
+            assert_same(out, want_fu[0], "fuse")
+        finally:
+            numba.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("gs, num, den, E_range, corr_bound, table", [
+    (32, 1, 512, (-8, 8), 511, True),  # carry, K*gs = 512: few distinct E*den + corr, the scale table is used
+    (4, 1, 64, (-128, 127), 63, True),  # carry at every exponent
+    (8, 4, 256, (-20, 20), 256, True),  # average with step*gs = 256 (a power of two)
+    (16, 1, 1 << 20, (-3, 3), 1 << 19, False),  # many distinct values: exp2 per group
+    (32, 1, 512, (-8, 8), 1 << 45, False),  # |corr_accum| beyond the table's exact range
+    (6, 1, 96, (-8, 8), 95, False),  # K*gs not a power of two
+])
+def test_materialize_large_tensors(impl, gs, num, den, E_range, corr_bound, table):
+    """Tensors with many groups, where materialize may look S up in a table of exact exp2 values."""
+    rows, cols = 2048, 40 * gs + 3
+    _, Tp, _, _ = state_for(gs, rows, cols, gs, 0)
+    rng = np.random.default_rng(den)
+    ng = F.n_groups(cols, gs)
+    E = rng.integers(E_range[0], E_range[1] + 1, (rows, ng), dtype=np.int8)
+    corr = rng.integers(-corr_bound, corr_bound + 1, (rows, ng), dtype=np.int64)
+    corr.flat[:2] = [corr_bound, -corr_bound]
+    if hasattr(cpu, "_scale_table"):  # the case covers the path it is meant to
+        assert (cpu._scale_table(E, corr, num, den)[0].size > 0) == table
+    out = np.empty((rows, cols), np.float32)
+    K("materialize_into", impl)(Tp, E, corr, gs, num, den, out)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = ref.materialize(Tp, E, corr, gs, num, den, cols)
+    assert_same(out, want, f"materialize gs={gs} num={num} den={den}")
