@@ -29,7 +29,7 @@ import torch.nn.functional as F_
 
 from . import formats as F
 from . import ops
-from .errors import ConfigError
+from .errors import ConfigError, IntegerRangeError, NonFiniteError
 
 
 @dataclass
@@ -41,6 +41,28 @@ class Clock:
     accumulating: bool = False
     round_scale: bool = False  # fuse-aware phase: materialize with S = 2**rint(E + Xi), as fuse will
     stats: dict = field(default_factory=lambda: {"carries": 0, "saturations": 0, "flips": 0})
+    # GPU: every layer's vote adds its counts to this one int64 device tensor (no sync per layer);
+    # step() reads it once. [nonfinite, out_of_range, carries, saturations, flips]
+    device_counts: torch.Tensor | None = field(default=None, repr=False)
+
+    def read_device_counts(self) -> None:
+        """Fold the GPU votes' counts into ``stats`` (one sync); raise if a vote was refused.
+
+        The vote kernels test the counts on the device: once a gradient held NaN/inf (or a corr_accum
+        was within gs of the int64 limit) no later vote of the step changed any state.
+        """
+        if self.device_counts is None:
+            return
+        nonfinite, oor, carries, sats, flips = self.device_counts.tolist()
+        self.device_counts.zero_()
+        if nonfinite:
+            raise NonFiniteError(f"a weight gradient holds {nonfinite} NaN/inf value(s); "
+                                 "no vote was applied from that layer on")
+        if oor:
+            raise IntegerRangeError(f"{oor} corr_accum value(s) are within gs of the int64 limit; "
+                                    "no vote was applied from that layer on")
+        for k, v in zip(("carries", "saturations", "flips"), (carries, sats, flips)):
+            self.stats[k] += v
 
 
 class _E1TMWeight(nn.Module):
@@ -70,12 +92,13 @@ class _E1TMWeight(nn.Module):
         for name in self.clock.scheme.arrays():
             getattr(self, name).copy_(torch.from_numpy(np.asarray(arrays[name])))
 
-    def materialize(self) -> torch.Tensor:
-        """Ephemeral float32 W_eff (a fresh tensor each call)."""
+    def materialize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Ephemeral W_eff (a fresh tensor each call): float32 on the CPU; on a GPU ``dtype``, or the
+        autocast dtype inside an enabled autocast, else float32 (written by the kernel, no cast)."""
         if self.T_packed.is_cuda:
             from .kernels import triton_gpu
 
-            return triton_gpu.materialize(self)
+            return triton_gpu.materialize(self, dtype)
         state, scheme, step = self.state_arrays(), self.clock.scheme, self.clock.step_counter
         if self.clock.round_scale:
             E_fused, _ = ops.fuse(state, self.shape, scheme, step)
@@ -90,7 +113,8 @@ class _E1TMWeight(nn.Module):
             self._pending += 1
 
     def _receive_grad(self, grad_w: torch.Tensor) -> None:
-        self._grad_sum = grad_w if self._grad_sum is None else self._grad_sum + grad_w
+        # a sum of several uses is kept in float32 even when each use's gradient is bf16
+        self._grad_sum = grad_w if self._grad_sum is None else self._grad_sum.float() + grad_w
         self._pending -= 1
         if self._pending <= 0 and not self.clock.accumulating:
             self.flush()
@@ -100,12 +124,14 @@ class _E1TMWeight(nn.Module):
         grad, self._grad_sum, self._pending = self._grad_sum, None, 0
         if grad is None:
             return
-        if self.T_packed.is_cuda:
+        if self.T_packed.is_cuda:  # the bf16/float32 gradient goes to the kernels as is; counts read at step()
             from .kernels import triton_gpu
 
-            st = triton_gpu.vote(self, grad)
-        else:
-            st = ops.vote(self.state_arrays(), grad.detach().float().contiguous().numpy(), self.shape, self.clock.scheme)
+            if self.clock.device_counts is None:
+                self.clock.device_counts = triton_gpu.new_counters(grad.device)
+            triton_gpu.vote_async(self, grad, self.clock.device_counts)
+            return
+        st = ops.vote(self.state_arrays(), grad.detach().float().contiguous().numpy(), self.shape, self.clock.scheme)
         for k in self.clock.stats:
             self.clock.stats[k] += getattr(st, k)
 
@@ -119,16 +145,17 @@ class _LinearFn(torch.autograd.Function):
     def forward(ctx, x, anchor, mod):
         ctx.mod = mod
         ctx.save_for_backward(x)
-        return F_.linear(x, mod.materialize().to(x.dtype))
+        w = mod.materialize()  # on a GPU inside autocast: already in the autocast dtype
+        return F_.linear(x, w if torch.is_autocast_enabled(x.device.type) else w.to(x.dtype))
 
     @staticmethod
     def backward(ctx, gy):
         (x,) = ctx.saved_tensors
         mod = ctx.mod
-        w = mod.materialize().to(gy.dtype)
+        w = mod.materialize(gy.dtype) if mod.T_packed.is_cuda else mod.materialize().to(gy.dtype)
         gx = gy @ w if ctx.needs_input_grad[0] else None
-        gw = gy.reshape(-1, gy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
-        mod._receive_grad(gw.float())
+        gw = gy.reshape(-1, gy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(gy.dtype)
+        mod._receive_grad(gw)  # only its signs matter: bf16 is voted as is, never copied to float32
         return gx, None, None
 
 
@@ -250,6 +277,7 @@ def step(model: nn.Module) -> int:
     clock = model_clock(model)
     for m in e1tm_modules(model).values():
         m.flush()
+    clock.read_device_counts()
     clock.step_counter += 1
     return clock.step_counter
 

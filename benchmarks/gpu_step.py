@@ -12,9 +12,8 @@ causal F.scaled_dot_product_attention, RMSNorm without weights; every run is und
   with a straight-through estimator (BitNet b1.58 style; embedding and head stay float), AdamW(fused).
 - e1tm-<rule>: arbs.nn.ternarize_(model, "E1TM32", rule) on every Linear and the Embedding, state on the
   GPU; forward/backward/vote exactly as arbs.nn does them, then arbs.nn.step(model).
-- e1tm-carry+P1 / +P1P2: the same with the nn.py changes proposed in docs/gpu.md applied by
-  monkeypatching here (P1: W_eff materialized in the gradient's dtype in backward, bf16 weight gradient
-  voted without a float32 copy; P2: no per-layer sync, counts read once per step).
+  W_eff is materialized in bf16, the bf16 weight gradient is voted as is, and the step syncs once.
+- e1tm-<rule>+graph: the same step captured once in a CUDA graph and replayed (carry and flip only).
 
 The initial E1TM state of every layer comes from ops.convert of a random normal weight; to keep setup in
 seconds (ops.convert runs on the CPU at ~150 ns/weight), each distinct weight shape is converted once,
@@ -137,63 +136,6 @@ def e1tm_model(layers, d, rule, device):
     return model.to(device), clock
 
 
-# -- proposed nn.py changes (P1, P2), applied only inside this context -----------------------------
-class _LinearFnP1(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, anchor, mod):
-        ctx.mod = mod
-        ctx.save_for_backward(x)
-        w = mod.materialize()  # autocast dtype inside autocast
-        return F.linear(x, w if torch.is_autocast_enabled(x.device.type) else w.to(x.dtype))
-
-    @staticmethod
-    def backward(ctx, gy):
-        from arbs.kernels import triton_gpu
-
-        (x,) = ctx.saved_tensors
-        mod = ctx.mod
-        w = triton_gpu.materialize(mod, dtype=gy.dtype) if mod.T_packed.is_cuda else mod.materialize().to(gy.dtype)
-        gx = gy @ w if ctx.needs_input_grad[0] else None
-        gw = gy.reshape(-1, gy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(gy.dtype)
-        mod._receive_grad(gw)  # bf16 gradient straight to the vote kernel
-        return gx, None, None
-
-
-@contextlib.contextmanager
-def proposed_nn(p2: bool):
-    from arbs.kernels import triton_gpu
-
-    orig_fn, orig_flush = anm._LinearFn, anm._E1TMWeight.flush
-    pending: list = []  # [counters of this step]: every layer adds its counts to one device tensor
-
-    def flush_lazy(self):
-        grad, self._grad_sum, self._pending = self._grad_sum, None, 0
-        if grad is not None:
-            if not pending:
-                pending.append(triton_gpu.new_counters(grad.device))
-            triton_gpu.vote_async(self, grad, pending[0])
-
-    anm._LinearFn = _LinearFnP1
-    if p2:
-        anm._E1TMWeight.flush = flush_lazy
-    try:
-        yield pending
-    finally:
-        anm._LinearFn, anm._E1TMWeight.flush = orig_fn, orig_flush
-
-
-def read_lazy_counts(pending, clock):
-    """P2: one sync per step for every layer's counts; NaN/inf is reported here instead of in backward."""
-    if not pending:
-        return
-    c = pending[0].tolist()
-    pending.clear()
-    if c[0] or c[1]:
-        raise RuntimeError(f"{c[0]} nonfinite gradient values / {c[1]} corr_accum out of range: votes skipped")
-    for k, v in zip(("carries", "saturations", "flips"), c[2:]):
-        clock.stats[k] += v
-
-
 # -- timing ----------------------------------------------------------------------------------------
 @dataclass
 class Row:
@@ -248,35 +190,27 @@ def run_row(method, layers, d, batch, ctx, device, warmup, iters, amp_on=True):
             opt.zero_grad(set_to_none=True)
 
         return measure(step, device, warmup, iters, batch * ctx)
-    rule = method.split("-")[1].split("+")[0]
+    rule, _, graph = method.removeprefix("e1tm-").partition("+")
     model, clock = e1tm_model(layers, d, rule, device)
-    patch = "+P1" in method
-    with proposed_nn(p2="P2" in method) if patch else contextlib.nullcontext([]) as pending:
-        if method.endswith("G"):  # P3: the whole forward/backward/vote captured once in a CUDA graph
-            return measure(graphed_step(model, clock, x, y, pending, device), device, warmup, iters, batch * ctx)
+    if graph:
+        return measure(graphed_step(model, x, y, device), device, warmup, iters, batch * ctx)
 
-        def step():
-            with amp:
-                loss = model(x, y)
-            loss.backward()
-            anm.step(model)
-            read_lazy_counts(pending, clock)
+    def step():
+        with amp:
+            loss = model(x, y)
+        loss.backward()  # votes happen here, layer by layer, with no sync
+        anm.step(model)  # one sync: the step's vote counts
 
-        return measure(step, device, warmup, iters, batch * ctx)
+    return measure(step, device, warmup, iters, batch * ctx)
 
 
-def graphed_step(model, clock, x, y, pending, device):
-    """P3 (needs P2: no sync inside a step): capture forward + backward + votes in one CUDA graph and
-    replay it; Python runs once per step for the clock and the counts (one sync). Valid while Xi's
-    (num, den) stay fixed, as for carry and flip (average's den = step*gs changes every step)."""
-    from arbs.kernels import triton_gpu as tg
-
-    counters = tg.new_counters(device)
-    pending.append(counters)  # flush_lazy adds every layer's counts to this one static tensor
+def graphed_step(model, x, y, device):
+    """forward + backward + votes captured once in a CUDA graph and replayed; Python runs once per step
+    for the clock and the counts (arbs.nn.step, one sync). Valid while Xi's (num, den) stay fixed, as for
+    carry and flip (average's den = step*gs changes every step), and while no fuse-aware phase is on."""
     amp = torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
 
     def body():
-        counters.zero_()
         with amp:
             loss = model(x, y)
         loss.backward()
@@ -284,8 +218,9 @@ def graphed_step(model, clock, x, y, pending, device):
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
-        for _ in range(2):
+        for _ in range(2):  # warm-up outside the graph allocates Clock.device_counts once
             body()
+            anm.step(model)
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -293,12 +228,7 @@ def graphed_step(model, clock, x, y, pending, device):
 
     def step():
         graph.replay()
-        anm.step(model)  # step_counter += 1 (nothing is pending)
-        c = counters.tolist()
-        if c[0] or c[1]:
-            raise RuntimeError(f"{c[0]} nonfinite gradient values / {c[1]} corr_accum out of range: votes skipped")
-        for k, v in zip(("carries", "saturations", "flips"), c[2:]):
-            clock.stats[k] += v
+        anm.step(model)  # reads (and zeroes) the counts the replayed votes added, step_counter += 1
 
     return step
 
@@ -324,52 +254,6 @@ def try_row(method, layers, d, batch, ctx, device, warmup, iters, amp_on=True) -
 
 
 # -- kernel breakdown (evidence for the nn.py proposals) -------------------------------------------
-def kernel_breakdown(layers, d, device, reps=5):
-    """Per step of E1TM32 carry: time of materializing every weight (bf16 and float32 out), and of voting
-    every weight on a float32 / bf16 gradient with one sync per layer (vote) vs one per step (vote_async)."""
-    from arbs.kernels import triton_gpu as tg
-
-    model, _ = e1tm_model(layers, d, "carry", device)
-    mods = list(anm.e1tm_modules(model).values())
-    grads = {}
-    for m in mods:
-        if m.shape not in grads:
-            grads[m.shape] = torch.randn(m.shape, device=device) * 1e-3
-
-    def timed(fn):
-        fn()
-        sync(device)
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts) * 1e3
-
-    def mat_all(dtype):
-        for m in mods:  # each W_eff is dropped at once, as in training
-            tg.materialize(m, dtype=dtype)
-
-    out = {
-        "materialize_bf16_ms": timed(lambda: mat_all(torch.bfloat16)),
-        "materialize_fp32_ms": timed(lambda: mat_all(torch.float32)),
-        "vote_fp32_sync_each_ms": timed(lambda: [tg.vote(m, grads[m.shape]) for m in mods]),
-        "vote_fp32_async_ms": timed(lambda: torch.stack([tg.vote_async(m, grads[m.shape]) for m in mods]).sum(0).tolist()),
-    }
-    gb = {k: v.to(torch.bfloat16) for k, v in grads.items()}
-    out["vote_bf16_async_ms"] = timed(lambda: torch.stack([tg.vote_async(m, gb[m.shape]) for m in mods]).sum(0).tolist())
-    big = max(mods, key=lambda m: math.prod(m.shape))
-    w = torch.empty(big.shape, dtype=torch.bfloat16, device=device)
-    copy_ms = timed(lambda: w.mul_(1))
-    mat_ms = timed(lambda: tg.materialize(big, dtype=torch.bfloat16))
-    n = math.prod(big.shape)
-    out["largest_weight"] = f"{big.shape[0]}x{big.shape[1]}"
-    out["materialize_largest_GBps"] = n * (2 + 0.2 + 9 / 32) / (mat_ms / 1e3) / 1e9  # bytes written + read
-    out["bf16_inplace_mul_GBps"] = n * 4 / (copy_ms / 1e3) / 1e9  # read + write, a bandwidth yardstick
-    del model, mods, grads, gb, w
-    free(device)
-    return out
 
 
 def kernel_bandwidth(device, shapes=((16384, 4096), (4096, 4096), (3072, 768))):
@@ -411,147 +295,11 @@ def kernel_bandwidth(device, shapes=((16384, 4096), (4096, 4096), (3072, 768))):
     return res
 
 
-def profile_steps(layers, d, batch, ctx, method, device, steps=3):
-    """torch.profiler over ``steps`` steps: wall ms/step, GPU-busy ms/step (sum of kernel times), top kernels."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    gen = torch.Generator(device=device).manual_seed(0)
-    idx = torch.randint(0, 256, (batch, ctx + 1), device=device, generator=gen)
-    x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
-    amp = torch.autocast(device.type, dtype=torch.bfloat16)
-    if method == "dense":
-        with torch.device(device):
-            model = GPT(layers, d)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-
-        def step():
-            with amp:
-                loss = model(x, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        ctxm = contextlib.nullcontext([])
-    else:
-        model, clock = e1tm_model(layers, d, "carry", device)
-        ctxm = proposed_nn("P2" in method) if "+P1" in method else contextlib.nullcontext([])
-    with ctxm as pending:
-        if method != "dense":
-
-            def step():
-                with amp:
-                    loss = model(x, y)
-                loss.backward()
-                anm.step(model)
-                read_lazy_counts(pending, clock)
-
-        for _ in range(3):
-            step()
-        sync(device)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                step()
-            sync(device)
-            wall = (time.perf_counter() - t0) / steps * 1e3
-    kern = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
-    busy = sum(e.self_device_time_total for e in kern) / steps / 1e3
-    top = sorted(kern, key=lambda e: e.self_device_time_total, reverse=True)[:8]
-    out = {"wall_ms_profiled": wall, "gpu_busy_ms": busy,
-           "top": [(e.key[:60], round(e.self_device_time_total / steps / 1e3, 2), e.count // steps) for e in top]}
-    del model
-    free(device)
-    return out
-
-
-def launch_overheads(device, n=2000):
-    """CPU microseconds per call (issue only, then with the GPU work) of launches on a tiny weight."""
-    from arbs import formats as Fm
-    from arbs.kernels import triton_gpu as tg
-
-    clock = anm.Clock(Fm.make_scheme("E1TM32", "carry"))
-    mod = anm.E1TMLinear(256, 256, clock).to(device)
-    g = torch.randn(256, 256, device=device)
-    buf = torch.empty(256, 256, device=device)
-    cnt = tg.new_counters(device)
-
-    def per_call(fn):
-        fn()
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        t1 = time.perf_counter()
-        sync(device)
-        return round((t1 - t0) / n * 1e6, 1), round((time.perf_counter() - t0) / n * 1e6, 1)
-
-    out = {
-        "torch add_ (one aten kernel)": per_call(lambda: buf.add_(1.0)),
-        "torch.empty 256x256": per_call(lambda: torch.empty(256, 256, device=device)),
-        "_launch_materialize (one Triton kernel)": per_call(
-            lambda: tg._launch_materialize(mod.T_packed, mod.E, mod.corr_accum, 32, 1, 512, buf)),
-        "triton_gpu.materialize(mod)": per_call(lambda: tg.materialize(mod)),
-        "triton_gpu.vote_async(mod, g, counters)": per_call(lambda: tg.vote_async(mod, g, cnt)),
-        "triton_gpu.vote(mod, g) (+ sync)": per_call(lambda: tg.vote(mod, g)),
-    }
-    mods = [anm.E1TMLinear(256, 256, clock).to(device) for _ in range(48)]
-    lins = [nn.Linear(256, 256, bias=False, device=device) for _ in range(48)]
-    x0 = torch.randn(64, 256, device=device, requires_grad=True)
-
-    def chain(layers):
-        def f():
-            h = x0
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                for m in layers:
-                    h = m(h)
-            h.float().sum().backward()
-        return f
-
-    with proposed_nn(p2=True) as pending:
-        def e1tm_p2():
-            chain(mods)()
-            read_lazy_counts(pending, clock)
-        out["fwd+bwd per E1TM layer (P1P2)"] = tuple(round(v / 48, 1) for v in per_call(e1tm_p2))
-    out["fwd+bwd per E1TM layer (nn.py)"] = tuple(round(v / 48, 1) for v in per_call(chain(mods)))
-    out["fwd+bwd per nn.Linear layer"] = tuple(round(v / 48, 1) for v in per_call(chain(lins)))
-    return out
-
-
-def cpu_profile(layers, d, batch, ctx, method, device, steps=3, top=14):
-    """Top operators by self CPU time over ``steps`` E1TM steps."""
-    from torch.profiler import ProfilerActivity, profile
-
-    gen = torch.Generator(device=device).manual_seed(0)
-    idx = torch.randint(0, 256, (batch, ctx + 1), device=device, generator=gen)
-    x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
-    model, clock = e1tm_model(layers, d, "carry", device)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16)
-    with (proposed_nn("P2" in method) if "+P1" in method else contextlib.nullcontext([])) as pending:
-        def step():
-            with amp:
-                loss = model(x, y)
-            loss.backward()
-            anm.step(model)
-            read_lazy_counts(pending, clock)
-
-        for _ in range(3):
-            step()
-        sync(device)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
-                step()
-            sync(device)
-    ev = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
-    del model
-    free(device)
-    return [(e.key[:60], round(e.self_cpu_time_total / steps / 1e3, 2), e.count // steps) for e in ev]
 
 
 # -- main ------------------------------------------------------------------------------------------
 CONFIGS = [(12, 768, 16, 512), (24, 2048, 4, 512), (32, 4096, 1, 512)]
-METHODS = ["dense", "bitnet", "e1tm-average", "e1tm-carry", "e1tm-flip", "e1tm-carry+P1", "e1tm-carry+P1P2",
-           "e1tm-carry+P1P2G", "e1tm-flip+P1P2G"]
+METHODS = ["dense", "bitnet", "e1tm-average", "e1tm-carry", "e1tm-flip", "e1tm-carry+graph", "e1tm-flip+graph"]
 
 
 def fmt_params(n):
@@ -591,14 +339,13 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--search", action="store_true", help="also search the largest trainable model at 1x512")
+    ap.add_argument("--search-widths", default="8192,12288,16384,18432", help="E1TM widths tried at depth 32")
+    ap.add_argument("--dense-widths", default="3072,3584,4096,4608", help="dense widths tried at depth 32")
     ap.add_argument("--no-table", action="store_true", help="skip the main table")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (runs on CPU)")
-    ap.add_argument("--no-amp", action="store_true", help="float32, no autocast (arbs.nn on CPU needs it)")
+    ap.add_argument("--no-amp", action="store_true", help="float32, no autocast")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--kernels", action="store_true", help="also time each kernel alone (GB/s)")
-    ap.add_argument("--profile", action="store_true", help="also profile steps: GPU-busy vs wall time")
-    ap.add_argument("--diag", action="store_true", help="also measure launch overheads and CPU hot spots")
-    ap.add_argument("--no-breakdown", action="store_true", help="skip the per-size kernel breakdown")
     ap.add_argument("--json", default=os.path.join(os.environ["OUT"], "gpu_step.json") if os.environ.get("OUT") else None)
     a = ap.parse_args(argv)
     device = torch.device(a.device)
@@ -606,60 +353,24 @@ def main(argv=None):
     configs = [(2, 64, 2, 32), (2, 128, 1, 32)] if a.smoke else CONFIGS
     info = device_info(device)
     print(json.dumps(info), flush=True)
-    result = {"device": info, "argv": sys.argv, "rows": [], "search": [], "breakdown": {}}
+    result = {"device": info, "argv": sys.argv, "rows": [], "search": []}
 
     def save():
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(result, f, indent=1)
 
-    def guarded(fn, *args):
-        try:
-            return fn(*args)
-        except Exception:  # a failed extra must not cost the table
-            import traceback
-
-            traceback.print_exc()
-            free(device)
-            return None
-
     if a.kernels and device.type == "cuda":
-        result["kernels"] = guarded(kernel_bandwidth, device) or []
+        result["kernels"] = kernel_bandwidth(device)
         save()
         print("\nkernels alone (E1TM32, do_bench median):")
         for k in result["kernels"]:
             print(f"  {k['shape']:>10} {k['kernel']:<22} {k['ms']:8.3f} ms {k['GBps']:7.0f} GB/s")
-    if a.diag and device.type == "cuda":
-        lo = guarded(launch_overheads, device) or {}
-        result["launch_overheads_us"] = lo
-        print("\nCPU us per call (issue only, issue + GPU):")
-        for k, v in lo.items():
-            print(f"  {k:<42} {v}")
-        for method in ("e1tm-carry", "e1tm-carry+P1P2"):
-            cp = guarded(cpu_profile, 24, 2048, 4, 512, method, device) or []
-            result[f"cpu_profile 24x2048 {method}"] = cp
-            print(f"\ntop self-CPU ops, 24x2048 {method} (ms/step, calls/step):")
-            for name, ms, cnt in cp:
-                print(f"  {ms:8.2f} {cnt:5d}  {name}")
-        save()
-    if a.profile and device.type == "cuda":
-        result["profile"] = {}
-        for cfg in [(12, 768, 16, 512), (24, 2048, 4, 512)]:
-            for method in ("dense", "e1tm-carry", "e1tm-carry+P1P2"):
-                pr = guarded(profile_steps, *cfg, method, device)
-                if pr is None:
-                    continue
-                result["profile"][f"{cfg[0]}x{cfg[1]} {method}"] = pr
-                save()
-                print(f"\nprofile {cfg[0]}x{cfg[1]} {method}: wall {pr['wall_ms_profiled']:.1f} ms/step, "
-                      f"GPU busy {pr['gpu_busy_ms']:.1f} ms/step; top kernels (ms/step, launches/step):")
-                for name, ms, cnt in pr["top"]:
-                    print(f"    {ms:7.2f} {cnt:4d}  {name}")
     rows = []
     if not a.no_table:
         for layers, d, b, ctx in configs:
             for method in methods:
-                if "+P" in method and device.type != "cuda":
+                if method.endswith("+graph") and device.type != "cuda":
                     continue
                 t0 = time.perf_counter()
                 res, note = try_row(method, layers, d, b, ctx, device, a.warmup, a.iters, not a.no_amp)
@@ -670,18 +381,14 @@ def main(argv=None):
                 print(f"  {r.model} {r.method}: {r.ms if r.ms is None else round(r.ms, 1)} ms, "
                       f"peak {r.peak_gib if r.peak_gib is None else round(r.peak_gib, 2)} GiB {note} "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
-            if device.type == "cuda" and not a.no_breakdown:
-                bd = guarded(kernel_breakdown, layers, d, device) or {}
-                result["breakdown"][f"{layers}x{d}"] = bd
-                save()
-                print(f"  breakdown {layers}x{d}: " + json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in bd.items()}), flush=True)
     search = []
     if a.search:
         L = 2 if a.smoke else 32
-        plan = [("dense", [96, 128]) if a.smoke else ("dense", [3072, 3584]),
-                ("e1tm-carry", [256, 512]) if a.smoke else ("e1tm-carry", [8192, 12288, 16384, 18432])]
-        for method, widths in plan:
-            for d in widths:
+        widths = [256, 512] if a.smoke else [int(w) for w in a.search_widths.split(",")]
+        dense_ws = [96, 128] if a.smoke else [int(w) for w in a.dense_widths.split(",")]
+        plan = [("dense", dense_ws), ("e1tm-carry", widths)]
+        for method, ws in plan:
+            for d in ws:
                 t0 = time.perf_counter()
                 ctx = 32 if a.smoke else 512
                 res, note = try_row(method, L, d, 1, ctx, device, 1, 3, not a.no_amp)
@@ -697,9 +404,6 @@ def main(argv=None):
                           f"{'float32' if a.no_amp else 'bf16 autocast'})")
     if search:
         print_table(search, "Largest model at batch 1x512, depth 32 (1 warm-up, median of 3 steps; a search stops at its first OOM)")
-    for k, bd in result["breakdown"].items():
-        print(f"\nkernel time per step of E1TM32 carry, {k} (all weights once): " + ", ".join(
-            f"{n}={v:.2f}" if isinstance(v, float) else f"{n}={v}" for n, v in bd.items()))
 
 
 if __name__ == "__main__":

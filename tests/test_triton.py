@@ -338,6 +338,52 @@ def test_nn_linear_on_cuda_trains_like_cpu_votes():
     assert anm.model_clock(model).step_counter == 3
 
 
+@pytest.mark.gpu
+@needs_cuda
+def test_nn_cuda_nan_gradient_raises_at_step_and_keeps_state():
+    """On a GPU the step's vote counts are read once, at step(): a NaN gradient raises there, no state moved."""
+    from arbs import nn as anm
+    from arbs.errors import NonFiniteError
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64, bias=False), torch.nn.Linear(64, 64, bias=False))
+    anm.ternarize_(model, "E1TM32", "flip", K=2, theta=2)
+    model.cuda()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = model(torch.randn(4, 64, device="cuda"))
+    (y.float() * float("nan")).sum().backward()
+    with pytest.raises(NonFiniteError):
+        anm.step(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert anm.model_clock(model).step_counter == 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_nn_cuda_bf16_votes_equal_ops_vote_of_the_same_gradient():
+    """Under bf16 autocast the layer votes on its bf16 weight gradient as is: the same integers as
+    ops.vote of that gradient (upcast exactly to float32) on the CPU."""
+    from arbs import nn as anm
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 40, bias=False)
+    model = torch.nn.Sequential(lin)
+    clock = anm.ternarize_(model, "E1TM32", "flip", K=2, theta=2)
+    ref = {k: v.clone().numpy() for k, v in model[0].state_dict().items()}
+    model.cuda()
+    x = torch.randn(8, 96, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = model(x)
+    assert y.dtype == torch.bfloat16
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    anm.step(model)
+    gw = (gy.t() @ x.to(torch.bfloat16)).float().cpu().numpy()  # the bf16 GEMM backward computed
+    ops.vote(ref, gw, (40, 96), clock.scheme)
+    for k, v in model[0].state_dict().items():
+        assert_equal(v, ref[k], f"bf16 vote {k}")
+
+
 # -- the same checks on CPU tensors through Triton's interpreter -----------------------------------
 def run_interpreter_checks() -> int:
     """Every check at small shapes; needs TRITON_INTERPRET=1 set before triton is imported."""
