@@ -13,7 +13,8 @@ causal F.scaled_dot_product_attention, RMSNorm without weights; every run is und
 - e1tm-<rule>: arbs.nn.ternarize_(model, "E1TM32", rule) on every Linear and the Embedding, state on the
   GPU; forward/backward/vote exactly as arbs.nn does them, then arbs.nn.step(model).
   W_eff is materialized in bf16, the bf16 weight gradient is voted as is, and the step syncs once.
-- e1tm-<rule>+graph: the same step captured once in a CUDA graph and replayed (carry and flip only).
+- e1tm-<rule>+graph: the same step captured once in a CUDA graph and replayed (arbs.nn.GraphedStep, what
+  `arbs train --device cuda` does for carry and flip).
 
 The initial E1TM state of every layer comes from ops.convert of a random normal weight; to keep setup in
 seconds (ops.convert runs on the CPU at ~150 ns/weight), each distinct weight shape is converted once,
@@ -154,11 +155,11 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(step, device, warmup, iters, tokens):
+def measure(step, device, warmup, iters, tokens, reset_peak=True):
     for _ in range(warmup):
         step()
     sync(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and reset_peak:
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(iters):
@@ -192,8 +193,9 @@ def run_row(method, layers, d, batch, ctx, device, warmup, iters, amp_on=True):
         return measure(step, device, warmup, iters, batch * ctx)
     rule, _, graph = method.removeprefix("e1tm-").partition("+")
     model, clock = e1tm_model(layers, d, rule, device)
-    if graph:
-        return measure(graphed_step(model, x, y, device), device, warmup, iters, batch * ctx)
+    if graph:  # peak counted from before the capture: a graph's pool is allocated then, not at replay
+        torch.cuda.reset_peak_memory_stats(device)
+        return measure(anm.GraphedStep(model, model, x, y), device, warmup, iters, batch * ctx, reset_peak=False)
 
     def step():
         with amp:
@@ -202,35 +204,6 @@ def run_row(method, layers, d, batch, ctx, device, warmup, iters, amp_on=True):
         anm.step(model)  # one sync: the step's vote counts
 
     return measure(step, device, warmup, iters, batch * ctx)
-
-
-def graphed_step(model, x, y, device):
-    """forward + backward + votes captured once in a CUDA graph and replayed; Python runs once per step
-    for the clock and the counts (arbs.nn.step, one sync). Valid while Xi's (num, den) stay fixed, as for
-    carry and flip (average's den = step*gs changes every step), and while no fuse-aware phase is on."""
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
-
-    def body():
-        with amp:
-            loss = model(x, y)
-        loss.backward()
-
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):  # warm-up outside the graph allocates Clock.device_counts once
-            body()
-            anm.step(model)
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
-
-    def step():
-        graph.replay()
-        anm.step(model)  # reads (and zeroes) the counts the replayed votes added, step_counter += 1
-
-    return step
 
 
 def free(device):

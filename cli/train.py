@@ -36,6 +36,9 @@ _D = TrainConfig()
 @click.option("--fuse-phase", type=float, default=_D.fuse_phase, show_default=True,
               help="E1TM: final fraction of steps trained with the fused (rounded) scale, to shrink the fuse gap.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=_D.device, show_default=True, help="Where to train.")
+@click.option("--cuda-graph/--no-cuda-graph", default=_D.cuda_graph, show_default=True,
+              help="--device cuda with carry/flip: replay each step (forward, backward, votes) from one CUDA graph; "
+              "the same kernels and integers, without Python per layer.")
 @click.option("--lr", type=float, default=_D.lr, show_default=True, help="Float baselines: AdamW peak learning rate (cosine to 10%).")
 @click.option("--weight-decay", type=float, default=_D.weight_decay, show_default=True, help="Float baselines: AdamW weight decay.")
 @click.option("--warmup", type=int, default=_D.warmup, show_default=True, help="Float baselines: linear warmup steps.")

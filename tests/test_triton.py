@@ -9,6 +9,8 @@ must not leak into other tests). Run this file as a script to do the interpreter
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -382,6 +384,79 @@ def test_nn_cuda_bf16_votes_equal_ops_vote_of_the_same_gradient():
     ops.vote(ref, gw, (40, 96), clock.scheme)
     for k, v in model[0].state_dict().items():
         assert_equal(v, ref[k], f"bf16 vote {k}")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("rule", ["carry", "flip"])
+def test_graphed_step_gives_the_eager_integers(rule):
+    """GraphedStep replays the same kernels as eager steps: bit-identical state after several steps."""
+    from arbs import nn as anm
+
+    def make():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(96, 128, bias=False), torch.nn.GELU(), torch.nn.Linear(128, 64, bias=False))
+        anm.ternarize_(m, "E1TM32", rule, K=2, theta=2)
+        return m.cuda()
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    batches = [(torch.randn(16, 96, device="cuda", generator=gen), torch.randint(0, 64, (16,), device="cuda", generator=gen))
+               for _ in range(5)]
+    loss_fn = lambda m: (lambda x, y: torch.nn.functional.cross_entropy(m(x).float(), y))  # noqa: E731
+    eager, graphed_model = make(), make()
+    losses = []
+    for x, y in batches:
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            loss = loss_fn(eager)(x, y)
+        loss.backward()
+        anm.step(eager)
+        losses.append(loss.item())
+    g = anm.GraphedStep(graphed_model, loss_fn(graphed_model), *batches[0])
+    assert anm.model_clock(graphed_model).step_counter == 0, "warm-up steps must be undone"
+    glosses = [g(x, y).item() for x, y in batches]
+    assert glosses == losses
+    assert anm.model_clock(graphed_model).step_counter == 5
+    assert anm.model_clock(graphed_model).stats == anm.model_clock(eager).stats
+    for (k, a), (_, b) in zip(eager.state_dict().items(), graphed_model.state_dict().items()):
+        assert torch.equal(a, b), f"{k} differs between eager and graphed steps"
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_graphed_step_refuses_the_average_rule():
+    from arbs import nn as anm
+    from arbs.errors import ConfigError
+
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False))
+    anm.ternarize_(m, "E1TM8", "average")
+    m.cuda()
+    with pytest.raises(ConfigError, match="carry or flip"):
+        anm.GraphedStep(m, lambda x: m(x).sum(), torch.randn(2, 8, device="cuda"))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cli_train_on_cuda_resumes_on_cpu_and_fuses(tmp_path):
+    """A run saved on the GPU (CUDA graph steps, bf16) has the CPU layout: it resumes, evals and fuses on the CPU."""
+    from click.testing import CliRunner
+
+    from arbs import store
+    from arbs_cli.main import main
+
+    run = str(tmp_path / "run")
+    common = ["--format", "E1TM32", "--preset", "tiny", "--batch-size", "4", "--context", "32", "--eval-every", "3",
+              "--eval-batches", "2", "--save-every", "3", "--out", run]
+    r = CliRunner().invoke(main, ["train", *common, "--steps", "6", "--device", "cuda", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["steps"] == 6 and math.isfinite(doc["val_loss"])
+    r = CliRunner().invoke(main, ["train", *common, "--steps", "9", "--device", "cpu", "--resume", "--json"])
+    assert r.exit_code == 0, r.output
+    ck = store.open_checkpoint(run)
+    assert ck.step_counter == 9 and ck.rule == "flip"
+    assert all(not np.issubdtype(a.dtype, np.floating) for t in ck.tensors.values() for a in t.arrays.values())
+    r = CliRunner().invoke(main, ["fuse", run, "--out", str(tmp_path / "fused")])
+    assert r.exit_code == 0, r.output
 
 
 # -- the same checks on CPU tensors through Triton's interpreter -----------------------------------
