@@ -62,7 +62,7 @@ class TrainConfig:
     out: str = "runs/e1tm"
     resume: bool = False
     init: str | None = None  # float checkpoint to start from (E1TM formats only)
-    fuse_phase: float = 0.0  # E1TM: final fraction of steps that materialize with the fused (rounded) scale
+    fuse_phase: float = 0.25  # E1TM: final fraction of steps that materialize with the fused (rounded) scale (docs/training.md)
     device: str = "cpu"
     cuda_graph: bool = True  # --device cuda, carry/flip: capture each step in a CUDA graph (same integers, less Python)
     # float baselines (AdamW on latent float weights)

@@ -195,7 +195,8 @@ def run_row(method, layers, d, batch, ctx, device, warmup, iters, amp_on=True):
     model, clock = e1tm_model(layers, d, rule, device)
     if graph:  # peak counted from before the capture: a graph's pool is allocated then, not at replay
         torch.cuda.reset_peak_memory_stats(device)
-        return measure(anm.GraphedStep(model, model, x, y), device, warmup, iters, batch * ctx, reset_peak=False)
+        graphed = anm.GraphedStep(model, model, x, y)
+        return measure(lambda: graphed(x, y), device, warmup, iters, batch * ctx, reset_peak=False)
 
     def step():
         with amp:
