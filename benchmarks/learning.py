@@ -4,7 +4,11 @@ fp32 AdamW, and E1TM32 with each rule from scratch and from the fp32 run (--init
 with the persistent training-state bits/weight. Prints the table and the targets:
 flip from scratch within 0.15 nats/byte of fp32; carry@init within 0.08; fuse gap <= 0.02.
 
-    python benchmarks/learning.py [--steps 600] [--out runs/bench-learning]
+    python benchmarks/learning.py [--steps 1000] [--out runs/learning]
+
+Pointed at an `arbs compare` output (--out runs/compare, same steps and seed) it reads back the entries
+that compare already trained instead of training them again; it then rewrites that directory's
+compare.md/compare.json/plots with its own entry list.
 """
 
 import argparse
@@ -19,11 +23,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=CompareConfig.steps)
     ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--out", default="runs/bench-learning")
+    ap.add_argument("--out", default="runs/learning")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    cfg = CompareConfig(entries=ENTRIES, steps=a.steps, preset=a.preset, out=a.out, seed=a.seed,
-                        eval_every=max(1, a.steps // 6))
+    cfg = CompareConfig(entries=ENTRIES, steps=a.steps, preset=a.preset, out=a.out, seed=a.seed)
     rows = compare(cfg, on_entry=lambda e, i, n: print(f"[{i + 1}/{n}] {e.label}", flush=True))
     print(render_markdown(cfg, rows))
     by = {r.label: r.val_loss for r in rows}
