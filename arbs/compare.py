@@ -22,7 +22,7 @@ from typing import Callable
 from . import formats as F
 from . import store
 from .errors import ArbsError, ConfigError
-from .train import FLOAT_FORMATS, TrainConfig, check_format, is_e1tm
+from .train import TrainConfig, check_format, is_e1tm
 
 log = logging.getLogger(__name__)
 

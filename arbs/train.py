@@ -17,13 +17,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F_
 
 from . import data as data_mod
 from . import formats as F
 from . import nn as anx
 from . import store
-from .errors import ArbsError, ConfigError, NonFiniteError
+from .errors import ConfigError, NonFiniteError
 from .model import GPT, PRESETS, GPTConfig, get_preset as preset
 
 log = logging.getLogger(__name__)

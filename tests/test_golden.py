@@ -17,6 +17,7 @@ import pytest
 from arbs import formats as F
 from arbs import ops
 from arbs.kernels import cpu
+from arbs.testing.reference import assert_same
 
 FORMATS = Path(__file__).resolve().parents[1] / "formats"
 VECTORS = json.loads((FORMATS / "vectors.json").read_text())
@@ -52,15 +53,6 @@ def state_of(case, src=None) -> dict:
     for name in F.tensor_arrays(case["rule"]):
         out[name] = arr(src, name, F.array_shape(name, rows, cols, case["gs"]))
     return out
-
-
-def assert_same(got, want, what: str) -> None:
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.dtype == want.dtype and got.shape == want.shape, f"{what}: {got.dtype}{got.shape} vs {want.dtype}{want.shape}"
-    bad = got.view(np.uint32) != want.view(np.uint32) if got.dtype == np.float32 else got != want
-    if bad.any():
-        first = tuple(int(i[0]) for i in np.nonzero(bad))
-        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.size} differ; first at {first}: {got[first]!r} vs {want[first]!r}")
 
 
 def ids(cases, *keys):

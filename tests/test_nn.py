@@ -6,7 +6,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F_
 
-from arbs import formats as F
 from arbs import nn as anx
 from arbs import ops
 from arbs.errors import ConfigError, NonFiniteError

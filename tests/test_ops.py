@@ -7,13 +7,14 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from arbs import formats as F
 from arbs import ops
 from arbs.errors import ArbsError, ConfigError, NonFiniteError
 from arbs.testing import reference as ref
+from arbs.testing.reference import assert_same
 from arbs.testing import strategies as S
 
 # hypothesis imports libcst to print a falsifying example, and libcst's import warns (mypy_extensions
@@ -21,15 +22,6 @@ from arbs.testing import strategies as S
 pytestmark = pytest.mark.filterwarnings("ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning")
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 GS = sorted(set(F.VARIANTS.values()))
-
-
-def assert_same(got, want, what: str) -> None:
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.dtype == want.dtype and got.shape == want.shape, f"{what}: {got.dtype}{got.shape} vs {want.dtype}{want.shape}"
-    bad = got.view(np.uint32) != want.view(np.uint32) if got.dtype == np.float32 else got != want
-    if bad.any():
-        first = tuple(int(i[0]) for i in np.nonzero(bad))
-        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.size} differ; first at {first}: {got[first]!r} vs {want[first]!r}")
 
 
 def snapshot(state) -> dict:
