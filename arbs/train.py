@@ -61,7 +61,9 @@ class TrainConfig:
     out: str = "runs/e1tm"
     resume: bool = False
     init: str | None = None  # float checkpoint to start from (E1TM formats only)
-    fuse_phase: float = 0.25  # E1TM: final fraction of steps that materialize with the fused (rounded) scale (docs/training.md)
+    # E1TM: final fraction of steps that materialize with the fused (rounded) scale. None: 0.25 for flip
+    # (its trits adapt to the rounded scales), 0 for carry/average (measured to hurt them; docs/training.md)
+    fuse_phase: float | None = None
     device: str = "cpu"
     cuda_graph: bool = True  # --device cuda, carry/flip: capture each step in a CUDA graph (same integers, less Python)
     # float baselines (AdamW on latent float weights)
@@ -88,12 +90,18 @@ class TrainConfig:
             raise ConfigError(f"--context must be >= 2, got {self.context}")
         if self.keep is not None and self.keep < 1:
             raise ConfigError(f"--keep must be >= 1, got {self.keep}")
-        if not 0.0 <= self.fuse_phase <= 1.0:
+        if self.fuse_phase is not None and not 0.0 <= self.fuse_phase <= 1.0:
             raise ConfigError(f"--fuse-phase is a fraction of the steps, 0..1; got {self.fuse_phase}")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA GPU is visible to torch on this machine; use --device cpu")
+
+    @property
+    def resolved_fuse_phase(self) -> float:
+        if self.fuse_phase is not None:
+            return self.fuse_phase
+        return 0.25 if self.resolved_rule == "flip" else 0.0
 
     @property
     def resolved_rule(self) -> str | None:
@@ -334,7 +342,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None, on
         store.save_checkpoint(run_dir, to_checkpoint(model, handles, meta, 0), keep=cfg.keep)
     opt = handles.get("optimizer")
     clock = handles.get("clock")
-    fuse_from = cfg.steps - round(cfg.fuse_phase * cfg.steps)
+    fuse_from = cfg.steps - round(cfg.resolved_fuse_phase * cfg.steps)
     model.train()
     use_graph = cfg.cuda_graph and clock is not None and cfg.device == "cuda" and anx.graphable(model)
     graphed = None

@@ -33,8 +33,9 @@ _D = TrainConfig()
 @click.option("--out", default=_D.out, show_default=True, help="Run directory (checkpoints, metrics.jsonl, loss.png).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its LATEST checkpoint (bit-exact).")
 @click.option("--init", default=None, help="Float model to start from (an fp32 run dir, .safetensors or torch state dict), converted to E1TM.")
-@click.option("--fuse-phase", type=float, default=_D.fuse_phase, show_default=True,
-              help="E1TM: final fraction of steps trained with the fused (rounded) scale, to shrink the fuse gap.")
+@click.option("--fuse-phase", type=float, default=None,
+              help="E1TM: final fraction of steps trained with the fused (rounded) scale, to shrink the fuse gap "
+              "[default: 0.25 for flip, 0 for carry and average].")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=_D.device, show_default=True, help="Where to train.")
 @click.option("--cuda-graph/--no-cuda-graph", default=_D.cuda_graph, show_default=True,
               help="--device cuda with carry/flip: replay each step (forward, backward, votes) from one CUDA graph; "
