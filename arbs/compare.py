@@ -112,7 +112,7 @@ class Row:
     ratio_fp32: float | None
     train_bpw: float  # persistent training state, bits per weight
     infer_bpw: float  # inference bits per weight (after fuse / packing)
-    ms_per_step: float
+    ms_per_step: float | None  # None: the entry trained no step in this run (it was complete already)
     peak_rss_mib: float
     curve: list = field(default_factory=list)
 
@@ -128,7 +128,8 @@ def _run_entry(cfg_dict: dict, queue) -> None:
         res = train(cfg, on_step=lambda r: queue.put(("step", r["step"])) if r["step"] % 10 == 0 else None)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
         queue.put(("done", {"val_loss": res.val_loss, "val_loss_fused": res.val_loss_fused,
-                            "ms_per_step": res.ms_per_step, "peak_rss_mib": peak}))
+                            "ms_per_step": res.ms_per_step if math.isfinite(res.ms_per_step) else None,
+                            "peak_rss_mib": peak}))
     except ArbsError as e:
         queue.put(("error", f"{type(e).__name__}: {e}"))
     except BaseException as e:  # report, then let the parent decide
@@ -237,7 +238,8 @@ def render_markdown(cfg: CompareConfig, rows: list[Row]) -> str:
     for r in rows:
         ratio = f"{r.ratio_fp32:.3f}x" if r.ratio_fp32 else "-"
         lines.append(f"| {r.label} | {r.val_loss:.4f} | {r.val_bpb:.4f} | {ratio} | {r.train_bpw:.2f} | "
-                     f"{r.infer_bpw:.2f} | {r.ms_per_step:.1f} | {r.peak_rss_mib:.0f} |")
+                     f"{r.infer_bpw:.2f} | {'-' if r.ms_per_step is None else f'{r.ms_per_step:.1f}'} | "
+                     f"{r.peak_rss_mib:.0f} |")
     setup = (f"preset `{cfg.preset}`, {cfg.steps} steps, batch {cfg.batch_size}, seed {cfg.seed}, "
              f"data {cfg.data or 'Python stdlib corpus (default)'}, device {cfg.device}")
     notes = ("Training-state bits/weight: every persistent array of the final checkpoint, in raw bytes "

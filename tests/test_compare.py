@@ -94,3 +94,13 @@ def test_compare_cli(tmp_path, text):
     assert [r["label"] for r in doc] == ["fp32", "E1TM32:average", "E1TM32:average fused"]
     res = CliRunner().invoke(main, ["compare", "E1TM32:flop", "--out", str(out)])
     assert res.exit_code == 1 and "valid rules" in res.stderr
+
+
+def test_table_shows_a_dash_for_an_entry_that_trained_no_step():
+    """An entry found complete on disk (no step timed in this run) has ms/step None, rendered as '-'."""
+    from arbs.compare import Row, render_markdown
+
+    row = Row(label="E1TM32:flip", format="E1TM32", rule="flip", fused=False, val_loss=2.0, val_bpb=2.885,
+              ratio_fp32=None, train_bpw=11.87, infer_bpw=1.87, ms_per_step=None, peak_rss_mib=500.0)
+    line = next(ln for ln in render_markdown(CompareConfig(), [row]).splitlines() if ln.startswith("| E1TM32"))
+    assert line.split("|")[7].strip() == "-"
