@@ -29,7 +29,7 @@ import torch.nn.functional as F_
 
 from . import formats as F
 from . import ops
-from .errors import ConfigError, IntegerRangeError, NonFiniteError
+from .errors import ConfigError
 
 
 @dataclass
@@ -46,23 +46,18 @@ class Clock:
     device_counts: torch.Tensor | None = field(default=None, repr=False)
 
     def read_device_counts(self) -> None:
-        """Fold the GPU votes' counts into ``stats`` (one sync); raise if a vote was refused.
-
-        The vote kernels test the counts on the device: once a gradient held NaN/inf (or a corr_accum
-        was within gs of the int64 limit) no later vote of the step changed any state.
-        """
+        """Fold the GPU votes' counts into ``stats`` and zero them (one sync); raise if a vote was
+        refused (triton_gpu.read_counts: from that layer on, no vote of the step changed any state)."""
         if self.device_counts is None:
             return
-        nonfinite, oor, carries, sats, flips = self.device_counts.tolist()
-        self.device_counts.zero_()
-        if nonfinite:
-            raise NonFiniteError(f"a weight gradient holds {nonfinite} NaN/inf value(s); "
-                                 "no vote was applied from that layer on")
-        if oor:
-            raise IntegerRangeError(f"{oor} corr_accum value(s) are within gs of the int64 limit; "
-                                    "no vote was applied from that layer on")
-        for k, v in zip(("carries", "saturations", "flips"), (carries, sats, flips)):
-            self.stats[k] += v
+        from .kernels import triton_gpu
+
+        try:
+            st = triton_gpu.read_counts(self.device_counts)
+        finally:
+            self.device_counts.zero_()
+        for k in self.stats:
+            self.stats[k] += getattr(st, k)
 
 
 class _E1TMWeight(nn.Module):
@@ -93,8 +88,9 @@ class _E1TMWeight(nn.Module):
             getattr(self, name).copy_(torch.from_numpy(np.asarray(arrays[name])))
 
     def materialize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Ephemeral W_eff (a fresh tensor each call): float32 on the CPU; on a GPU ``dtype``, or the
-        autocast dtype inside an enabled autocast, else float32 (written by the kernel, no cast)."""
+        """Ephemeral W_eff (a fresh tensor each call) in ``dtype``; by default float32, or on a GPU inside
+        an enabled autocast the autocast dtype. A GPU kernel writes it in that dtype directly; on the
+        CPU the float32 result is cast."""
         if self.T_packed.is_cuda:
             from .kernels import triton_gpu
 
@@ -102,10 +98,11 @@ class _E1TMWeight(nn.Module):
         state, scheme, step = self.state_arrays(), self.clock.scheme, self.clock.step_counter
         if self.clock.round_scale:
             E_fused, _ = ops.fuse(state, self.shape, scheme, step)
-            return torch.from_numpy(ops.materialize_fused(state["T_packed"], E_fused, self.shape, scheme.gs))
-        out = torch.empty(self.shape, dtype=torch.float32)
-        ops.materialize(state, self.shape, scheme, step, out=out.numpy())
-        return out
+            out = torch.from_numpy(ops.materialize_fused(state["T_packed"], E_fused, self.shape, scheme.gs))
+        else:
+            out = torch.empty(self.shape, dtype=torch.float32)
+            ops.materialize(state, self.shape, scheme, step, out=out.numpy())
+        return out if dtype is None else out.to(dtype)
 
     # -- votes ---------------------------------------------------------------------------------
     def _use(self) -> None:
@@ -152,7 +149,7 @@ class _LinearFn(torch.autograd.Function):
     def backward(ctx, gy):
         (x,) = ctx.saved_tensors
         mod = ctx.mod
-        w = mod.materialize(gy.dtype) if mod.T_packed.is_cuda else mod.materialize().to(gy.dtype)
+        w = mod.materialize(gy.dtype)
         gx = gy @ w if ctx.needs_input_grad[0] else None
         gw = gy.reshape(-1, gy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(gy.dtype)
         mod._receive_grad(gw)  # only its signs matter: bf16 is voted as is, never copied to float32

@@ -434,19 +434,29 @@ def vote_async(mod, grad: torch.Tensor, counters: torch.Tensor | None = None) ->
     return counters
 
 
-def vote(mod, grad: torch.Tensor):
-    """The rule's integer update of ``mod`` from ``grad``, as arbs.ops.vote: returns ops.VoteStats.
+def read_counts(counters: torch.Tensor):
+    """The counts of vote_async (one sync, a 40-byte copy) as ops.VoteStats.
 
-    A NaN/inf in ``grad`` raises NonFiniteError and leaves every buffer untouched; for the average rule
-    a corr_accum within gs of the int64 limit raises IntegerRangeError, also before any change.
-    One sync (a 40-byte device-to-host copy of the counts).
+    Raises NonFiniteError if a gradient held NaN/inf, IntegerRangeError if an average-rule corr_accum was
+    within gs of the int64 limit: in both cases the kernels changed no state from that vote on.
     """
     from ..errors import IntegerRangeError, NonFiniteError
     from ..ops import VoteStats
 
-    nonfinite, oor, carries, sats, flips = vote_async(mod, grad).tolist()
+    nonfinite, oor, carries, sats, flips = counters.tolist()
     if nonfinite:
-        raise NonFiniteError(f"gradient holds {nonfinite} NaN/inf value(s); no vote was applied")
+        raise NonFiniteError(f"a weight gradient holds {nonfinite} NaN/inf value(s); "
+                             "no vote was applied from that layer on")
     if oor:
-        raise IntegerRangeError(f"{oor} corr_accum value(s) are within gs of the int64 limit; refusing to vote")
+        raise IntegerRangeError(f"{oor} corr_accum value(s) are within gs of the int64 limit; "
+                                "no vote was applied from that layer on")
     return VoteStats(carries, sats, flips)
+
+
+def vote(mod, grad: torch.Tensor):
+    """The rule's integer update of ``mod`` from ``grad``, as arbs.ops.vote: returns ops.VoteStats.
+
+    A NaN/inf in ``grad`` raises NonFiniteError and leaves every buffer untouched; for the average rule
+    a corr_accum within gs of the int64 limit raises IntegerRangeError, also before any change (read_counts).
+    """
+    return read_counts(vote_async(mod, grad))
