@@ -112,6 +112,19 @@ def test_unpack_every_byte_value():
     assert_same(out, want, "unpack 0..242")
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_unpack_invalid_bytes_top_digit_unreduced(impl):
+    """Bytes 243..255 (rejected by readers) decode as in the Triton kernels: digits 0..3 are (b // 3**d) % 3,
+    the top digit is b // 81 (3), so its trit is 2; on the 8-byte fast path and on the row's last bytes."""
+    b = np.arange(243, 256)
+    Tp = np.concatenate([b, b]).astype(np.uint8)[None, :]  # 26 bytes; cols = 128 ends inside byte 25
+    out = np.empty((1, 128), np.int8)
+    K("unpack_into", impl)(Tp, out)
+    digits = [(b // 3**d) % 3 for d in range(4)] + [b // 81]
+    want = np.tile(np.stack(digits, axis=1).reshape(-1) - 1, 2)[:128].astype(np.int8)[None, :]
+    assert_same(out, want, "unpack 243..255")
+
+
 # ------------------------------------------------------------------------------------- materialize
 
 

@@ -6,19 +6,84 @@ chunk of rows and allocates its scratch rows once. Integer state is updated with
 arithmetic; nothing uses fastmath, so results replay bit for bit (and do not depend on the thread count).
 
 Inner loops run over ``range(gs)`` / ``range(n)`` with a base offset rather than ``range(lo, hi)``:
-that form is what LLVM vectorizes here (measured 5-15x on materialize and vote).
+that form is what LLVM vectorizes here. materialize and vote are compiled once per group size, with
+``gs`` a compile-time constant (``_by_gs``), so their per-group loops unroll into vector code.
+
+Packing moves 8 bytes at a time (``_load_u64`` / ``_store_u64``, unaligned, native byte order): the
+byte tricks below assume a little-endian host (x86-64, aarch64, ppc64le).
 
 Shapes: rows x cols is the logical 2-D view; cols_p = ceil(cols/gs)*gs; nb = ceil(cols_p/5);
 ng = cols_p/gs.
 """
 
+import functools
+
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 _OPTS = dict(cache=True, nogil=True)
 _NCHUNK = 64  # row chunks per parallel kernel call (>= 8 per thread on small machines)
 _PAD_BYTE = 121  # five padding trits (0, digit 1): 1 + 3 + 9 + 27 + 81
 _TABLE_MIN_GROUPS = 1 << 12  # materialize: below this many groups, exp2 per group is cheap enough
+
+
+def _trit_words() -> np.ndarray:
+    """(256,) uint64: bytes 0..4 of entry b are the five trits of packed byte b (int8 bit patterns, first
+    trit first), bytes 5..7 are 0. Digit d = (b // 3**d) % 3, except that the top digit is b // 81 (not
+    reduced mod 3, so the invalid bytes 243..255 give trit 2 there, as in the Triton kernels)."""
+    b = np.arange(256)
+    digits = [(b // 3**d) % 3 for d in range(4)] + [b // 81]
+    words = np.zeros((256, 8), np.uint8)
+    words[:, :5] = (np.stack(digits, axis=1) - 1).astype(np.int8).view(np.uint8)
+    return words.view(np.uint64)[:, 0].copy()
+
+
+_TRIT_WORDS = _trit_words()
+# pack: digits (trit + 1) of eight int8 trits in a uint64 without carries between bytes, then one multiply
+# sums five of them with weights 1, 3, 9, 27, 81 into byte 4 (every byte of the product stays <= 242)
+_LOW7 = np.uint64(0x7F7F7F7F7F7F7F7F)
+_HIGH = np.uint64(0x8080808080808080)
+_ONES = np.uint64(0x0101010101010101)
+_POW3 = np.uint64(81 | 27 << 8 | 9 << 16 | 3 << 24 | 1 << 32)
+
+
+def _byte_row(a) -> bool:
+    return isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype.bitwidth == 8
+
+
+def _u64_at(context, builder, aryty, ary, i):
+    data = context.make_array(aryty)(context, builder, ary).data
+    return builder.bitcast(builder.gep(data, [i]), ir.IntType(64).as_pointer())
+
+
+@intrinsic
+def _load_u64(typingctx, a, i):
+    """The 8 bytes a[i:i+8] (1-D contiguous int8/uint8 array) as one uint64, unaligned; no bounds check."""
+    if not (_byte_row(a) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        load = builder.load(_u64_at(context, builder, sig.args[0], args[0], args[1]))
+        load.align = 1
+        return load
+
+    return types.uint64(a, i), codegen
+
+
+@intrinsic
+def _store_u64(typingctx, a, i, v):
+    """a[i:i+8] = the 8 bytes of uint64 ``v``, unaligned; no bounds check."""
+    if not (_byte_row(a) and isinstance(i, types.Integer) and v == types.uint64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        store = builder.store(args[2], _u64_at(context, builder, sig.args[0], args[0], args[1]))
+        store.align = 1
+        return context.get_dummy_value()
+
+    return types.void(a, i, v), codegen
 
 
 @njit(inline="always")
@@ -27,44 +92,43 @@ def _chunk(ch, nchunk, rows):
 
 
 @njit(inline="always")
-def _digits(b):
-    """Base-3 digits (d0..d4, first least significant) of a packed byte ``b`` (uint32).
-
-    ``(x * 171) >> 9 == x // 3`` for 0 <= x <= 511, so this is exact floor division; for the invalid
-    bytes 243..255 the top digit is ``b // 81`` (3), not reduced mod 3, as in the Triton kernels.
-    """
-    q1 = (b * np.uint32(171)) >> np.uint32(9)
-    q2 = (q1 * np.uint32(171)) >> np.uint32(9)
-    q3 = (q2 * np.uint32(171)) >> np.uint32(9)
-    q4 = (q3 * np.uint32(171)) >> np.uint32(9)
-    return b - np.uint32(3) * q1, q1 - np.uint32(3) * q2, q2 - np.uint32(3) * q3, q3 - np.uint32(3) * q4, q4
-
-
-@njit(inline="always")
 def _unpack_row(tp, nb, buf):
-    """Decode the first ``nb`` bytes of packed row ``tp`` (uint8) into ``buf`` (int8, >= 5*nb) as trits."""
+    """Decode the first ``nb`` bytes of packed row ``tp`` (uint8) into ``buf`` (int8, >= 5*nb + 3) as
+    trits: one 8-byte store per byte (the next store overwrites the 3 spare bytes)."""
     for k in range(nb):
-        d0, d1, d2, d3, d4 = _digits(np.uint32(tp[k]))
-        j = 5 * k
-        buf[j] = np.int8(d0) - np.int8(1)
-        buf[j + 1] = np.int8(d1) - np.int8(1)
-        buf[j + 2] = np.int8(d2) - np.int8(1)
-        buf[j + 3] = np.int8(d3) - np.int8(1)
-        buf[j + 4] = np.int8(d4) - np.int8(1)
+        _store_u64(buf, 5 * k, _TRIT_WORDS[tp[k]])
 
 
 @njit(inline="always")
-def _pack_row(buf, nb, out):
-    """Encode trits ``buf`` (int8, >= 5*nb, padded with 0) into ``out`` (uint8, nb)."""
-    for k in range(nb):
-        j = 5 * k
-        out[k] = np.uint8(
-            (np.int32(buf[j]) + 1)
-            + 3 * (np.int32(buf[j + 1]) + 1)
-            + 9 * (np.int32(buf[j + 2]) + 1)
-            + 27 * (np.int32(buf[j + 3]) + 1)
-            + 81 * (np.int32(buf[j + 4]) + 1)
-        )
+def _pack5(t, j):
+    """The packed byte (uint64) of the five trits t[j:j+5] (int8, {-1,0,1}); reads t[j:j+8]."""
+    w = _load_u64(t, j)
+    digits = ((w & _LOW7) + _ONES) ^ (w & _HIGH)  # trit + 1 per byte: 0xFF -> 0, 0 -> 1, 1 -> 2
+    return ((digits * _POW3) >> np.uint64(32)) & np.uint64(255)
+
+
+@njit(inline="always")
+def _pack_row(t, n, out):
+    """Encode trits ``t`` (int8, {-1,0,1}, n readable entries) into ``out`` (uint8): byte k holds
+    t[5k:5k+5]; trits at or past ``n`` are padding 0."""
+    nb = out.shape[0]
+    nfast = min(nb, max(n - 3, 0) // 5)  # bytes whose 8-byte read t[5k:5k+8] stays inside t
+    nword = nfast // 8
+    for w in range(nword):  # eight packed bytes per store
+        acc = np.uint64(0)
+        for i in range(8):
+            acc |= _pack5(t, 40 * w + 5 * i) << np.uint64(8 * i)
+        _store_u64(out, 8 * w, acc)
+    for k in range(8 * nword, nfast):
+        out[k] = np.uint8(_pack5(t, 5 * k))
+    for k in range(nfast, nb):  # the last bytes: trits near or past the end of t, then padding
+        acc = np.int32(_PAD_BYTE)
+        p = np.int32(1)
+        for i in range(5):
+            if 5 * k + i < n:
+                acc += p * np.int32(t[5 * k + i])
+            p *= 3
+        out[k] = np.uint8(acc)
 
 
 @njit(parallel=True, **_OPTS)
@@ -74,27 +138,11 @@ def pack_into(T, out):
     Trits past ``cols`` (row padding up to 5*nb) are written as 0. ``out`` is overwritten.
     """
     rows, cols = T.shape
-    nb = out.shape[1]
-    full = cols // 5  # bytes whose five trits all lie inside the row
-    rem = cols - 5 * full
     nchunk = min(rows, _NCHUNK)
     for ch in prange(nchunk):
         r0, r1 = _chunk(ch, nchunk, rows)
         for r in range(r0, r1):
-            t = T[r]
-            o = out[r]
-            _pack_row(t, full, o)
-            k = full
-            if rem:  # the byte holding the last trits and the first padding trits
-                acc = np.int32(_PAD_BYTE)
-                p = np.int32(1)
-                for i in range(rem):
-                    acc += p * np.int32(t[5 * full + i])
-                    p *= 3
-                o[k] = np.uint8(acc)
-                k += 1
-            for kk in range(k, nb):
-                o[kk] = np.uint8(_PAD_BYTE)
+            _pack_row(T[r], cols, out[r])
 
 
 @njit(parallel=True, **_OPTS)
@@ -102,25 +150,19 @@ def unpack_into(T_packed, out):
     """Unpack ``T_packed`` (uint8, (rows, nb)) into ``out`` (int8, (rows, cols)); padding dropped."""
     rows, nb = T_packed.shape
     cols = out.shape[1]
-    full = cols // 5
-    rem = cols - 5 * full
+    nfast = min(nb, max(cols - 3, 0) // 5)  # bytes whose 8-byte store stays inside the row
+    nused = min(nb, (cols + 4) // 5)
     nchunk = min(rows, _NCHUNK)
     for ch in prange(nchunk):
         r0, r1 = _chunk(ch, nchunk, rows)
         for r in range(r0, r1):
             tp = T_packed[r]
             o = out[r]
-            _unpack_row(tp, full, o)
-            if rem:
-                d0, d1, d2, d3, d4 = _digits(np.uint32(tp[full]))
-                j = 5 * full
-                o[j] = np.int8(d0) - np.int8(1)
-                if rem > 1:
-                    o[j + 1] = np.int8(d1) - np.int8(1)
-                if rem > 2:
-                    o[j + 2] = np.int8(d2) - np.int8(1)
-                if rem > 3:
-                    o[j + 3] = np.int8(d3) - np.int8(1)
+            _unpack_row(tp, nfast, o)
+            for k in range(nfast, nused):  # the last bytes, trit by trit up to cols
+                w = _TRIT_WORDS[tp[k]]
+                for i in range(min(5, cols - 5 * k)):
+                    o[5 * k + i] = np.int8(np.uint8((w >> np.uint64(8 * i)) & np.uint64(255)))
 
 
 @njit(**_OPTS)
@@ -159,49 +201,62 @@ def _scale_table(E, corr_accum, num, den):
     return table, n_min
 
 
-@njit(parallel=True, **_OPTS)
-def materialize_into(T_packed, E, corr_accum, gs, num, den, out):
+def _by_gs(make):
+    """``make(gs, parallel)`` -> numba kernel, compiled on first use and kept per (gs, parallel)."""
+    return functools.cache(make)
+
+
+@_by_gs
+def _materialize_kernel(gs, parallel):
+    @njit(parallel=parallel, **_OPTS)
+    def materialize(T_packed, E, corr_accum, num, den, out):
+        rows, nb = T_packed.shape
+        ng = E.shape[1]
+        cols = out.shape[1]
+        nfull = min(cols // gs, ng)  # groups lying wholly inside cols
+        tail = cols - nfull * gs  # trits of the last, partial group
+        fden = np.float64(den)
+        table, n_min = _scale_table(E, corr_accum, num, den)
+        nchunk = min(rows, _NCHUNK)
+        for ch in prange(nchunk):
+            r0, r1 = _chunk(ch, nchunk, rows)
+            buf = np.empty(5 * nb + 3, np.int8)  # (5*nb + 3,) trits of one row
+            S = np.empty(ng, np.float32)  # (ng,) scales of one row, 2**(E + Xi) computed once per group
+            for r in range(r0, r1):
+                _unpack_row(T_packed[r], nb, buf)
+                er = E[r]
+                cr = corr_accum[r]
+                if table.size:
+                    for g in range(ng):
+                        S[g] = table[np.int64(er[g]) * den + num * cr[g] - n_min]
+                elif den == 0:
+                    for g in range(ng):
+                        S[g] = np.float32(np.exp2(np.float64(er[g]) + 0.0))
+                else:
+                    for g in range(ng):
+                        S[g] = np.float32(np.exp2(np.float64(er[g]) + np.float64(num * cr[g]) / fden))
+                o = out[r]
+                for g in range(nfull):
+                    s = S[g]
+                    base = g * gs
+                    for i in range(gs):
+                        o[base + i] = s * np.float32(buf[base + i])
+                if tail > 0:
+                    s = S[nfull]
+                    base = nfull * gs
+                    for i in range(tail):
+                        o[base + i] = s * np.float32(buf[base + i])
+
+    return materialize
+
+
+def materialize_into(T_packed, E, corr_accum, gs, num, den, out, *, parallel=True):
     """W_eff = S*T with S = float32(2**(E + Xi)), Xi = float64(num*corr_accum)/den (0 if den == 0).
 
     T_packed uint8 (rows, nb); E int8 and corr_accum int64 (rows, ng); ``out`` float32 (rows, cols)
-    is overwritten.
+    is overwritten. Runs the kernel compiled for this ``gs`` (parallel, or its serial twin).
     """
-    rows, nb = T_packed.shape
-    ng = E.shape[1]
-    cols = out.shape[1]
-    nfull = min(cols // gs, ng)  # groups lying wholly inside cols
-    tail = cols - nfull * gs  # trits of the last, partial group
-    fden = np.float64(den)
-    table, n_min = _scale_table(E, corr_accum, num, den)
-    nchunk = min(rows, _NCHUNK)
-    for ch in prange(nchunk):
-        r0, r1 = _chunk(ch, nchunk, rows)
-        buf = np.empty(5 * nb, np.int8)  # (5*nb,) trits of one row
-        S = np.empty(ng, np.float32)  # (ng,) scales of one row, 2**(E + Xi) computed once per group
-        for r in range(r0, r1):
-            _unpack_row(T_packed[r], nb, buf)
-            er = E[r]
-            cr = corr_accum[r]
-            if table.size:
-                for g in range(ng):
-                    S[g] = table[np.int64(er[g]) * den + num * cr[g] - n_min]
-            elif den == 0:
-                for g in range(ng):
-                    S[g] = np.float32(np.exp2(np.float64(er[g]) + 0.0))
-            else:
-                for g in range(ng):
-                    S[g] = np.float32(np.exp2(np.float64(er[g]) + np.float64(num * cr[g]) / fden))
-            o = out[r]
-            for g in range(nfull):
-                s = S[g]
-                base = g * gs
-                for i in range(gs):
-                    o[base + i] = s * np.float32(buf[base + i])
-            if tail > 0:
-                s = S[nfull]
-                base = nfull * gs
-                for i in range(tail):
-                    o[base + i] = s * np.float32(buf[base + i])
+    _materialize_kernel(gs, parallel)(T_packed, E, corr_accum, num, den, out)
 
 
 @njit(inline="always")
@@ -216,39 +271,48 @@ def _group_vote(gr, buf, base, n):
     return acc, nf
 
 
-@njit(parallel=True, **_OPTS)
-def vote_delta_into(grad, T_packed, gs, delta):
+@_by_gs
+def _vote_delta_kernel(gs, parallel):
+    @njit(parallel=parallel, **_OPTS)
+    def vote_delta(grad, T_packed, delta):
+        rows, nb = T_packed.shape
+        ng = delta.shape[1]
+        cols = grad.shape[1]
+        nfull = min(cols // gs, ng)
+        tail = cols - nfull * gs
+        nchunk = min(rows, _NCHUNK)
+        bad = np.zeros(max(nchunk, 1), np.int64)
+        for ch in prange(nchunk):
+            r0, r1 = _chunk(ch, nchunk, rows)
+            buf = np.empty(5 * nb + 3, np.int8)  # (5*nb + 3,) trits of one row
+            nonfinite = 0
+            for r in range(r0, r1):
+                _unpack_row(T_packed[r], nb, buf)
+                gr = grad[r]
+                dr = delta[r]
+                for g in range(nfull):
+                    acc, nf = _group_vote(gr, buf, g * gs, gs)
+                    dr[g] = -np.int64(acc)
+                    nonfinite += nf
+                for g in range(nfull, ng):  # the partial last group, then groups past cols (none if valid)
+                    acc, nf = _group_vote(gr, buf, g * gs, tail if g == nfull else 0)
+                    dr[g] = -np.int64(acc)
+                    nonfinite += nf
+            bad[ch] = nonfinite
+        return bad.sum()
+
+    return vote_delta
+
+
+def vote_delta_into(grad, T_packed, gs, delta, *, parallel=True):
     """delta[r, g] = -sum_{c in group g} sign(grad[r, c]) * T[r, c]  (sign(0) = 0).
 
     grad float32 or float64 (rows, cols); T_packed uint8 (rows, nb); ``delta`` int64 (rows, ng) is
     overwritten. Returns the number of NaN/inf entries in ``grad`` (0 when the votes are usable).
     Reads nothing but grad and T_packed, so a caller can drop ``delta`` when the count is not 0.
+    Runs the kernel compiled for this ``gs`` (parallel, or its serial twin).
     """
-    rows, nb = T_packed.shape
-    ng = delta.shape[1]
-    cols = grad.shape[1]
-    nfull = min(cols // gs, ng)
-    tail = cols - nfull * gs
-    nchunk = min(rows, _NCHUNK)
-    bad = np.zeros(max(nchunk, 1), np.int64)
-    for ch in prange(nchunk):
-        r0, r1 = _chunk(ch, nchunk, rows)
-        buf = np.empty(5 * nb, np.int8)  # (5*nb,) trits of one row
-        nonfinite = 0
-        for r in range(r0, r1):
-            _unpack_row(T_packed[r], nb, buf)
-            gr = grad[r]
-            dr = delta[r]
-            for g in range(nfull):
-                acc, nf = _group_vote(gr, buf, g * gs, gs)
-                dr[g] = -np.int64(acc)
-                nonfinite += nf
-            for g in range(nfull, ng):  # the partial last group, then groups past cols (none if valid)
-                acc, nf = _group_vote(gr, buf, g * gs, tail if g == nfull else 0)
-                dr[g] = -np.int64(acc)
-                nonfinite += nf
-        bad[ch] = nonfinite
-    return bad.sum()
+    return _vote_delta_kernel(gs, parallel)(grad, T_packed, delta)
 
 
 @njit(inline="always")
@@ -326,7 +390,7 @@ def flip_into(grad, T_packed, flip_accum, theta):
     nflips = np.zeros(max(nchunk, 1), np.int64)
     for ch in prange(nchunk):
         r0, r1 = _chunk(ch, nchunk, rows)
-        buf = np.empty(5 * nb, np.int8)  # (5*nb,) trits of one row
+        buf = np.empty(5 * nb + 3, np.int8)  # (5*nb + 3,) trits of one row
         flips = 0
         for r in range(r0, r1):
             _unpack_row(T_packed[r], nb, buf)
@@ -348,7 +412,7 @@ def flip_into(grad, T_packed, flip_accum, theta):
                     n += 1
                 fa[c] = np.int8(v)
             if n:
-                _pack_row(buf, nb, T_packed[r])
+                _pack_row(buf, buf.size, T_packed[r])
             flips += n
         nflips[ch] = flips
     return nflips.sum()
@@ -397,21 +461,24 @@ PARALLEL_MIN_ELEMENTS = 1 << 18
 
 
 def _serial_twin(dispatcher):
-    import types
+    import types as pytypes
 
     fn = dispatcher.py_func
-    twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__, fn.__closure__)
+    twin = pytypes.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__, fn.__closure__)
     twin.__qualname__ = fn.__qualname__ + "_serial"
     twin.__doc__ = fn.__doc__
     return njit(**_OPTS)(twin)
 
 
 _SERIAL = {}
+_BY_GS = ("materialize_into", "vote_delta_into")  # Python entry points taking ``parallel=``
 
 
 def kernel(name: str, n_elements: int):
     """The kernel ``name``, parallel for at least PARALLEL_MIN_ELEMENTS elements, else its serial twin."""
     par = globals()[name]
+    if name in _BY_GS:
+        return par if n_elements >= PARALLEL_MIN_ELEMENTS else functools.partial(par, parallel=False)
     if n_elements >= PARALLEL_MIN_ELEMENTS:
         return par
     if name not in _SERIAL:
