@@ -56,12 +56,15 @@ RULES: dict[str, RuleSpec] = {
         "integrating scale: Xi = corr_accum/(K*gs); a full K*gs carries into E",
     ),
     "flip": RuleSpec(
-        "flip", ("K", "theta"), ("flip_accum",),
+        "flip", ("K", "theta", "gain", "horizon"), ("flip_accum",),
         "carry for scales plus an int8 counter per weight that moves trits -1 <-> 0 <-> +1 at +-theta",
     ),
 }
-DEFAULT_PARAMS: dict[str, int] = {"K": 16, "theta": 8}
-PARAM_RANGES: dict[str, tuple[int, int]] = {"K": (1, 1 << 20), "theta": (1, 127)}
+# gain = 0: every weight votes -sign(grad) each step (the plain flip rule). gain > 0: magnitude-aware
+# stochastic votes (see trit_vote_gain); horizon > 0 adds a warmup + cosine schedule ending at that step.
+DEFAULT_PARAMS: dict[str, int] = {"K": 16, "theta": 8, "gain": 0, "horizon": 0}
+PARAM_RANGES: dict[str, tuple[int, int]] = {"K": (1, 1 << 20), "theta": (1, 127), "gain": (0, 1 << 10),
+                                            "horizon": (0, 1 << 40)}
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,45 @@ def xi_ratio(rule: str, params: dict[str, int], step_counter: int, gs: int) -> t
         return 4, int(step_counter) * gs
     rule_spec(rule)
     return 1, params["K"] * gs
+
+
+def trit_vote_gain(params: dict[str, int], step_counter: int) -> float:
+    """The flip rule's vote gain at ``step_counter``: ``gain * m(step)``, or 0.0 for plain sign votes.
+
+    With gain > 0 a weight votes -sign(g) with probability min(1, gain_m * |g| / rms(g over its row)),
+    so small gradients rarely vote and unimportant trits stop random-walking. m(step) = 1 when
+    horizon = 0; else a linear warmup over the first horizon//20 steps, then a cosine from 1 to 0 at
+    step = horizon (and 0 after it: trits are final).
+    """
+    gain, horizon = params.get("gain", 0), params.get("horizon", 0)
+    if gain == 0:
+        return 0.0
+    if horizon == 0:
+        return float(gain)
+    warmup = horizon // 20
+    if step_counter < warmup:
+        return gain * (step_counter + 1) / warmup
+    frac = min(1.0, (step_counter - warmup) / max(1, horizon - warmup))
+    return gain * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+_M64 = (1 << 64) - 1
+GOLDEN64 = 0x9E3779B97F4A7C15
+
+
+def mix64(x: int) -> int:
+    """splitmix64's finalizer on a 64-bit unsigned integer (the kernels carry the same arithmetic)."""
+    x &= _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def vote_key(seed: int, tensor: int, step_counter: int) -> int:
+    """Counter-based RNG key of one tensor's votes at one step: element i of the (rows, cols_p) view
+    draws u = (mix64(key ^ (i * GOLDEN64 mod 2**64)) >> 40) / 2**24. No RNG state is stored, so a
+    resumed run draws the same numbers."""
+    return mix64(mix64(mix64(seed) ^ tensor) ^ step_counter)
 
 
 def carry_limit(rule: str, params: dict[str, int], gs: int) -> int:

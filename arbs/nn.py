@@ -39,11 +39,29 @@ class Clock:
     scheme: F.Scheme
     step_counter: int = 0
     accumulating: bool = False
-    round_scale: bool = False  # fuse-aware phase: materialize with S = 2**rint(E + Xi), as fuse will
+    seed: int = 0  # keys the flip rule's stochastic votes, with each tensor's index and step_counter
+    freeze_scale: bool = False  # fuse phase: scales were fused into E (fuse_scales_); votes leave E/corr_accum
     stats: dict = field(default_factory=lambda: {"carries": 0, "saturations": 0, "flips": 0})
     # GPU: every layer's vote adds its counts to this one int64 device tensor (no sync per layer);
     # step() reads it once. [nonfinite, out_of_range, carries, saturations, flips]
     device_counts: torch.Tensor | None = field(default=None, repr=False)
+
+    _sched: torch.Tensor | None = field(default=None, repr=False)
+
+    def device_sched(self, device) -> torch.Tensor:
+        """float64 device tensor [step_counter, flip vote gain at that step] read by the GPU flip votes.
+        Written from the host here, except while a CUDA graph is being captured (the graph then reads
+        what :func:`step` writes after every replay)."""
+        if self._sched is None or self._sched.device != torch.device(device):
+            self._sched = torch.zeros(2, dtype=torch.float64, device=device)
+        if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            self.write_sched()
+        return self._sched
+
+    def write_sched(self) -> None:
+        if self._sched is not None:
+            gain_m = F.trit_vote_gain(self.scheme.params, self.step_counter)
+            self._sched.copy_(torch.tensor([float(self.step_counter), gain_m], dtype=torch.float64))
 
     def read_device_counts(self) -> None:
         """Fold the GPU votes' counts into ``stats`` and zero them (one sync); raise if a vote was
@@ -74,6 +92,7 @@ class _E1TMWeight(nn.Module):
             self.register_buffer(name, torch.from_numpy(np.array(state[name], copy=True)))
         # requires_grad anchor: makes autograd call our backward even when no input needs a gradient
         self._anchor = torch.empty(0, requires_grad=True)
+        self.tensor_index = 0  # position among the model's E1TM tensors (keys the flip rule's draws)
         self._pending = 0
         self._grad_sum: torch.Tensor | None = None
 
@@ -95,13 +114,8 @@ class _E1TMWeight(nn.Module):
             from .kernels import triton_gpu
 
             return triton_gpu.materialize(self, dtype)
-        state, scheme, step = self.state_arrays(), self.clock.scheme, self.clock.step_counter
-        if self.clock.round_scale:
-            E_fused, _ = ops.fuse(state, self.shape, scheme, step)
-            out = torch.from_numpy(ops.materialize_fused(state["T_packed"], E_fused, self.shape, scheme.gs))
-        else:
-            out = torch.empty(self.shape, dtype=torch.float32)
-            ops.materialize(state, self.shape, scheme, step, out=out.numpy())
+        out = torch.empty(self.shape, dtype=torch.float32)
+        ops.materialize(self.state_arrays(), self.shape, self.clock.scheme, self.clock.step_counter, out=out.numpy())
         return out if dtype is None else out.to(dtype)
 
     # -- votes ---------------------------------------------------------------------------------
@@ -128,7 +142,9 @@ class _E1TMWeight(nn.Module):
                 self.clock.device_counts = triton_gpu.new_counters(grad.device)
             triton_gpu.vote_async(self, grad, self.clock.device_counts)
             return
-        st = ops.vote(self.state_arrays(), grad.detach().float().contiguous().numpy(), self.shape, self.clock.scheme)
+        c = self.clock
+        st = ops.vote(self.state_arrays(), grad.detach().float().contiguous().numpy(), self.shape, c.scheme,
+                      step_counter=c.step_counter, seed=c.seed, tensor=self.tensor_index, scales=not c.freeze_scale)
         for k in self.clock.stats:
             self.clock.stats[k] += getattr(st, k)
 
@@ -224,6 +240,9 @@ def ternarize_(
     *,
     K: int | None = None,
     theta: int | None = None,
+    gain: int | None = None,
+    horizon: int | None = None,
+    seed: int = 0,
     include=lambda name, module: True,
     report: dict | None = None,
 ) -> Clock:
@@ -236,7 +255,9 @@ def ternarize_(
     Parameters
     ----------
     model : the module to change in place.
-    format, rule, K, theta : the E1TM variant and update rule with its integer parameters.
+    format, rule, K, theta, gain, horizon : the E1TM variant and update rule with its integer parameters
+        (formats.RULES; for flip, ``gain=4, horizon=<your step count>`` is what ``arbs train`` uses).
+    seed : keys the flip rule's stochastic votes (with each tensor's index and the step).
     include : callable(name, module) -> bool selecting layers to convert.
     report : optional dict filled with name -> ops.ConvertStats.
 
@@ -244,7 +265,9 @@ def ternarize_(
     -------
     Clock shared by all converted layers; ``step(model)`` advances it.
     """
-    clock = Clock(F.make_scheme(format, rule, K=K, theta=theta))
+    params = {"K": K, "theta": theta, "gain": gain, "horizon": horizon}
+    clock = Clock(F.make_scheme(format, rule, **{k: v for k, v in params.items() if k in F.rule_spec(rule).params}),
+                  seed=int(seed))
     targets = [
         (name, m)
         for name, m in model.named_modules()
@@ -260,6 +283,8 @@ def ternarize_(
         else:
             new = E1TMLinear(m.in_features, m.out_features, clock, state, bias=m.bias)
         _set_submodule(model, name, new)
+    for i, m in enumerate(e1tm_modules(model).values()):
+        m.tensor_index = i
     return clock
 
 
@@ -269,6 +294,24 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def fuse_scales_(model: nn.Module) -> dict[str, int]:
+    """Start the fuse phase: every E1TM tensor's scale becomes its fused value (E = rint(E + Xi), clipped
+    to int8; corr_accum = 0) and later votes leave E and corr_accum alone, so the model trained from
+    here on is exactly the one ``fuse`` exports. Idempotent. Returns {'groups', 'clipped', 'changed'}."""
+    clock = model_clock(model)
+    out = {"groups": 0, "clipped": 0, "changed": 0}
+    with torch.no_grad():
+        for m in e1tm_modules(model).values():
+            arrays = _cpu_arrays(m)
+            E_fused, st = ops.fuse(arrays, m.shape, clock.scheme, clock.step_counter)
+            m.E.copy_(torch.from_numpy(E_fused))
+            m.corr_accum.zero_()
+            for k in out:
+                out[k] += getattr(st, k)
+    clock.freeze_scale = True
+    return out
+
+
 def step(model: nn.Module) -> int:
     """End one training step: vote any pending summed gradients, then step_counter += 1. Returns it."""
     clock = model_clock(model)
@@ -276,6 +319,7 @@ def step(model: nn.Module) -> int:
         m.flush()
     clock.read_device_counts()
     clock.step_counter += 1
+    clock.write_sched()
     return clock.step_counter
 
 
@@ -330,7 +374,7 @@ class GraphedStep:
     instead of once per layer, which is where an eager step on a GPU spends most of its time.
 
     Valid while every kernel argument is fixed: the carry and flip rules (``Xi = corr_accum/(K*gs)``
-    does not depend on the step; average's does) and one value of ``Clock.round_scale`` (the step is
+    does not depend on the step; average's does) and one value of ``Clock.freeze_scale`` (the step is
     captured again when it changes). Building it runs two warm-up steps whose state changes are undone.
 
     Parameters
@@ -377,13 +421,14 @@ class GraphedStep:
             for (n, k), v in saved.items():
                 getattr(mods[n], k).copy_(v)
         clock.step_counter, clock.stats = saved_clock[0], saved_clock[1]
-        self.round_scale = clock.round_scale
+        clock.write_sched()
+        self.freeze_scale = clock.freeze_scale
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.loss = self._body()
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        if self.clock.round_scale != self.round_scale:  # the fuse-aware phase began: capture it anew
+        if self.clock.freeze_scale != self.freeze_scale:  # the fuse phase began: capture it anew
             self.graph.reset()
             self._capture()
         for s, x in zip(self.static, inputs, strict=True):

@@ -97,13 +97,18 @@ class VoteStats:
     flips: int = 0  # trits moved (flip rule)
 
 
-def vote(state, grad: np.ndarray, shape, scheme: F.Scheme) -> VoteStats:
+def vote(state, grad: np.ndarray, shape, scheme: F.Scheme, *, step_counter: int = 0, seed: int = 0,
+         tensor: int = 0, scales: bool = True) -> VoteStats:
     """Turn the gradient of W_eff into integer votes and apply the rule's update, in place on ``state``.
 
     ``corr_accum[g] -= sum_{i in g} sign(grad_i)*T_i``; then carry into E (carry, flip) and move trits
     (flip). A NaN or inf anywhere in ``grad`` raises NonFiniteError and leaves every array untouched.
     ``grad`` is float32 or float64 in the logical ``shape``. The caller advances step_counter once per
     optimizer step.
+
+    flip with ``gain > 0`` votes stochastically (formats.trit_vote_gain): the draws are keyed by
+    (seed, tensor, step_counter, element), so the same call gives the same result. ``scales=False``
+    leaves E and corr_accum as they are (the fuse phase: scales are fused and frozen; trits still move).
     """
     rows, cols = check_state(state, shape, scheme)
     if grad.dtype not in (np.float32, np.float64):
@@ -119,10 +124,15 @@ def vote(state, grad: np.ndarray, shape, scheme: F.Scheme) -> VoteStats:
     limit = scheme.carry_limit
     if limit == 0 and corr.size and np.abs(corr).max() > np.iinfo(np.int64).max - scheme.gs:
         raise IntegerRangeError("corr_accum is within gs of the int64 limit; refusing to vote")
-    carries, sats = cpu.kernel("apply_votes", corr.size * 16)(corr, state["E"], delta, limit)
-    flips = 0
+    carries = sats = flips = 0
+    if scales:
+        carries, sats = cpu.kernel("apply_votes", corr.size * 16)(corr, state["E"], delta, limit)
     if "flip_accum" in scheme.arrays():
-        flips = cpu.kernel("flip_into", g2.size)(g2, state["T_packed"], state["flip_accum"], scheme.params["theta"])
+        gain_m = F.trit_vote_gain(scheme.params, step_counter)
+        if gain_m > 0 or scheme.params["gain"] == 0:  # gain > 0 past the horizon: trits are final
+            key = np.uint64(F.vote_key(seed, tensor, step_counter))
+            flips = cpu.kernel("flip_into", g2.size)(g2, state["T_packed"], state["flip_accum"],
+                                                     scheme.params["theta"], gain_m, key)
     return VoteStats(carries, sats, flips)
 
 

@@ -46,8 +46,10 @@ class TrainConfig:
 
     format: str = F.DEFAULT_VARIANT
     rule: str | None = None  # None: flip from scratch, carry with init
-    K: int | None = None
+    K: int | None = None  # None: 16, or 8 for flip (measured better from scratch: docs/training.md)
     theta: int | None = None
+    gain: int | None = None  # flip's stochastic vote gain; None: 4 (0 = plain sign votes)
+    horizon: int | None = None  # flip's schedule end; None: --steps (on --resume: the run's own)
     preset: str = "tiny"
     data: str | None = None  # None: the built-in Python-stdlib corpus
     steps: int = 1000
@@ -61,8 +63,9 @@ class TrainConfig:
     out: str = "runs/e1tm"
     resume: bool = False
     init: str | None = None  # float checkpoint to start from (E1TM formats only)
-    # E1TM: final fraction of steps that materialize with the fused (rounded) scale. None: 0.25 for flip
-    # (its trits adapt to the rounded scales), 0 for carry/average (measured to hurt them; docs/training.md)
+    # E1TM: final fraction of steps trained with the scales fused into E and frozen (only trits learn),
+    # so the fused checkpoint is the trained one. None: 0.25 for flip, 0 for carry/average (nothing of
+    # theirs would learn in it)
     fuse_phase: float | None = None
     device: str = "cpu"
     cuda_graph: bool = True  # --device cuda, carry/flip: capture each step in a CUDA graph (same integers, less Python)
@@ -76,7 +79,7 @@ class TrainConfig:
     def __post_init__(self):
         check_format(self.format)
         if is_e1tm(self.format):
-            F.rule_params(self.resolved_rule, K=self.K, theta=self.theta)
+            self.rule_params()
         elif self.rule is not None:
             raise ConfigError(f"--rule applies to E1TM formats only; {self.format!r} is a float baseline")
         elif self.init is not None:
@@ -102,6 +105,19 @@ class TrainConfig:
         if self.fuse_phase is not None:
             return self.fuse_phase
         return 0.25 if self.resolved_rule == "flip" else 0.0
+
+    def rule_params(self) -> dict[str, int]:
+        """The E1TM rule's integer parameters with arbs train's defaults (flip: K 8, gain 4, horizon --steps)."""
+        rule = self.resolved_rule
+        given = {"K": self.K, "theta": self.theta, "gain": self.gain, "horizon": self.horizon}
+        if rule == "flip":
+            defaults = {"K": 8, "gain": 4, "horizon": self.steps}
+            given = {k: defaults.get(k) if v is None else v for k, v in given.items()}
+        unused = [k for k, v in given.items() if v is not None and k not in F.rule_spec(rule).params]
+        if unused:
+            raise ConfigError(f"--{unused[0]} does not apply to rule {rule!r} (its parameters: "
+                              f"{', '.join(F.rule_spec(rule).params) or 'none'})")
+        return F.rule_params(rule, **given)
 
     @property
     def resolved_rule(self) -> str | None:
@@ -147,8 +163,7 @@ def build(meta: dict, ckpt: store.Checkpoint | None = None, *, device: str = "cp
     if is_e1tm(fmt):
         if meta.get("init") and ckpt is None:
             _load_float_init(model, meta["init"])
-        p = meta.get("rule_params", {})
-        handles["clock"] = anx.ternarize_(model, fmt, meta["rule"], K=p.get("K"), theta=p.get("theta"))
+        handles["clock"] = anx.ternarize_(model, fmt, meta["rule"], **meta.get("rule_params", {}), seed=meta["seed"])
         if ckpt is not None:
             anx.load_tensor_states(model, {n: t.arrays for n, t in ckpt.tensors.items()}, ckpt.step_counter)
         model.to(device)
@@ -291,7 +306,7 @@ def _meta(cfg: TrainConfig, corpus_info: dict) -> dict:
         "init": cfg.init,
     }
     if is_e1tm(cfg.format):
-        m["rule_params"] = F.rule_params(cfg.resolved_rule, K=cfg.K, theta=cfg.theta)
+        m["rule_params"] = cfg.rule_params()
     else:
         m.update(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup, steps=cfg.steps,
                  baseline_theta=cfg.baseline_theta, gs=32)
@@ -332,6 +347,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None, on
     ckpt = None
     if cfg.resume:
         ckpt = store.open_checkpoint(run_dir)
+        if cfg.horizon is None and "horizon" in meta.get("rule_params", {}):  # the schedule is the run's
+            meta["rule_params"]["horizon"] = ckpt.meta.get("rule_params", {}).get("horizon")
         _check_resume(ckpt, meta, run_dir)
         meta = ckpt.meta | {k: v for k, v in meta.items() if k not in _IDENTITY_KEYS}
     elif store.list_checkpoints(run_dir) if run_dir.exists() else False:
@@ -370,8 +387,10 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None, on
             if opt is not None:
                 for g in opt.param_groups:
                     g["lr"] = _lr_at(cfg, step)
-            else:
-                clock.round_scale = step >= fuse_from
+            elif step >= fuse_from and not clock.freeze_scale:  # idempotent, so a resumed run does the same
+                st = anx.fuse_scales_(model)
+                log.info("fuse phase from step %d: scales fused into E (%d of %d groups changed, %d clipped)",
+                         step, st["changed"], st["groups"], st["clipped"])
             if use_graph:  # forward + backward + votes replayed from one CUDA graph; a NaN raises in step
                 if graphed is None:
                     graphed = anx.GraphedStep(model, lambda a, b: model(a, b)[1], x, y)
@@ -413,9 +432,6 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None, on
             signal.signal(signal.SIGINT, old_handler)
     if stop["flag"] and not store.resolve_checkpoint(run_dir).name == f"step_{step}":
         store.save_checkpoint(run_dir, to_checkpoint(model, handles, meta, step), keep=cfg.keep)
-    if clock is not None and clock.round_scale:
-        clock.round_scale = False  # report the checkpoint's own (continuous-scale) loss next to the fused one
-        val_loss = None
     if val_loss is None:
         val_loss = evaluate(model, corpus.val, batch_size=cfg.batch_size, context=mcfg.context,
                             max_batches=cfg.eval_batches, device=cfg.device)

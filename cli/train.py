@@ -18,8 +18,15 @@ _D = TrainConfig()
               help=f"E1TM variant ({', '.join(F.VARIANTS)}) or float baseline ({', '.join(FLOAT_FORMATS)}).")
 @click.option("--rule", default=None, help="E1TM update rule: average (the design's), carry, flip. "
               "Default: flip from scratch, carry with --init.")
-@click.option("--K", "K", type=int, default=None, help=f"carry/flip: Xi = corr_accum/(K*gs) [default {F.DEFAULT_PARAMS['K']}].")
+@click.option("--K", "K", type=int, default=None,
+              help=f"carry/flip: Xi = corr_accum/(K*gs) [default {F.DEFAULT_PARAMS['K']}; 8 for flip].")
 @click.option("--theta", type=int, default=None, help=f"flip: counter threshold that moves a trit [default {F.DEFAULT_PARAMS['theta']}].")
+@click.option("--gain", type=int, default=None,
+              help="flip: a weight votes with probability min(1, gain*m(step)*|g|/rms(g of its row)); 0 = every "
+              "weight votes -sign(g) each step [default 4].")
+@click.option("--horizon", type=int, default=None,
+              help="flip: step where the vote schedule m (5%% warmup, cosine to 0) ends; 0 = constant "
+              "[default: --steps; on --resume the run's own].")
 @click.option("--preset", default=_D.preset, show_default=True, help="Built-in model size: tiny (CPU), small, base (GPU).")
 @click.option("--data", default=None, help="Text file, directory of text files, or uint8 .npy. Default: the Python standard library's *.py sources.")
 @click.option("--steps", type=int, default=_D.steps, show_default=True, help="Total optimizer steps (a resumed run trains up to this).")
@@ -34,8 +41,8 @@ _D = TrainConfig()
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its LATEST checkpoint (bit-exact).")
 @click.option("--init", default=None, help="Float model to start from (an fp32 run dir, .safetensors or torch state dict), converted to E1TM.")
 @click.option("--fuse-phase", type=float, default=None,
-              help="E1TM: final fraction of steps trained with the fused (rounded) scale, to shrink the fuse gap "
-              "[default: 0.25 for flip, 0 for carry and average].")
+              help="E1TM: final fraction of steps trained with the scales fused into E and frozen (only trits "
+              "learn), so the fused checkpoint is the trained one [default: 0.25 for flip, 0 for carry and average].")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=_D.device, show_default=True, help="Where to train.")
 @click.option("--cuda-graph/--no-cuda-graph", default=_D.cuda_graph, show_default=True,
               help="--device cuda with carry/flip: replay each step (forward, backward, votes) from one CUDA graph; "

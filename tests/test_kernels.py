@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from arbs import formats as F
+from arbs import ops
 from arbs.kernels import cpu
 from arbs.testing import reference as ref
 from arbs.testing import strategies as S
@@ -212,8 +213,9 @@ def test_apply_votes_matches_reference(impl, rows, ng, seed, limit, scale):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("variant", VARIANTS)
 @FAST
-@given(rows=rows_st, cols=cols_st, seed=S.seeds, theta=st.sampled_from([1, 2, 3, 8, 127]))
-def test_flip_matches_reference(impl, variant, rows, cols, seed, theta):
+@given(rows=rows_st, cols=cols_st, seed=S.seeds, theta=st.sampled_from([1, 2, 3, 8, 127]),
+       gain_m=st.sampled_from([0.0, 0.3, 4.0]), key=st.integers(0, 2**64 - 1))
+def test_flip_matches_reference(impl, variant, rows, cols, seed, theta, gain_m, key):
     gs = F.variant_gs(variant)
     cols_p, _, _ = dims(rows, cols, gs)
     _, Tp, _, _ = state_for(seed, rows, cols, gs, 0)
@@ -223,9 +225,9 @@ def test_flip_matches_reference(impl, variant, rows, cols, seed, theta):
     grad = rng.standard_normal((rows, cols)).astype(np.float32)
     if grad.size:
         grad.flat[rng.integers(0, grad.size, max(1, grad.size // 5))] = 0.0
-    want_tp, want_fa, want_n = ref.flip(grad, Tp, fa, theta)
+    want_tp, want_fa, want_n = ref.flip(grad, Tp, fa, theta, gain_m, key)
     tp, f = Tp.copy(), fa.copy()
-    n = K("flip_into", impl)(grad, tp, f, theta)
+    n = K("flip_into", impl)(grad, tp, f, theta, gain_m, np.uint64(key))
     assert_same(tp, want_tp, f"flip T_packed {variant} theta={theta}")
     assert_same(f, want_fa, f"flip flip_accum {variant} theta={theta}")
     assert n == want_n
@@ -304,7 +306,7 @@ def test_all_kernels_many_rows(variant, rows, cols):
             assert_same(c, want_av[0], "apply_votes corr")
             assert_same(e, want_av[1], "apply_votes E")
             tp, f = Tp.copy(), fa.copy()
-            assert K("flip_into", impl)(grad, tp, f, 2) == want_fl[2]
+            assert K("flip_into", impl)(grad, tp, f, 2, 0.0, np.uint64(0)) == want_fl[2]
             assert_same(tp, want_fl[0], "flip T_packed")
             assert_same(f, want_fl[1], "flip flip_accum")
             out = np.empty_like(E)
@@ -339,3 +341,15 @@ def test_materialize_large_tensors(impl, gs, num, den, E_range, corr_bound, tabl
     with np.errstate(over="ignore", invalid="ignore"):
         want = ref.materialize(Tp, E, corr, gs, num, den, cols)
     assert_same(out, want, f"materialize gs={gs} num={num} den={den}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_stochastic_votes_keep_the_probability(impl):
+    """|g| = 1 everywhere (rms 1), gain_m = 0.3: each trit votes with probability 0.3 (theta = 1, T = 0,
+    so a vote is a flip): 0.3 of 100,000 within 4 standard deviations."""
+    rows, cols = 100, 1000
+    grad = np.where(np.random.default_rng(1).random((rows, cols)) < 0.5, -1.0, 1.0).astype(np.float32)
+    tp = ops.pack(np.zeros((rows, cols), np.int8), 8)
+    fa = np.zeros((rows, cols), np.int8)
+    n = K("flip_into", impl)(grad, tp, fa, 1, 0.3, np.uint64(F.vote_key(0, 0, 0)))
+    assert abs(n - 30_000) < 4 * (100_000 * 0.3 * 0.7) ** 0.5

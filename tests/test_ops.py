@@ -401,3 +401,33 @@ def test_validation_misc():
     with pytest.raises(ConfigError):
         ops.materialize(state, (), scheme, 0)
     assert issubclass(NonFiniteError, ArbsError) and issubclass(NonFiniteError, ValueError)
+
+
+def test_stochastic_flip_votes_are_keyed_and_scheduled():
+    """gain > 0: the same (seed, tensor, step) gives the same trits, another step other ones; past the
+    horizon nothing moves; scales=False moves trits but leaves E and corr_accum."""
+    scheme = F.make_scheme("E1TM8", "flip", K=4, theta=1, gain=1, horizon=40)
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 64)).astype(np.float32)
+    g = rng.standard_normal((16, 64)).astype(np.float32)
+
+    def run(step, seed=0, tensor=0, scales=True):
+        state, _ = ops.convert(w, scheme)
+        st = ops.vote(state, g, w.shape, scheme, step_counter=step, seed=seed, tensor=tensor, scales=scales)
+        return state, st
+
+    a, b = run(20)[0], run(20)[0]
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    for other in (run(21)[0], run(20, seed=1)[0], run(20, tensor=1)[0]):
+        assert not np.array_equal(a["T_packed"], other["T_packed"])
+    assert run(40)[1].flips == 0 and run(39)[1].flips > 0  # m = 0 at the horizon
+    state, st = run(20, scales=False)
+    fresh, _ = ops.convert(w, scheme)
+    assert st.flips > 0 and np.array_equal(state["E"], fresh["E"]) and np.array_equal(state["corr_accum"], fresh["corr_accum"])
+
+
+def test_trit_vote_gain_schedule():
+    p = {"gain": 4, "horizon": 1000}
+    assert F.trit_vote_gain(p, 0) == pytest.approx(4 / 50) and F.trit_vote_gain(p, 49) == pytest.approx(4.0)
+    assert F.trit_vote_gain(p, 525) == pytest.approx(2.0) and F.trit_vote_gain(p, 1000) == 0.0
+    assert F.trit_vote_gain({"gain": 3, "horizon": 0}, 10**9) == 3.0 and F.trit_vote_gain({"gain": 0, "horizon": 5}, 1) == 0.0

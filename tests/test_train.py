@@ -62,7 +62,9 @@ def test_resume_is_bit_exact(tmp_path, text, fmt, rule):
     # the fuse-aware phase is the last fraction of --steps, so a 3-step run has its own phase: split
     # runs compare without one (test_resume_from_a_mid_run_checkpoint_with_the_fuse_phase covers it)
     a, b = tmp_path / "a", tmp_path / "b"
+    # flip's vote schedule ends at --horizon (default --steps): one schedule for both runs
     kw = dict(format=fmt, rule=rule, data=text, **SMALL) | ({"fuse_phase": 0.0} if rule else {})
+    kw |= {"horizon": 6} if rule == "flip" else {}
     train(TrainConfig(steps=6, out=str(a), **kw))
     train(TrainConfig(steps=3, out=str(b), **kw))
     train(TrainConfig(steps=6, out=str(b), resume=True, **kw))
@@ -95,6 +97,27 @@ def test_fuse_phase_changes_training_but_not_the_format(tmp_path, text):
     sa, sb = _state(tmp_path / "a"), _state(tmp_path / "b")
     assert any(not np.array_equal(sa[1][k], sb[1][k]) for k in sa[1]), "the fuse phase must change what is learned"
     assert a.fuse_gap is not None and b.fuse_gap is not None
+
+
+def test_fuse_phase_fuses_the_scales_so_the_gap_is_zero(tmp_path, text):
+    """flip's default phase fuses every scale into E at its start and freezes them: the trained model is
+    the fused one, bit for bit, so the fuse gap is exactly 0 and corr_accum is 0 at the end."""
+    res = train(TrainConfig(format="E1TM32", data=text, steps=8, out=str(tmp_path / "r"), **SMALL))
+    assert res.fuse_gap == 0.0 and res.val_loss == res.val_loss_fused
+    ck = store.open_checkpoint(tmp_path / "r")
+    assert ck.rule_params == {"K": 8, "theta": 8, "gain": 4, "horizon": 8}
+    assert all(not t.arrays["corr_accum"].any() for t in ck.tensors.values())
+
+
+def test_flip_options_through_the_cli(tmp_path, text):
+    run = str(tmp_path / "r")
+    args = ["train", "--format", "E1TM16", "--rule", "flip", "--data", text, "--steps", "4", "--context", "16",
+            "--batch-size", "2", "--eval-every", "2", "--eval-batches", "1", "--out", run]
+    r = CliRunner().invoke(main, [*args, "--gain", "0", "--horizon", "0", "--K", "4", "--json"])
+    assert r.exit_code == 0, r.output
+    assert store.open_checkpoint(run).rule_params == {"K": 4, "theta": 8, "gain": 0, "horizon": 0}
+    r = CliRunner().invoke(main, [*args, "--rule", "carry", "--gain", "2", "--out", run + "2"])
+    assert r.exit_code == 1 and "--gain does not apply to rule 'carry'" in r.output
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, text, monkeypatch):

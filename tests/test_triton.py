@@ -151,15 +151,16 @@ def check_apply_votes(dev, seed, rows, cols, gs):
 def check_flip(dev, seed, rows, cols, gs):
     tg, rng = _tg(), np.random.default_rng(seed)
     cols_p = F.padded_cols(cols, gs)
-    for theta in (1, 8, 127):
+    for theta, gain_m in ((1, 0.0), (8, 0.0), (127, 0.0), (2, 0.7), (8, 5.0)):
+        base, step = int(rng.integers(0, 2**63)) * 2 + 1, int(rng.integers(0, 10**6))
         _, tp, _, _ = random_state(rng, rows, cols, gs, invalid_bytes=theta == 8)
         fa = rng.integers(-theta, theta + 1, (rows, cols_p)).astype(np.int8)
         fa.flat[::13] = rng.choice(np.array([-128, 127, theta, -theta], np.int8), fa.flat[::13].shape)
         g = random_grad(rng, rows, cols)
         tp_want, fa_want = tp.copy(), fa.copy()
-        n_want = cpu.flip_into(g, tp_want, fa_want, theta)
+        n_want = cpu.flip_into(g, tp_want, fa_want, theta, gain_m, np.uint64(F.mix64(base ^ step)))
         tp_d, fa_d = t(tp, dev), t(fa, dev)
-        n = tg.flip_into(t(g, dev), tp_d, fa_d, theta)
+        n = tg.flip_into(t(g, dev), tp_d, fa_d, theta, gain_m, base, step)
         assert n == n_want, f"flips {n} vs {n_want}"
         assert_equal(tp_d, tp_want, f"flip T_packed theta={theta} gs={gs} {rows}x{cols}")
         assert_equal(fa_d, fa_want, f"flip flip_accum theta={theta}")
@@ -185,27 +186,24 @@ def check_module(dev, seed, rows, cols, fmt, rule):
     from arbs.errors import NonFiniteError
 
     tg, rng = _tg(), np.random.default_rng(seed)
-    clock = anm.Clock(F.make_scheme(fmt, rule, K=4, theta=3))
+    params = dict(K=4, theta=3, gain=3, horizon=6) if rule == "flip" else dict(K=4)
+    clock = anm.Clock(F.make_scheme(fmt, rule, **params), seed=seed)
     state, _ = ops.convert(rng.standard_normal((rows, cols)).astype(np.float32), clock.scheme)
     mod = anm.E1TMLinear(cols, rows, clock, state).to(dev)
     ref = {k: v.copy() for k, v in state.items()}
-    for step in range(4):
+    for step in range(5):
         clock.step_counter = step
+        clock.freeze_scale = step == 4  # the fuse phase: votes leave E and corr_accum alone
         w = tg.materialize(mod)
         assert w.dtype == torch.float32 and tuple(w.shape) == (rows, cols)
         assert_same_bits(w, ops.materialize(ref, (rows, cols), clock.scheme, step), f"module materialize step {step}")
         g = random_grad(rng, rows, cols) * 1e-3
         st = tg.vote(mod, t(g, dev))
-        st_want = ops.vote(ref, g, (rows, cols), clock.scheme)
+        st_want = ops.vote(ref, g, (rows, cols), clock.scheme, step_counter=step, seed=clock.seed,
+                           tensor=mod.tensor_index, scales=not clock.freeze_scale)
         assert st == st_want, f"{st} vs {st_want}"
         for k in clock.scheme.arrays():
             assert_equal(getattr(mod, k), ref[k], f"module {rule} {k} step {step}")
-    if hasattr(clock, "round_scale"):  # fuse-aware phase: S = 2**rint(E + Xi), as fuse stores it
-        clock.round_scale = True
-        E_fused, _ = ops.fuse(ref, (rows, cols), clock.scheme, clock.step_counter)
-        want = ops.materialize_fused(ref["T_packed"], E_fused, (rows, cols), clock.scheme.gs)
-        assert_same_bits(tg.materialize(mod), want, "module materialize round_scale")
-        clock.round_scale = False
     bad = random_grad(rng, rows, cols, nonfinite=True)
     before = {k: getattr(mod, k).cpu().clone() for k in clock.scheme.arrays()}
     with pytest.raises(NonFiniteError):

@@ -376,16 +376,44 @@ def apply_votes(corr_accum, E, delta, carry_limit):
     return counts[:, 0].sum(), counts[:, 1].sum()
 
 
-@njit(parallel=True, **_OPTS)
-def flip_into(grad, T_packed, flip_accum, theta):
-    """The flip rule's trit update, in place on ``T_packed`` (uint8, (rows, nb)) and ``flip_accum``
-    (int8, (rows, cols_p)): c = clamp(c - sign(grad), -theta, theta); at +theta a trit below +1 steps up
-    and c = 0; at -theta a trit above -1 steps down and c = 0. Padding positions are never touched.
+@njit(inline="always")
+def _mix64(x):
+    """splitmix64's finalizer (uint64 in and out; formats.mix64 is the Python twin)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
-    The caller must have checked that grad (float, (rows, cols)) is finite. Returns the number of flips.
+
+@njit(inline="always")
+def _vote_weight(x, stoch, scale, key, i):
+    """-1, 0 or +1: the trit vote of gradient x. Not stoch: -sign(x). Else -sign(x) with probability
+    min(1, |x| * scale), drawn from u = (mix64(key ^ i*GOLDEN64) >> 40) / 2**24 (formats.vote_key)."""
+    s = np.int32(x > 0) - np.int32(x < 0)
+    if not stoch or s == 0:
+        return -s
+    a = abs(np.float64(x)) * scale
+    if a >= 1.0:
+        return -s
+    u = _mix64(key ^ (np.uint64(i) * np.uint64(0x9E3779B97F4A7C15))) >> np.uint64(40)
+    return -s if np.float64(u) < a * 16777216.0 else np.int32(0)
+
+
+@njit(parallel=True, **_OPTS)
+def flip_into(grad, T_packed, flip_accum, theta, gain_m, key):
+    """The flip rule's trit update, in place on ``T_packed`` (uint8, (rows, nb)) and ``flip_accum``
+    (int8, (rows, cols_p)): c = clamp(c + r, -theta, theta) with the vote r of each gradient entry; at
+    +theta a trit below +1 steps up and c = 0; at -theta a trit above -1 steps down and c = 0. Padding
+    positions are never touched.
+
+    gain_m == 0: r = -sign(grad). gain_m > 0: r = -sign(grad) with probability
+    min(1, gain_m * |grad| / rms(grad row)), keyed by ``key`` (uint64) and the element's index
+    row * cols_p + col. The caller must have checked that grad (float, (rows, cols)) is finite.
+    Returns the number of flips.
     """
     rows, nb = T_packed.shape
     cols = grad.shape[1]
+    cols_p = flip_accum.shape[1]
+    stoch = gain_m > 0.0
     nchunk = min(rows, _NCHUNK)
     nflips = np.zeros(max(nchunk, 1), np.int64)
     for ch in prange(nchunk):
@@ -396,10 +424,16 @@ def flip_into(grad, T_packed, flip_accum, theta):
             _unpack_row(T_packed[r], nb, buf)
             fa = flip_accum[r]
             gr = grad[r]
+            scale = 0.0  # an all-zero gradient row: no votes
+            if stoch:
+                ss = 0.0
+                for c in range(cols):
+                    ss += np.float64(gr[c]) * np.float64(gr[c])
+                if ss > 0.0:
+                    scale = gain_m / np.sqrt(ss / cols)
             n = 0
             for c in range(cols):
-                x = gr[c]
-                v = np.int32(fa[c]) - (np.int32(x > 0) - np.int32(x < 0))
+                v = np.int32(fa[c]) + _vote_weight(gr[c], stoch, scale, key, r * cols_p + c)
                 v = max(-theta, min(theta, v))
                 t = buf[c]
                 if v == theta and t < 1:

@@ -186,15 +186,30 @@ def _apply_kernel(corr_ptr, e_ptr, delta_ptr, cnt_ptr, n, limit, GUARDED: tl.con
 
 
 @triton.jit
-def _flip_kernel(grad_ptr, tp_ptr, fa_ptr, cnt_ptr, rows, cols, cols_p, nb, theta,
-                 GUARDED: tl.constexpr, BR: tl.constexpr, BB: tl.constexpr):
-    """Tiles of (BR rows, BB packed bytes); each lane owns one byte and its 5 trits (unrolled loop)."""
+def _mix64(x):
+    """splitmix64's finalizer on uint64 (formats.mix64, cpu._mix64)."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB
+    return x ^ (x >> 31)
+
+
+@triton.jit(do_not_specialize=["base"])
+def _flip_kernel(grad_ptr, tp_ptr, fa_ptr, cnt_ptr, rows, cols, cols_p, nb, theta, scale_ptr, sched_ptr, base,
+                 GUARDED: tl.constexpr, STOCH: tl.constexpr, BR: tl.constexpr, BB: tl.constexpr):
+    """Tiles of (BR rows, BB packed bytes); each lane owns one byte and its 5 trits (unrolled loop).
+
+    STOCH: a vote is kept with probability min(1, |g| * scale[row]) (cpu._vote_weight), drawn with
+    key = mix64(base ^ step), step read from sched_ptr on the device (so a CUDA graph replays it)."""
     r = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)[:, None]  # (BR, 1)
     k = (tl.program_id(1) * BB + tl.arange(0, BB))[None, :]  # (1, BB) byte index
     bmask = (r < rows) & (k < nb)  # (BR, BB)
     if GUARDED:  # the vote kernel found NaN/inf: change nothing
         bmask = bmask & (tl.load(cnt_ptr + k * 0) == 0)
     q = tl.load(tp_ptr + r * nb + k, mask=bmask, other=121).to(tl.int32)
+    if STOCH:
+        scale = tl.load(scale_ptr + r, mask=r < rows, other=0.0)  # (BR, 1) float64
+        step = tl.load(sched_ptr).to(tl.int64).to(tl.uint64, bitcast=True)
+        key = _mix64(base.to(tl.int64).to(tl.uint64, bitcast=True) ^ step)  # base may arrive as int32
     nbyte = tl.zeros([BR, BB], dtype=tl.int32)
     moved = tl.zeros([BR, BB], dtype=tl.int32)
     pw = 1
@@ -209,7 +224,13 @@ def _flip_kernel(grad_ptr, tp_ptr, fa_ptr, cnt_ptr, rows, cols, cols_p, nb, thet
         m = bmask & (c < cols)  # positions with a gradient; padding trits are never touched
         x = tl.load(grad_ptr + r * cols + c, mask=m, other=0.0)
         v = tl.load(fa_ptr + r * cols_p + c, mask=m, other=0).to(tl.int32)
-        v = v - ((x > 0).to(tl.int32) - (x < 0).to(tl.int32))
+        sgn = (x > 0).to(tl.int32) - (x < 0).to(tl.int32)
+        if STOCH:
+            a = tl.abs(x.to(tl.float64)) * scale
+            i = (r * cols_p + c).to(tl.uint64, bitcast=True)
+            u = _mix64(key ^ (i * 0x9E3779B97F4A7C15)) >> 40
+            sgn = tl.where((a >= 1.0) | (u.to(tl.float64) < a * 16777216.0), sgn, 0)
+        v = v - sgn
         v = tl.minimum(tl.maximum(v, -theta), theta)
         up = m & (v == theta) & (t < 1)
         down = m & (v == -theta) & (t > -1)
@@ -298,15 +319,23 @@ def _launch_apply(corr_accum, E, delta, carry_limit, counters, guarded) -> None:
     )
 
 
-def _launch_flip(grad, T_packed, flip_accum, theta, counters, guarded) -> None:
+def _launch_flip(grad, T_packed, flip_accum, theta, counters, guarded, sched=None, base=0) -> None:
+    """sched None: sign votes. Else the float64 device tensor [step, gain_m] of the stochastic votes,
+    with ``base`` = formats.vote_key's mix64(mix64(seed) ^ tensor)."""
     rows, cols = grad.shape
     nb, cols_p = T_packed.shape[1], flip_accum.shape[1]
     if rows == 0 or nb == 0:
         return
+    scale = counters  # unused placeholder pointer for sign votes
+    if sched is not None:  # per row gain_m / rms(g), 0 for an all-zero row (no votes)
+        rms = torch.linalg.vector_norm(grad, dim=1, dtype=torch.float64) / cols**0.5
+        scale = torch.where(rms > 0, sched[1] / rms, torch.zeros_like(rms))
+    base = base - (1 << 64) if base > _I64_MAX else base  # the same 64 bits as an int64 argument
     bb, br = _FLIP_BYTES, _FLIP_ROWS  # rows x bytes (5 trits each) per program
     _flip_kernel[_grid2(rows, nb, br, bb)](
-        grad, T_packed, flip_accum, counters, rows, cols, cols_p, nb, int(theta),
-        GUARDED=guarded, BR=br, BB=bb, num_warps=4,
+        grad, T_packed, flip_accum, counters, rows, cols, cols_p, nb, int(theta), scale,
+        counters if sched is None else sched, int(base),
+        GUARDED=guarded, STOCH=sched is not None, BR=br, BB=bb, num_warps=4,
     )
 
 
@@ -343,13 +372,15 @@ def apply_votes(corr_accum, E, delta, carry_limit) -> tuple[int, int]:
     return c[2], c[3]
 
 
-def flip_into(grad, T_packed, flip_accum, theta) -> int:
+def flip_into(grad, T_packed, flip_accum, theta, gain_m=0.0, base=0, step=0) -> int:
     """The flip rule's trit update, in place on ``T_packed`` (uint8 (rows, nb); bytes are rewritten in
-    place) and ``flip_accum`` (int8 (rows, cols_p)), as cpu.flip_into. The caller must have checked that
-    grad (float (rows, cols)) is finite. Returns the number of flips (one sync).
+    place) and ``flip_accum`` (int8 (rows, cols_p)), as cpu.flip_into with
+    ``key = formats.mix64(base ^ step)``. The caller must have checked that grad (float (rows, cols)) is
+    finite. Returns the number of flips (one sync).
     """
     counters = torch.zeros(_N_COUNTERS, dtype=torch.int64, device=grad.device)
-    _launch_flip(grad, T_packed, flip_accum, theta, counters, guarded=False)
+    sched = None if gain_m == 0.0 else torch.tensor([float(step), float(gain_m)], dtype=torch.float64, device=grad.device)
+    _launch_flip(grad, T_packed, flip_accum, theta, counters, guarded=False, sched=sched, base=base)
     return int(counters[4].item())
 
 
@@ -383,17 +414,14 @@ def materialize(mod, dtype: torch.dtype | None = None) -> torch.Tensor:
 
     dtype: float32 by default; inside an enabled ``torch.autocast`` on that device type, the autocast
     dtype (bfloat16 usually), which halves the bytes written and skips the cast F.linear would make.
-    Pass ``dtype`` to choose explicitly. With ``mod.clock.round_scale`` set (the fuse-aware phase), the
-    scale is S = 2**clip(rint(E + Xi), -128, 127), what ops.fuse + ops.materialize_fused give. Launches one
-    kernel, no sync.
+    Pass ``dtype`` to choose explicitly. Launches one kernel, no sync.
     """
     scheme = mod.clock.scheme
     rows, cols = F.tensor_view(mod.shape)
     tp = mod.T_packed
     out = torch.empty(mod.shape, dtype=_out_dtype(tp.device, dtype), device=tp.device)
     num, den = scheme.xi_ratio(mod.clock.step_counter)
-    _launch_materialize(tp, mod.E, mod.corr_accum, scheme.gs, num, den, out.view(rows, cols),
-                        round_scale=getattr(mod.clock, "round_scale", False))
+    _launch_materialize(tp, mod.E, mod.corr_accum, scheme.gs, num, den, out.view(rows, cols))
     return out
 
 
@@ -428,9 +456,14 @@ def vote_async(mod, grad: torch.Tensor, counters: torch.Tensor | None = None) ->
     delta = torch.empty(corr.shape, dtype=torch.int64, device=corr.device)
     limit = scheme.carry_limit
     _launch_vote(g2, mod.T_packed, scheme.gs, delta, counters, corr_accum=corr if limit == 0 else None)
-    _launch_apply(corr, mod.E, delta, limit, counters, guarded=True)
+    clock = mod.clock
+    if not clock.freeze_scale:
+        _launch_apply(corr, mod.E, delta, limit, counters, guarded=True)
     if "flip_accum" in scheme.arrays():
-        _launch_flip(g2, mod.T_packed, mod.flip_accum, scheme.params["theta"], counters, guarded=True)
+        sched = clock.device_sched(corr.device) if scheme.params["gain"] else None
+        base = F.mix64(F.mix64(clock.seed) ^ mod.tensor_index)
+        _launch_flip(g2, mod.T_packed, mod.flip_accum, scheme.params["theta"], counters, guarded=True,
+                     sched=sched, base=base)
     return counters
 
 

@@ -68,12 +68,36 @@ def apply_votes(corr_accum, E, delta, carry_limit):
     return c, e.astype(np.int8), carries, sats
 
 
-def flip(grad, T_packed, flip_accum, theta):
+def trit_votes(grad, cols_p, gain_m=0.0, key=0):
+    """(rows, cols) int64 trit votes: -sign(grad), or with gain_m > 0 each kept with probability
+    min(1, gain_m*|g|/rms(row)) by the counter-based draw of formats.vote_key (pure Python ints)."""
+    from ..formats import GOLDEN64, mix64
+
+    rows, cols = grad.shape
+    r = -np.sign(grad).astype(np.int64)
+    if gain_m == 0.0:
+        return r
+    for i in range(rows):
+        g = grad[i].astype(np.float64)
+        ss = float(np.sum(g * g))
+        if ss == 0.0:
+            r[i] = 0
+            continue
+        scale = gain_m / np.sqrt(ss / cols)
+        for j in range(cols):
+            a = abs(g[j]) * scale
+            if r[i, j] and a < 1.0:
+                u = mix64(key ^ ((i * cols_p + j) * GOLDEN64)) >> 40
+                r[i, j] *= int(float(u) < a * 16777216.0)
+    return r
+
+
+def flip(grad, T_packed, flip_accum, theta, gain_m=0.0, key=0):
     """Returns new (T_packed, flip_accum, flips); inputs untouched."""
     rows, cols = grad.shape
     T = unpack(T_packed, flip_accum.shape[1]).astype(np.int64)
     c = flip_accum.astype(np.int64)
-    v = np.clip(c[:, :cols] - np.sign(grad).astype(np.int64), -theta, theta)
+    v = np.clip(c[:, :cols] + trit_votes(grad, flip_accum.shape[1], gain_m, key), -theta, theta)
     t = T[:, :cols]
     up = (v == theta) & (t < 1)
     down = (v == -theta) & (t > -1)
