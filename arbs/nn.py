@@ -265,9 +265,12 @@ def ternarize_(
     -------
     Clock shared by all converted layers; ``step(model)`` advances it.
     """
-    params = {"K": K, "theta": theta, "gain": gain, "horizon": horizon}
-    clock = Clock(F.make_scheme(format, rule, **{k: v for k, v in params.items() if k in F.rule_spec(rule).params}),
-                  seed=int(seed))
+    given = {k: v for k, v in dict(K=K, theta=theta, gain=gain, horizon=horizon).items() if v is not None}
+    unused = sorted(set(given) - set(F.rule_spec(rule).params))
+    if unused:
+        raise ConfigError(f"rule {rule!r} takes no parameter {unused[0]} (its parameters: "
+                          f"{', '.join(F.rule_spec(rule).params) or 'none'})")
+    clock = Clock(F.make_scheme(format, rule, **given), seed=int(seed))
     targets = [
         (name, m)
         for name, m in model.named_modules()

@@ -39,7 +39,7 @@ def _losses(run):
 
 
 def test_resume_from_a_mid_run_checkpoint_with_the_fuse_phase(tmp_path, text):
-    """flip's default fuse-aware phase (last 25% of --steps): a run resumed at the same --steps from a
+    """flip's default fuse phase (last 25% of --steps: scales fused and frozen): a run resumed at the same --steps from a
     checkpoint before the phase ends bit-identical to the uninterrupted run."""
     import shutil
 
@@ -59,7 +59,7 @@ def test_resume_from_a_mid_run_checkpoint_with_the_fuse_phase(tmp_path, text):
 
 @pytest.mark.parametrize("fmt,rule", [("E1TM32", "flip"), ("E1TM16", "carry"), ("E1TM32", "average"), ("fp32", None)])
 def test_resume_is_bit_exact(tmp_path, text, fmt, rule):
-    # the fuse-aware phase is the last fraction of --steps, so a 3-step run has its own phase: split
+    # the fuse phase is the last fraction of --steps, so a 3-step run has its own phase: split
     # runs compare without one (test_resume_from_a_mid_run_checkpoint_with_the_fuse_phase covers it)
     a, b = tmp_path / "a", tmp_path / "b"
     # flip's vote schedule ends at --horizon (default --steps): one schedule for both runs

@@ -186,7 +186,7 @@ def check_module(dev, seed, rows, cols, fmt, rule):
     from arbs.errors import NonFiniteError
 
     tg, rng = _tg(), np.random.default_rng(seed)
-    params = dict(K=4, theta=3, gain=3, horizon=6) if rule == "flip" else dict(K=4)
+    params = {"flip": dict(K=4, theta=3, gain=3, horizon=6), "carry": dict(K=4)}.get(rule, {})
     clock = anm.Clock(F.make_scheme(fmt, rule, **params), seed=seed)
     state, _ = ops.convert(rng.standard_normal((rows, cols)).astype(np.float32), clock.scheme)
     mod = anm.E1TMLinear(cols, rows, clock, state).to(dev)

@@ -107,7 +107,7 @@ def _is_finite(x):
 
 @triton.jit(do_not_specialize=["num", "den"])
 def _materialize_kernel(tp_ptr, e_ptr, corr_ptr, out_ptr, rows, cols, nb, ng, num, den,
-                        HAS_XI: tl.constexpr, ROUND: tl.constexpr, GS: tl.constexpr, GSP: tl.constexpr,
+                        HAS_XI: tl.constexpr, GS: tl.constexpr, GSP: tl.constexpr,
                         BR: tl.constexpr, BG: tl.constexpr):
     r = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)[:, None]  # (BR, 1)
     g = (tl.program_id(1) * BG + tl.arange(0, BG))[None, :]  # (1, BG)
@@ -116,8 +116,6 @@ def _materialize_kernel(tp_ptr, e_ptr, corr_ptr, out_ptr, rows, cols, nb, ng, nu
     if HAS_XI:
         corr = tl.load(corr_ptr + r * ng + g, mask=gmask, other=0)
         e = e + _xi(corr, num, den)
-    if ROUND:  # fuse-aware: S = 2**clip(rint(E + Xi), -128, 127), the scale fuse will store
-        e = tl.minimum(tl.maximum(_rint_f64(e), -128.0), 127.0)
     s = _exp2_f64(e).to(tl.float32)  # (BR, BG) float32(2**(E + Xi))
     j = tl.arange(0, GSP)[None, None, :]
     c = g[:, :, None] * GS + j  # (1, BG, GSP) column
@@ -284,7 +282,7 @@ def _grid2(rows: int, n: int, br: int, bn: int) -> tuple[int, int]:
     return triton.cdiv(rows, br), triton.cdiv(n, bn)
 
 
-def _launch_materialize(T_packed, E, corr_accum, gs, num, den, out, round_scale=False) -> None:
+def _launch_materialize(T_packed, E, corr_accum, gs, num, den, out) -> None:
     rows, cols = out.shape
     nb, ng = T_packed.shape[1], E.shape[1]
     if rows == 0 or cols == 0:
@@ -292,7 +290,7 @@ def _launch_materialize(T_packed, E, corr_accum, gs, num, den, out, round_scale=
     gsp, br, bg = _group_tiles(rows, ng, gs)
     _materialize_kernel[_grid2(rows, ng, br, bg)](
         T_packed, E, corr_accum, out, rows, cols, nb, ng, int(num), int(den) if den else 1,
-        HAS_XI=den != 0, ROUND=bool(round_scale), GS=gs, GSP=gsp, BR=br, BG=bg, num_warps=4,
+        HAS_XI=den != 0, GS=gs, GSP=gsp, BR=br, BG=bg, num_warps=4,
     )
 
 
