@@ -45,7 +45,7 @@ class TrainConfig:
     """Everything a training run depends on. Defaults live here only; the CLI maps options one-to-one."""
 
     format: str = F.DEFAULT_VARIANT
-    rule: str | None = None  # None: flip from scratch, carry with init
+    rule: str | None = None  # None: flip (from scratch and with --init: measured best in both, docs/training.md)
     K: int | None = None  # None: 16, or 8 for flip (measured better from scratch: docs/training.md)
     theta: int | None = None
     gain: int | None = None  # flip's stochastic vote gain; None: 4 (0 = plain sign votes)
@@ -123,7 +123,7 @@ class TrainConfig:
     def resolved_rule(self) -> str | None:
         if not is_e1tm(self.format):
             return None
-        return self.rule or ("carry" if self.init else "flip")
+        return self.rule or "flip"
 
     def model_config(self) -> GPTConfig:
         cfg = preset(self.preset)

@@ -35,6 +35,7 @@ def main():
         ("flip from scratch - fp32 <= 0.15", by["E1TM32:flip"] - fp32, 0.15),
         ("carry@init - fp32 <= 0.08", by["E1TM32:carry@init"] - fp32, 0.08),
         ("fuse gap, flip (default rule) <= 0.02", by["E1TM32:flip fused"] - by["E1TM32:flip"], 0.02),
+        ("fuse gap, flip@init (default rule with --init) <= 0.02", by["E1TM32:flip@init fused"] - by["E1TM32:flip@init"], 0.02),
         ("fuse gap, carry@init <= 0.02", by["E1TM32:carry@init fused"] - by["E1TM32:carry@init"], 0.02),
     ]
     for name, got, limit in checks:

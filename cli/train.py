@@ -17,7 +17,7 @@ _D = TrainConfig()
 @click.option("--format", "fmt", default=_D.format, show_default=True,
               help=f"E1TM variant ({', '.join(F.VARIANTS)}) or float baseline ({', '.join(FLOAT_FORMATS)}).")
 @click.option("--rule", default=None, help="E1TM update rule: average (the design's), carry, flip. "
-              "Default: flip from scratch, carry with --init.")
+              "Default: flip (also with --init: measured better than carry there, docs/training.md).")
 @click.option("--K", "K", type=int, default=None,
               help=f"carry/flip: Xi = corr_accum/(K*gs) [default {F.DEFAULT_PARAMS['K']}; 8 for flip].")
 @click.option("--theta", type=int, default=None, help=f"flip: counter threshold that moves a trit [default {F.DEFAULT_PARAMS['theta']}].")

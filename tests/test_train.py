@@ -136,12 +136,15 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, text, monkeypatch):
         np.testing.assert_array_equal(before[1][k], after[1][k])
 
 
-def test_init_from_fp32_run_converts_with_carry(tmp_path, text):
+def test_init_from_fp32_run_converts_with_flip_by_default_or_carry(tmp_path, text):
     train(TrainConfig(format="fp32", data=text, steps=3, out=str(tmp_path / "f"), **SMALL))
     cfg = TrainConfig(format="E1TM32", data=text, steps=3, init=str(tmp_path / "f"), out=str(tmp_path / "e"), **SMALL)
-    assert cfg.resolved_rule == "carry"
+    assert cfg.resolved_rule == "flip"
     train(cfg)
-    assert store.open_checkpoint(tmp_path / "e").rule == "carry"
+    assert store.open_checkpoint(tmp_path / "e").rule == "flip"
+    train(TrainConfig(format="E1TM32", rule="carry", data=text, steps=3, init=str(tmp_path / "f"),
+                      out=str(tmp_path / "c"), **SMALL))
+    assert store.open_checkpoint(tmp_path / "c").rule == "carry"
 
 
 def test_bad_inputs_are_clear_errors(tmp_path, text):
