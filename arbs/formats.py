@@ -112,6 +112,11 @@ def rule_spec(name: str) -> RuleSpec:
         ) from None
 
 
+def unused_params(rule: str, given: dict[str, int | None]) -> list[str]:
+    """Names in ``given`` with a value (not None) that rule ``rule`` does not take, sorted."""
+    return sorted(k for k, v in given.items() if v is not None and k not in rule_spec(rule).params)
+
+
 def rule_params(rule: str, **given: int | None) -> dict[str, int]:
     """The rule's integer parameters: defaults filled in, unknown or out-of-range values rejected."""
     spec = rule_spec(rule)
@@ -225,11 +230,16 @@ def mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def vote_base(seed: int, tensor: int) -> int:
+    """The part of vote_key fixed for a run's tensor: mix64(mix64(seed) ^ tensor)."""
+    return mix64(mix64(seed) ^ tensor)
+
+
 def vote_key(seed: int, tensor: int, step_counter: int) -> int:
     """Counter-based RNG key of one tensor's votes at one step: element i of the (rows, cols_p) view
     draws u = (mix64(key ^ (i * GOLDEN64 mod 2**64)) >> 40) / 2**24. No RNG state is stored, so a
-    resumed run draws the same numbers."""
-    return mix64(mix64(mix64(seed) ^ tensor) ^ step_counter)
+    resumed run draws the same numbers. (The GPU kernel gets vote_base and mixes in the step itself.)"""
+    return mix64(vote_base(seed, tensor) ^ step_counter)
 
 
 def carry_limit(rule: str, params: dict[str, int], gs: int) -> int:

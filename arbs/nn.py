@@ -266,7 +266,7 @@ def ternarize_(
     Clock shared by all converted layers; ``step(model)`` advances it.
     """
     given = {k: v for k, v in dict(K=K, theta=theta, gain=gain, horizon=horizon).items() if v is not None}
-    unused = sorted(set(given) - set(F.rule_spec(rule).params))
+    unused = F.unused_params(rule, given)
     if unused:
         raise ConfigError(f"rule {rule!r} takes no parameter {unused[0]} (its parameters: "
                           f"{', '.join(F.rule_spec(rule).params) or 'none'})")

@@ -113,7 +113,7 @@ class TrainConfig:
         if rule == "flip":
             defaults = {"K": 8, "gain": 4, "horizon": self.steps}
             given = {k: defaults.get(k) if v is None else v for k, v in given.items()}
-        unused = [k for k, v in given.items() if v is not None and k not in F.rule_spec(rule).params]
+        unused = F.unused_params(rule, given)
         if unused:
             raise ConfigError(f"--{unused[0]} does not apply to rule {rule!r} (its parameters: "
                               f"{', '.join(F.rule_spec(rule).params) or 'none'})")

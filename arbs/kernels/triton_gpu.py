@@ -319,7 +319,7 @@ def _launch_apply(corr_accum, E, delta, carry_limit, counters, guarded) -> None:
 
 def _launch_flip(grad, T_packed, flip_accum, theta, counters, guarded, sched=None, base=0) -> None:
     """sched None: sign votes. Else the float64 device tensor [step, gain_m] of the stochastic votes,
-    with ``base`` = formats.vote_key's mix64(mix64(seed) ^ tensor)."""
+    with ``base`` = formats.vote_base(seed, tensor)."""
     rows, cols = grad.shape
     nb, cols_p = T_packed.shape[1], flip_accum.shape[1]
     if rows == 0 or nb == 0:
@@ -459,7 +459,7 @@ def vote_async(mod, grad: torch.Tensor, counters: torch.Tensor | None = None) ->
         _launch_apply(corr, mod.E, delta, limit, counters, guarded=True)
     if "flip_accum" in scheme.arrays():
         sched = clock.device_sched(corr.device) if scheme.params["gain"] else None
-        base = F.mix64(F.mix64(clock.seed) ^ mod.tensor_index)
+        base = F.vote_base(clock.seed, mod.tensor_index)
         _launch_flip(g2, mod.T_packed, mod.flip_accum, scheme.params["theta"], counters, guarded=True,
                      sched=sched, base=base)
     return counters
