@@ -116,7 +116,7 @@ def test_unpack_every_byte_value():
 @pytest.mark.parametrize("impl", IMPLS)
 def test_unpack_invalid_bytes_top_digit_unreduced(impl):
     """Bytes 243..255 (rejected by readers) decode as in the Triton kernels: digits 0..3 are (b // 3**d) % 3,
-    the top digit is b // 81 (3), so its trit is 2; on the 8-byte fast path and on the row's last bytes."""
+    the top digit is b // 81 (3), so its trit is 2; on the vectorized path and on the row's last bytes."""
     b = np.arange(243, 256)
     Tp = np.concatenate([b, b]).astype(np.uint8)[None, :]  # 26 bytes; cols = 128 ends inside byte 25
     out = np.empty((1, 128), np.int8)
@@ -260,6 +260,38 @@ def test_fuse_counts_clips_and_half_even():
         clipped, changed = K("fuse_into", impl)(E, corr, 1, 4, out)
         assert out.tolist() == [[127, -128, 2, 2, -2, -2, 5]]
         assert (clipped, changed) == (2, 6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("num, den", [
+    (1, 512), (1, 2), (4, 2048), (2, 1 << 41), (1 << 12, 1 << 20),  # num/den = 1/2**k: integer path
+    (1, 1), (4, 4), (8, 4), (1, 1 << 41), (1 << 13, 1 << 20), (3, 512), (-1, 512), (4, 96),  # float path
+])
+def test_fuse_integer_path_bounds(impl, num, den):
+    """fuse takes an integer path for num/den = 1/2**k (1 <= k <= 40, num <= 2**12 a power of two) in rows
+    whose corr_accum lies in [-2**40, 2**40), else the float path: both sides of every switch, with ties,
+    clips and corr_accum at the range's edges and near the int64 limits, match the float reference."""
+    rng = np.random.default_rng(den % 1000 + num % 7)
+    edge = 1 << 40
+    rows = [
+        rng.integers(-3 * den, 3 * den + 1, 64),  # any ratio: values around +-Xi = 3
+        np.array([-edge, edge - 1, 0, den // 2, -(den // 2), 3 * (den // 2), -3 * (den // 2)] * 9 + [1]),  # inside
+        np.array([edge] + [den // 2] * 63),  # one corr just above the range: float path
+        np.array([-edge - 1] + [-(den // 2)] * 63),  # just below
+        np.array([2**63 - 1, -(2**63), 2**62, -(2**62)] * 16),  # num*corr wraps in int64 (as in the reference)
+        rng.integers(-(2**62), 2**62, 64),
+        np.full(64, 2**62),  # far out of range, one sign only
+        np.full(64, 2**61 + 12345),
+    ]
+    corr = np.stack([np.asarray(r, np.int64) for r in rows])
+    E = rng.integers(-128, 128, corr.shape, dtype=np.int8)
+    E[:, :4] = [127, -128, 126, -127]  # clips either way
+    out = np.full(E.shape, 77, np.int8)
+    with np.errstate(over="ignore"):
+        want, want_clipped, want_changed = ref.fuse(E, corr, num, den)
+    clipped, changed = K("fuse_into", impl)(E, corr, num, den, out)
+    assert_same(out, want, f"fuse num={num} den={den}")
+    assert (clipped, changed) == (want_clipped, want_changed)
 
 
 # ------------------------------------------------------------------ many rows: chunking and threads

@@ -5,12 +5,11 @@ kernels split the rows into at most ``_NCHUNK`` contiguous chunks; each ``prange
 chunk of rows and allocates its scratch rows once. Integer state is updated with exact integer
 arithmetic; nothing uses fastmath, so results replay bit for bit (and do not depend on the thread count).
 
-Inner loops run over ``range(gs)`` / ``range(n)`` with a base offset rather than ``range(lo, hi)``:
-that form is what LLVM vectorizes here. materialize and vote are compiled once per group size, with
-``gs`` a compile-time constant (``_by_gs``), so their per-group loops unroll into vector code.
-
-Packing moves 8 bytes at a time (``_load_u64`` / ``_store_u64``, unaligned, native byte order): the
-byte tricks below assume a little-endian host (x86-64, aarch64, ppc64le).
+Inner loops run over ``range(gs)`` / ``range(n)`` with a base offset rather than ``range(lo, hi)``, and
+are branch-free: that form is what LLVM vectorizes here. materialize and vote are compiled once per
+group size, with ``gs`` a compile-time constant (``_by_gs``), so their per-group loops unroll into
+vector code. Packing loops over packed bytes with the five trits of byte k at 5k..5k+4 (stride-5
+loads or stores, which LLVM turns into byte shuffles), plus a scalar loop for a row's last bytes.
 
 Shapes: rows x cols is the logical 2-D view; cols_p = ceil(cols/gs)*gs; nb = ceil(cols_p/5);
 ng = cols_p/gs.
@@ -19,71 +18,17 @@ ng = cols_p/gs.
 import functools
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
 _OPTS = dict(cache=True, nogil=True)
 _NCHUNK = 64  # row chunks per parallel kernel call (>= 8 per thread on small machines)
-_PAD_BYTE = 121  # five padding trits (0, digit 1): 1 + 3 + 9 + 27 + 81
 _TABLE_MIN_GROUPS = 1 << 12  # materialize: below this many groups, exp2 per group is cheap enough
-
-
-def _trit_words() -> np.ndarray:
-    """(256,) uint64: bytes 0..4 of entry b are the five trits of packed byte b (int8 bit patterns, first
-    trit first), bytes 5..7 are 0. Digit d = (b // 3**d) % 3, except that the top digit is b // 81 (not
-    reduced mod 3, so the invalid bytes 243..255 give trit 2 there, as in the Triton kernels)."""
-    b = np.arange(256)
-    digits = [(b // 3**d) % 3 for d in range(4)] + [b // 81]
-    words = np.zeros((256, 8), np.uint8)
-    words[:, :5] = (np.stack(digits, axis=1) - 1).astype(np.int8).view(np.uint8)
-    return words.view(np.uint64)[:, 0].copy()
-
-
-_TRIT_WORDS = _trit_words()
-# pack: digits (trit + 1) of eight int8 trits in a uint64 without carries between bytes, then one multiply
-# sums five of them with weights 1, 3, 9, 27, 81 into byte 4 (every byte of the product stays <= 242)
-_LOW7 = np.uint64(0x7F7F7F7F7F7F7F7F)
-_HIGH = np.uint64(0x8080808080808080)
-_ONES = np.uint64(0x0101010101010101)
-_POW3 = np.uint64(81 | 27 << 8 | 9 << 16 | 3 << 24 | 1 << 32)
-
-
-def _byte_row(a) -> bool:
-    return isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype.bitwidth == 8
-
-
-def _u64_at(context, builder, aryty, ary, i):
-    data = context.make_array(aryty)(context, builder, ary).data
-    return builder.bitcast(builder.gep(data, [i]), ir.IntType(64).as_pointer())
-
-
-@intrinsic
-def _load_u64(typingctx, a, i):
-    """The 8 bytes a[i:i+8] (1-D contiguous int8/uint8 array) as one uint64, unaligned; no bounds check."""
-    if not (_byte_row(a) and isinstance(i, types.Integer)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        load = builder.load(_u64_at(context, builder, sig.args[0], args[0], args[1]))
-        load.align = 1
-        return load
-
-    return types.uint64(a, i), codegen
-
-
-@intrinsic
-def _store_u64(typingctx, a, i, v):
-    """a[i:i+8] = the 8 bytes of uint64 ``v``, unaligned; no bounds check."""
-    if not (_byte_row(a) and isinstance(i, types.Integer) and v == types.uint64):
-        return None
-
-    def codegen(context, builder, sig, args):
-        store = builder.store(args[2], _u64_at(context, builder, sig.args[0], args[0], args[1]))
-        store.align = 1
-        return context.get_dummy_value()
-
-    return types.void(a, i, v), codegen
+# fuse's integer path: num <= 2**12 a power of two, den/num = 2**k with 1 <= k <= 40, and every corr_accum
+# of the row in [-2**40, 2**40): |num*corr| < 2**53 and |E*2**k + corr| < 2**48, so every step of the
+# float formula is exact and the integer path gives the same results
+_FUSE_MAX_NUM = 1 << 12
+_FUSE_MAX_K = 40
+_FUSE_MAX_CORR = 1 << 40
 
 
 @njit(inline="always")
@@ -92,37 +37,47 @@ def _chunk(ch, nchunk, rows):
 
 
 @njit(inline="always")
-def _unpack_row(tp, nb, buf):
-    """Decode the first ``nb`` bytes of packed row ``tp`` (uint8) into ``buf`` (int8, >= 5*nb + 3) as
-    trits: one 8-byte store per byte (the next store overwrites the 3 spare bytes)."""
-    for k in range(nb):
-        _store_u64(buf, 5 * k, _TRIT_WORDS[tp[k]])
+def _unpack_row(tp, out):
+    """Decode packed row ``tp`` (uint8) into trits ``out`` (int8, n <= 5*len(tp) entries, all written).
 
-
-@njit(inline="always")
-def _pack5(t, j):
-    """The packed byte (uint64) of the five trits t[j:j+5] (int8, {-1,0,1}); reads t[j:j+8]."""
-    w = _load_u64(t, j)
-    digits = ((w & _LOW7) + _ONES) ^ (w & _HIGH)  # trit + 1 per byte: 0xFF -> 0, 0 -> 1, 1 -> 2
-    return ((digits * _POW3) >> np.uint64(32)) & np.uint64(255)
+    Trit i of byte b is digit (b // 3**i) % 3 minus 1, except that the top digit is b // 81 (not
+    reduced mod 3: the invalid bytes 243..255 give trit 2 there, as in the Triton kernels).
+    """
+    n = out.shape[0]
+    nfull = n // 5
+    for k in range(nfull):  # whole bytes: branch-free, vectorized (stride-5 stores)
+        b = np.int32(tp[k])
+        q1 = b // 3
+        q2 = b // 9
+        q3 = b // 27
+        q4 = b // 81
+        out[5 * k] = np.int8(b - 3 * q1 - 1)
+        out[5 * k + 1] = np.int8(q1 - 3 * q2 - 1)
+        out[5 * k + 2] = np.int8(q2 - 3 * q3 - 1)
+        out[5 * k + 3] = np.int8(q3 - 3 * q4 - 1)
+        out[5 * k + 4] = np.int8(q4 - 1)
+    if n > 5 * nfull:  # the first 1..4 trits of byte nfull (never its top digit)
+        b = np.int32(tp[nfull])
+        for i in range(n - 5 * nfull):
+            out[5 * nfull + i] = np.int8(b % 3 - 1)
+            b //= 3
 
 
 @njit(inline="always")
 def _pack_row(t, n, out):
     """Encode trits ``t`` (int8, {-1,0,1}, n readable entries) into ``out`` (uint8): byte k holds
-    t[5k:5k+5]; trits at or past ``n`` are padding 0."""
+    digits t[5k+i] + 1 with weight 3**i; trits at or past ``n`` are padding 0 (digit 1)."""
     nb = out.shape[0]
-    nfast = min(nb, max(n - 3, 0) // 5)  # bytes whose 8-byte read t[5k:5k+8] stays inside t
-    nword = nfast // 8
-    for w in range(nword):  # eight packed bytes per store
-        acc = np.uint64(0)
-        for i in range(8):
-            acc |= _pack5(t, 40 * w + 5 * i) << np.uint64(8 * i)
-        _store_u64(out, 8 * w, acc)
-    for k in range(8 * nword, nfast):
-        out[k] = np.uint8(_pack5(t, 5 * k))
-    for k in range(nfast, nb):  # the last bytes: trits near or past the end of t, then padding
-        acc = np.int32(_PAD_BYTE)
+    nfull = min(nb, n // 5)
+    u8 = np.uint8
+    for k in range(nfull):  # whole bytes: branch-free, vectorized (stride-5 loads)
+        # sum of (t + 1) * 3**i = 121 + sum of t * 3**i (Horner), in 0..242: exact in wrapping uint8
+        x = u8(t[5 * k + 3]) + u8(3) * u8(t[5 * k + 4])
+        x = u8(t[5 * k + 2]) + u8(3) * u8(x)
+        x = u8(t[5 * k + 1]) + u8(3) * u8(x)
+        out[k] = u8(u8(121) + u8(t[5 * k]) + u8(3) * u8(x))
+    for k in range(nfull, nb):  # the last bytes: trits near or past the end of t, then padding
+        acc = np.int32(121)
         p = np.int32(1)
         for i in range(5):
             if 5 * k + i < n:
@@ -148,21 +103,12 @@ def pack_into(T, out):
 @njit(parallel=True, **_OPTS)
 def unpack_into(T_packed, out):
     """Unpack ``T_packed`` (uint8, (rows, nb)) into ``out`` (int8, (rows, cols)); padding dropped."""
-    rows, nb = T_packed.shape
-    cols = out.shape[1]
-    nfast = min(nb, max(cols - 3, 0) // 5)  # bytes whose 8-byte store stays inside the row
-    nused = min(nb, (cols + 4) // 5)
+    rows = T_packed.shape[0]
     nchunk = min(rows, _NCHUNK)
     for ch in prange(nchunk):
         r0, r1 = _chunk(ch, nchunk, rows)
         for r in range(r0, r1):
-            tp = T_packed[r]
-            o = out[r]
-            _unpack_row(tp, nfast, o)
-            for k in range(nfast, nused):  # the last bytes, trit by trit up to cols
-                w = _TRIT_WORDS[tp[k]]
-                for i in range(min(5, cols - 5 * k)):
-                    o[5 * k + i] = np.int8(np.uint8((w >> np.uint64(8 * i)) & np.uint64(255)))
+            _unpack_row(T_packed[r], out[r])
 
 
 @njit(**_OPTS)
@@ -220,10 +166,10 @@ def _materialize_kernel(gs, parallel):
         nchunk = min(rows, _NCHUNK)
         for ch in prange(nchunk):
             r0, r1 = _chunk(ch, nchunk, rows)
-            buf = np.empty(5 * nb + 3, np.int8)  # (5*nb + 3,) trits of one row
+            buf = np.empty(5 * nb, np.int8)  # (5*nb,) trits of one row
             S = np.empty(ng, np.float32)  # (ng,) scales of one row, 2**(E + Xi) computed once per group
             for r in range(r0, r1):
-                _unpack_row(T_packed[r], nb, buf)
+                _unpack_row(T_packed[r], buf)
                 er = E[r]
                 cr = corr_accum[r]
                 if table.size:
@@ -284,10 +230,10 @@ def _vote_delta_kernel(gs, parallel):
         bad = np.zeros(max(nchunk, 1), np.int64)
         for ch in prange(nchunk):
             r0, r1 = _chunk(ch, nchunk, rows)
-            buf = np.empty(5 * nb + 3, np.int8)  # (5*nb + 3,) trits of one row
+            buf = np.empty(5 * nb, np.int8)  # (5*nb,) trits of one row
             nonfinite = 0
             for r in range(r0, r1):
-                _unpack_row(T_packed[r], nb, buf)
+                _unpack_row(T_packed[r], buf)
                 gr = grad[r]
                 dr = delta[r]
                 for g in range(nfull):
@@ -418,10 +364,10 @@ def flip_into(grad, T_packed, flip_accum, theta, gain_m, key):
     nflips = np.zeros(max(nchunk, 1), np.int64)
     for ch in prange(nchunk):
         r0, r1 = _chunk(ch, nchunk, rows)
-        buf = np.empty(5 * nb + 3, np.int8)  # (5*nb + 3,) trits of one row
+        buf = np.empty(5 * nb, np.int8)  # (5*nb,) trits of one row
         flips = 0
         for r in range(r0, r1):
-            _unpack_row(T_packed[r], nb, buf)
+            _unpack_row(T_packed[r], buf)
             fa = flip_accum[r]
             gr = grad[r]
             scale = 0.0  # an all-zero gradient row: no votes
@@ -452,16 +398,72 @@ def flip_into(grad, T_packed, flip_accum, theta, gain_m, key):
     return nflips.sum()
 
 
+@njit(inline="always")
+def _round_shift(e, c, k, half):
+    """round-half-even((e*2**k + c) / 2**k) for half = 2**(k-1): v + half - 1 + (bit k of v), then an
+    arithmetic shift (floor)."""
+    v = (np.int64(e) << k) + c
+    return (v + (half - 1) + ((v >> k) & 1)) >> k
+
+
+@njit(inline="always")
+def _fuse_row_shift(er, cr, o, k):
+    """fuse one row for Xi = corr/2**k (1 <= k <= _FUSE_MAX_K) in int64. Returns (clipped, changed, bad):
+    bad when some corr lies outside [-_FUSE_MAX_CORR, _FUSE_MAX_CORR) (then nothing else is valid)."""
+    half = np.int64(1) << (k - 1)
+    n = cr.shape[0]
+    nchg = 0
+    qbits = np.uint64(0)  # OR of q + 128: some q left [-128, 127] iff a bit >= 8 is set
+    cbits = np.uint64(0)  # OR of corr + 2**40: some corr out of range iff a bit >= 41 is set
+    for g in range(n):
+        c = cr[g]
+        q = _round_shift(er[g], c, k, half)
+        o[g] = np.int8(min(max(q, -128), 127))
+        nchg += np.uint64(c + (half - 1)) > np.uint64(2 * half - 2)  # |corr| >= half: |Xi| >= 0.5
+        qbits |= np.uint64(q + 128)
+        cbits |= np.uint64(c + _FUSE_MAX_CORR)
+    if cbits >> np.uint64(41):
+        return 0, 0, True
+    nclip = 0
+    if qbits >> np.uint64(8):  # rare: count the clipped groups
+        for g in range(n):
+            nclip += np.uint64(_round_shift(er[g], cr[g], k, half) + 128) > np.uint64(255)
+    return nclip, nchg, False
+
+
+@njit(inline="always")
+def _fuse_row_float(er, cr, o, num, fden):
+    """fuse one row in float64, as the format defines it: Xi = float64(num*corr)/den. Returns (clipped, changed)."""
+    nclip = 0
+    nchg = 0
+    for g in range(cr.shape[0]):
+        xi = np.float64(num * cr[g]) / fden
+        v = np.rint(np.float64(er[g]) + xi)
+        nclip += np.int64(v > 127.0) + np.int64(v < -128.0)
+        o[g] = np.int8(min(max(v, -128.0), 127.0))
+        nchg += np.int64(abs(xi) >= 0.5)
+    return nclip, nchg
+
+
 @njit(parallel=True, **_OPTS)
 def fuse_into(E, corr_accum, num, den, out):
     """E_fused = clip(rint(E + Xi), -128, 127) (round half to even) into ``out`` (int8, (rows, ng)).
 
+    E int8 and corr_accum int64 (rows, ng); Xi = float64(num*corr_accum)/den, 0 when den == 0.
     Returns (clipped, changed): groups whose rounded value left int8, groups with |Xi| >= 0.5.
+
+    When num/den is 1/2**k with num a small power of two (carry and flip: 1/(K*gs) with K*gs a power of
+    two; average when step*gs is one), a row whose corr_accum lies in [-2**40, 2**40) takes an exact integer
+    path (every step of the float formula is then exact, so the results are the same); other rows and
+    ratios take the float path.
     """
     rows, ng = E.shape
     fden = np.float64(den)
-    # den = 2**k (e.g. K*gs = 16*32): x / den == x * (1/den) exactly (1/den is exact, x is an integer)
-    inv = 1.0 / fden if den > 0 and (den & (den - 1)) == 0 else 0.0
+    k = 0  # num/den = 1/2**k: the integer path
+    if den > 0 and (den & (den - 1)) == 0 and 0 < num < den and num <= _FUSE_MAX_NUM and (num & (num - 1)) == 0:
+        while (num << k) < den:
+            k += 1
+    shift = 1 <= k <= _FUSE_MAX_K
     nchunk = min(rows, _NCHUNK)
     counts = np.zeros((max(nchunk, 1), 2), np.int64)
     for ch in prange(nchunk):
@@ -476,13 +478,14 @@ def fuse_into(E, corr_accum, num, den, out):
                     o[g] = er[g]
                 continue
             cr = corr_accum[r]
-            for g in range(ng):
-                x = np.float64(num * cr[g])
-                xi = x * inv if inv != 0.0 else x / fden
-                v = np.rint(np.float64(er[g]) + xi)
-                nclip += np.int64(v > 127.0) + np.int64(v < -128.0)
-                o[g] = np.int8(min(max(v, -128.0), 127.0))
-                nchg += np.int64(abs(xi) >= 0.5)
+            if shift:
+                a, b, bad = _fuse_row_shift(er, cr, o, k)
+            else:
+                a, b, bad = 0, 0, True
+            if bad:  # not a 1/2**k ratio, or corr_accum outside the integer path's exact range
+                a, b = _fuse_row_float(er, cr, o, num, fden)
+            nclip += a
+            nchg += b
         counts[ch, 0] = nclip
         counts[ch, 1] = nchg
     return counts[:, 0].sum(), counts[:, 1].sum()
