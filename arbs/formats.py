@@ -56,15 +56,18 @@ RULES: dict[str, RuleSpec] = {
         "integrating scale: Xi = corr_accum/(K*gs); a full K*gs carries into E",
     ),
     "flip": RuleSpec(
-        "flip", ("K", "theta", "gain", "horizon"), ("flip_accum",),
+        "flip", ("K", "theta", "gain", "horizon", "vote_max"), ("flip_accum",),
         "carry for scales plus an int8 counter per weight that moves trits -1 <-> 0 <-> +1 at +-theta",
     ),
 }
 # gain = 0: every weight votes -sign(grad) each step (the plain flip rule). gain > 0: magnitude-aware
-# stochastic votes (see trit_vote_gain); horizon > 0 adds a warmup + cosine schedule ending at that step.
-DEFAULT_PARAMS: dict[str, int] = {"K": 16, "theta": 8, "gain": 0, "horizon": 0}
+# stochastic votes (see trit_vote_gain) of up to vote_max counter steps each; horizon > 0 adds a warmup +
+# cosine schedule ending at that step. A checkpoint written before vote_max existed reads as vote_max 1,
+# which is the rule it was trained with.
+DEFAULT_PARAMS: dict[str, int] = {"K": 16, "theta": 8, "gain": 0, "horizon": 0, "vote_max": 1}
+LATER_PARAMS = ("vote_max",)  # added after format version 1: a checkpoint may lack them (then: the default)
 PARAM_RANGES: dict[str, tuple[int, int]] = {"K": (1, 1 << 20), "theta": (1, 127), "gain": (0, 1 << 10),
-                                            "horizon": (0, 1 << 40)}
+                                            "horizon": (0, 1 << 40), "vote_max": (1, 127)}
 
 
 @dataclass(frozen=True)
@@ -201,8 +204,10 @@ def xi_ratio(rule: str, params: dict[str, int], step_counter: int, gs: int) -> t
 def trit_vote_gain(params: dict[str, int], step_counter: int) -> float:
     """The flip rule's vote gain at ``step_counter``: ``gain * m(step)``, or 0.0 for plain sign votes.
 
-    With gain > 0 a weight votes -sign(g) with probability min(1, gain_m * |g| / rms(g over its row)),
-    so small gradients rarely vote and unimportant trits stop random-walking. m(step) = 1 when
+    With gain > 0 the vote of a weight is -sign(g) * k, with k the stochastic rounding of
+    a = min(vote_max, gain_m * |g| / rms(g over its row)) (floor(a), plus one with probability
+    a - floor(a)): small gradients rarely vote, so unimportant trits stop random-walking, and large
+    ones move their counter by up to vote_max steps. m(step) = 1 when
     horizon = 0; else a linear warmup over the first horizon//20 steps, then a cosine from 1 to 0 at
     step = horizon (and 0 after it: trits are final).
     """

@@ -242,6 +242,7 @@ def ternarize_(
     theta: int | None = None,
     gain: int | None = None,
     horizon: int | None = None,
+    vote_max: int | None = None,
     seed: int = 0,
     include=lambda name, module: True,
     report: dict | None = None,
@@ -255,8 +256,9 @@ def ternarize_(
     Parameters
     ----------
     model : the module to change in place.
-    format, rule, K, theta, gain, horizon : the E1TM variant and update rule with its integer parameters
-        (formats.RULES; for flip, ``gain=4, horizon=<your step count>`` is what ``arbs train`` uses).
+    format, rule, K, theta, gain, horizon, vote_max : the E1TM variant and update rule with its integer
+        parameters (formats.RULES; for flip, ``arbs train`` uses ``arbs.train.FLIP_DEFAULTS`` and
+        ``horizon=<your step count>``).
     seed : keys the flip rule's stochastic votes (with each tensor's index and the step).
     include : callable(name, module) -> bool selecting layers to convert.
     report : optional dict filled with name -> ops.ConvertStats.
@@ -265,7 +267,8 @@ def ternarize_(
     -------
     Clock shared by all converted layers; ``step(model)`` advances it.
     """
-    given = {k: v for k, v in dict(K=K, theta=theta, gain=gain, horizon=horizon).items() if v is not None}
+    given = dict(K=K, theta=theta, gain=gain, horizon=horizon, vote_max=vote_max)
+    given = {k: v for k, v in given.items() if v is not None}
     unused = F.unused_params(rule, given)
     if unused:
         raise ConfigError(f"rule {rule!r} takes no parameter {unused[0]} (its parameters: "

@@ -106,7 +106,8 @@ def vote(state, grad: np.ndarray, shape, scheme: F.Scheme, *, step_counter: int 
     ``grad`` is float32 or float64 in the logical ``shape``. The caller advances step_counter once per
     optimizer step.
 
-    flip with ``gain > 0`` votes stochastically (formats.trit_vote_gain): the draws are keyed by
+    flip with ``gain > 0`` votes stochastically, up to ``vote_max`` counter steps per vote
+    (formats.trit_vote_gain): the draws are keyed by
     (seed, tensor, step_counter, element), so the same call gives the same result. ``scales=False``
     leaves E and corr_accum as they are (the fuse phase: scales are fused and frozen; trits still move).
     """
@@ -132,7 +133,7 @@ def vote(state, grad: np.ndarray, shape, scheme: F.Scheme, *, step_counter: int 
         if gain_m > 0 or scheme.params["gain"] == 0:  # gain > 0 past the horizon: trits are final
             key = np.uint64(F.vote_key(seed, tensor, step_counter))
             flips = cpu.kernel("flip_into", g2.size)(g2, state["T_packed"], state["flip_accum"],
-                                                     scheme.params["theta"], gain_m, key)
+                                                     scheme.params["theta"], gain_m, scheme.params["vote_max"], key)
     return VoteStats(carries, sats, flips)
 
 

@@ -358,9 +358,11 @@ def _check_header(site: _Site, *, kind, format, gs, rule, rule_params, fused) ->
         raise site.error(subj, f"has rule={rule!r}; expected one of {', '.join(F.RULES)}")
     try:
         spec = F.rule_spec(rule)
-        if set(rule_params) != set(spec.params):
+        required = set(spec.params) - set(F.LATER_PARAMS)
+        if not required <= set(rule_params) <= set(spec.params):
             raise site.error(
-                subj, f"has rule_params with keys {sorted(rule_params)}; rule {rule!r} takes exactly {sorted(spec.params)}"
+                subj, f"has rule_params with keys {sorted(rule_params)}; rule {rule!r} takes {sorted(spec.params)} "
+                f"({', '.join(sorted(set(spec.params) - required)) or 'none'} optional)"
             )
         params = F.rule_params(rule, **rule_params)
     except ConfigError as e:

@@ -40,16 +40,23 @@ def check_format(fmt: str) -> None:
         raise ConfigError(f"unknown format {fmt!r}; valid: {', '.join(valid)}.{F.did_you_mean(fmt, valid)}")
 
 
+# arbs train's flip rule, measured in docs/training.md (the library's own defaults, formats.DEFAULT_PARAMS,
+# are the plain rule): stochastic votes of up to 3 counter steps, theta 16, K 16; horizon = --steps.
+FLIP_DEFAULTS = {"K": 16, "theta": 16, "gain": 4, "vote_max": 3}
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Everything a training run depends on. Defaults live here only; the CLI maps options one-to-one."""
 
     format: str = F.DEFAULT_VARIANT
     rule: str | None = None  # None: flip (from scratch and with --init: measured best in both, docs/training.md)
-    K: int | None = None  # None: 16, or 8 for flip (measured better from scratch: docs/training.md)
+    # rule parameters; None: the defaults of FLIP_DEFAULTS / formats.DEFAULT_PARAMS (on --resume: the run's own)
+    K: int | None = None
     theta: int | None = None
-    gain: int | None = None  # flip's stochastic vote gain; None: 4 (0 = plain sign votes)
-    horizon: int | None = None  # flip's schedule end; None: --steps (on --resume: the run's own)
+    gain: int | None = None  # flip's stochastic vote gain (0 = plain sign votes)
+    horizon: int | None = None  # flip's schedule end; None: --steps
+    vote_max: int | None = None  # flip: largest counter step of one vote
     preset: str = "tiny"
     data: str | None = None  # None: the built-in Python-stdlib corpus
     steps: int = 1000
@@ -106,13 +113,17 @@ class TrainConfig:
             return self.fuse_phase
         return 0.25 if self.resolved_rule == "flip" else 0.0
 
+    def given_rule_params(self) -> dict[str, int]:
+        """The rule parameters set explicitly (not None)."""
+        given = {"K": self.K, "theta": self.theta, "gain": self.gain, "horizon": self.horizon, "vote_max": self.vote_max}
+        return {k: v for k, v in given.items() if v is not None}
+
     def rule_params(self) -> dict[str, int]:
-        """The E1TM rule's integer parameters with arbs train's defaults (flip: K 8, gain 4, horizon --steps)."""
+        """The E1TM rule's integer parameters with arbs train's defaults (flip: FLIP_DEFAULTS, horizon --steps)."""
         rule = self.resolved_rule
-        given = {"K": self.K, "theta": self.theta, "gain": self.gain, "horizon": self.horizon}
+        given = self.given_rule_params()
         if rule == "flip":
-            defaults = {"K": 8, "gain": 4, "horizon": self.steps}
-            given = {k: defaults.get(k) if v is None else v for k, v in given.items()}
+            given = FLIP_DEFAULTS | {"horizon": self.steps} | given
         unused = F.unused_params(rule, given)
         if unused:
             raise ConfigError(f"--{unused[0]} does not apply to rule {rule!r} (its parameters: "
@@ -318,9 +329,11 @@ _IDENTITY_KEYS = ("format", "rule", "rule_params", "preset", "model", "seed", "b
 
 def _check_resume(ck: store.Checkpoint, meta: dict, run_dir: Path) -> None:
     for k in _IDENTITY_KEYS:
-        if ck.meta.get(k) != meta.get(k):
+        # rule_params as the store read them: complete, with the defaults of parameters added since
+        got = dict(ck.rule_params) if k == "rule_params" and ck.rule is not None else ck.meta.get(k)
+        if got != meta.get(k):
             raise ConfigError(
-                f"--resume {run_dir}: the run was made with {k}={ck.meta.get(k)!r} but this command asks for "
+                f"--resume {run_dir}: the run was made with {k}={got!r} but this command asks for "
                 f"{meta.get(k)!r}; resume with the run's own options or start a new --out"
             )
 
@@ -347,8 +360,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None, on
     ckpt = None
     if cfg.resume:
         ckpt = store.open_checkpoint(run_dir)
-        if cfg.horizon is None and "horizon" in meta.get("rule_params", {}):  # the schedule is the run's
-            meta["rule_params"]["horizon"] = ckpt.meta.get("rule_params", {}).get("horizon")
+        if ckpt.rule is not None and ckpt.rule == meta.get("rule"):  # parameters not given are the run's own
+            meta["rule_params"] = dict(ckpt.rule_params) | cfg.given_rule_params()
         _check_resume(ckpt, meta, run_dir)
         meta = ckpt.meta | {k: v for k, v in meta.items() if k not in _IDENTITY_KEYS}
     elif store.list_checkpoints(run_dir) if run_dir.exists() else False:

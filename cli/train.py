@@ -6,7 +6,7 @@ import sys
 import click
 
 from arbs import formats as F
-from arbs.train import FLOAT_FORMATS, TrainConfig, train
+from arbs.train import FLIP_DEFAULTS, FLOAT_FORMATS, TrainConfig, train
 
 from .common import arbs_errors, echo_json, progress_bar
 
@@ -19,11 +19,14 @@ _D = TrainConfig()
 @click.option("--rule", default=None, help="E1TM update rule: average (the design's), carry, flip. "
               "Default: flip (also with --init: measured better than carry there, docs/training.md).")
 @click.option("--K", "K", type=int, default=None,
-              help=f"carry/flip: Xi = corr_accum/(K*gs) [default {F.DEFAULT_PARAMS['K']}; 8 for flip].")
-@click.option("--theta", type=int, default=None, help=f"flip: counter threshold that moves a trit [default {F.DEFAULT_PARAMS['theta']}].")
+              help=f"carry/flip: Xi = corr_accum/(K*gs) [default {F.DEFAULT_PARAMS['K']}].")
+@click.option("--theta", type=int, default=None,
+              help=f"flip: counter threshold that moves a trit [default {FLIP_DEFAULTS['theta']}].")
 @click.option("--gain", type=int, default=None,
-              help="flip: a weight votes with probability min(1, gain*m(step)*|g|/rms(g of its row)); 0 = every "
-              "weight votes -sign(g) each step [default 4].")
+              help="flip: a weight's vote is -sign(g) times the stochastic rounding of min(vote-max, "
+              f"gain*m(step)*|g|/rms(g of its row)); 0 = every weight votes -sign(g) each step [default {FLIP_DEFAULTS['gain']}].")
+@click.option("--vote-max", type=int, default=None,
+              help=f"flip with --gain > 0: largest counter step of one vote [default {FLIP_DEFAULTS['vote_max']}].")
 @click.option("--horizon", type=int, default=None,
               help="flip: step where the vote schedule m (5%% warmup, cosine to 0) ends; 0 = constant "
               "[default: --steps; on --resume the run's own].")

@@ -161,6 +161,9 @@ def vote_cases() -> list[dict]:
         ("E1TM4", "carry", {"K": 1}, 2, (3, 9), 3),
         ("E1TM6", "flip", {"K": 1, "theta": 1}, 5, (2, 14), 2),
         ("E1TM16", "flip", {"K": 2, "theta": 2}, 5, (4, 2, 5), 3),
+        # stochastic votes of up to 3 steps (gain 3, no schedule): keyed as ops.vote's defaults
+        # (seed 0, tensor 0, step_counter 0) at every vote
+        ("E1TM8", "flip", {"K": 2, "theta": 4, "gain": 3, "vote_max": 3}, 0, (3, 17), 3),
     ]
     out = []
     for i, (fmt, rule, params, step, shape, nvotes) in enumerate(specs):
@@ -191,7 +194,9 @@ def vote_cases() -> list[dict]:
             arrays = dict(arrays, corr_accum=c, E=e)
             flips = 0
             if rule == "flip":
-                tp, fa, flips = ref.flip(g2, arrays["T_packed"], arrays["flip_accum"], scheme.params["theta"])
+                p = scheme.params
+                tp, fa, flips = ref.flip(g2, arrays["T_packed"], arrays["flip_accum"], p["theta"],
+                                         F.trit_vote_gain(p, 0), F.vote_key(0, 0, 0), p["vote_max"])
                 arrays = dict(arrays, T_packed=tp, flip_accum=fa)
             grads.append(bits(g))
             steps.append({"delta": tolist(delta), "carries": carries, "saturations": sats, "flips": flips,

@@ -30,7 +30,7 @@ def test_constants():
     assert F.DEFAULT_VARIANT == "E1TM32"
     assert all(name == f"E1TM{gs}" for name, gs in F.VARIANTS.items())
     assert list(F.RULES) == ["average", "carry", "flip"]
-    assert F.DEFAULT_PARAMS == {"K": 16, "theta": 8, "gain": 0, "horizon": 0}
+    assert F.DEFAULT_PARAMS == {"K": 16, "theta": 8, "gain": 0, "horizon": 0, "vote_max": 1}
 
 
 def test_array_table():
@@ -121,14 +121,17 @@ def test_theoretical_bpw_examples():
 def test_rule_params():
     assert F.rule_params("average") == {}
     assert F.rule_params("carry") == {"K": 16}
-    assert F.rule_params("flip") == {"K": 16, "theta": 8, "gain": 0, "horizon": 0}
-    assert F.rule_params("flip", K=3, theta=None) == {"K": 3, "theta": 8, "gain": 0, "horizon": 0}
+    assert F.rule_params("flip") == {"K": 16, "theta": 8, "gain": 0, "horizon": 0, "vote_max": 1}
+    assert F.rule_params("flip", K=3, theta=None) == {"K": 3, "theta": 8, "gain": 0, "horizon": 0, "vote_max": 1}
     assert F.rule_params("carry", K=np.int64(5)) == {"K": 5} and type(F.rule_params("carry", K=np.int64(5))["K"]) is int
     for bad in [dict(K=0), dict(K=(1 << 20) + 1), dict(K=True), dict(K=2.0), dict(K="16")]:
         with pytest.raises(ConfigError, match="K"):
             F.rule_params("carry", **bad)
     for bad in [dict(theta=0), dict(theta=128)]:
         with pytest.raises(ConfigError, match="theta"):
+            F.rule_params("flip", **bad)
+    for bad in [dict(vote_max=0), dict(vote_max=128)]:
+        with pytest.raises(ConfigError, match="vote_max"):
             F.rule_params("flip", **bad)
     assert F.rule_params("carry", K=1 << 20) == {"K": 1 << 20}
 

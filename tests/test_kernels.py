@@ -214,8 +214,9 @@ def test_apply_votes_matches_reference(impl, rows, ng, seed, limit, scale):
 @pytest.mark.parametrize("variant", VARIANTS)
 @FAST
 @given(rows=rows_st, cols=cols_st, seed=S.seeds, theta=st.sampled_from([1, 2, 3, 8, 127]),
-       gain_m=st.sampled_from([0.0, 0.3, 4.0]), key=st.integers(0, 2**64 - 1))
-def test_flip_matches_reference(impl, variant, rows, cols, seed, theta, gain_m, key):
+       gain_m=st.sampled_from([0.0, 0.3, 4.0]), vote_max=st.sampled_from([1, 2, 3, 127]),
+       key=st.integers(0, 2**64 - 1))
+def test_flip_matches_reference(impl, variant, rows, cols, seed, theta, gain_m, vote_max, key):
     gs = F.variant_gs(variant)
     cols_p, _, _ = dims(rows, cols, gs)
     _, Tp, _, _ = state_for(seed, rows, cols, gs, 0)
@@ -225,9 +226,9 @@ def test_flip_matches_reference(impl, variant, rows, cols, seed, theta, gain_m, 
     grad = rng.standard_normal((rows, cols)).astype(np.float32)
     if grad.size:
         grad.flat[rng.integers(0, grad.size, max(1, grad.size // 5))] = 0.0
-    want_tp, want_fa, want_n = ref.flip(grad, Tp, fa, theta, gain_m, key)
+    want_tp, want_fa, want_n = ref.flip(grad, Tp, fa, theta, gain_m, key, vote_max)
     tp, f = Tp.copy(), fa.copy()
-    n = K("flip_into", impl)(grad, tp, f, theta, gain_m, np.uint64(key))
+    n = K("flip_into", impl)(grad, tp, f, theta, gain_m, vote_max, np.uint64(key))
     assert_same(tp, want_tp, f"flip T_packed {variant} theta={theta}")
     assert_same(f, want_fa, f"flip flip_accum {variant} theta={theta}")
     assert n == want_n
@@ -338,7 +339,7 @@ def test_all_kernels_many_rows(variant, rows, cols):
             assert_same(c, want_av[0], "apply_votes corr")
             assert_same(e, want_av[1], "apply_votes E")
             tp, f = Tp.copy(), fa.copy()
-            assert K("flip_into", impl)(grad, tp, f, 2, 0.0, np.uint64(0)) == want_fl[2]
+            assert K("flip_into", impl)(grad, tp, f, 2, 0.0, 1, np.uint64(0)) == want_fl[2]
             assert_same(tp, want_fl[0], "flip T_packed")
             assert_same(f, want_fl[1], "flip flip_accum")
             out = np.empty_like(E)
@@ -383,5 +384,21 @@ def test_stochastic_votes_keep_the_probability(impl):
     grad = np.where(np.random.default_rng(1).random((rows, cols)) < 0.5, -1.0, 1.0).astype(np.float32)
     tp = ops.pack(np.zeros((rows, cols), np.int8), 8)
     fa = np.zeros((rows, cols), np.int8)
-    n = K("flip_into", impl)(grad, tp, fa, 1, 0.3, np.uint64(F.vote_key(0, 0, 0)))
+    n = K("flip_into", impl)(grad, tp, fa, 1, 0.3, 1, np.uint64(F.vote_key(0, 0, 0)))
     assert abs(n - 30_000) < 4 * (100_000 * 0.3 * 0.7) ** 0.5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_stochastic_votes_round_the_magnitude(impl):
+    """|g| = 1 everywhere (rms 1), vote_max 3: gain_m 1.7 gives votes of 1 or 2 steps, 2 with probability
+    0.7 (mean 1.7 within 4 standard deviations, always against the gradient's sign); gain_m 5 is clamped
+    to exactly 3 steps. theta 127 keeps every vote in flip_accum."""
+    rows, cols = 100, 1000
+    grad = np.where(np.random.default_rng(2).random((rows, cols)) < 0.5, -1.0, 1.0).astype(np.float32)
+    for gain_m, lo, hi in ((1.7, 1, 2), (5.0, 3, 3)):
+        tp = ops.pack(np.zeros((rows, cols), np.int8), 8)
+        fa = np.zeros((rows, cols), np.int8)
+        assert K("flip_into", impl)(grad, tp, fa, 127, gain_m, 3, np.uint64(F.vote_key(0, 0, 1))) == 0
+        steps = -fa.astype(np.int64) * np.sign(grad).astype(np.int64)
+        assert steps.min() == lo and steps.max() == hi
+        assert abs(steps.mean() - min(gain_m, 3)) < 4 * (0.21 / steps.size) ** 0.5

@@ -383,3 +383,16 @@ def test_every_file_damaged_raises_a_typed_error(saved):
             assert isinstance(info.value, (CorruptStoreError, FormatVersionError)), (f, repr(info.value))
         f.write_bytes(original)
     store.open_checkpoint(d)
+
+
+def test_flip_checkpoint_from_before_vote_max_reads_as_vote_max_1(tmp_path):
+    """vote_max was added to the flip rule later: a checkpoint without it is the rule it was trained with
+    (vote_max 1); a checkpoint missing a parameter that always existed is still corrupt."""
+    d = store.save_checkpoint(tmp_path / "a", build_e1tm([(3, 20)], rule="flip"))
+    edit_json(d / "zarr.json", _attrs(lambda a: a["rule_params"].pop("vote_max")))
+    recommit(d)
+    assert store.open_checkpoint(d).rule_params["vote_max"] == 1
+    d = store.save_checkpoint(tmp_path / "b", build_e1tm([(3, 20)], rule="flip"))
+    edit_json(d / "zarr.json", _attrs(lambda a: a["rule_params"].pop("theta")))
+    recommit(d)
+    expect(CorruptStoreError, d, "rule_params", "theta")

@@ -151,16 +151,16 @@ def check_apply_votes(dev, seed, rows, cols, gs):
 def check_flip(dev, seed, rows, cols, gs):
     tg, rng = _tg(), np.random.default_rng(seed)
     cols_p = F.padded_cols(cols, gs)
-    for theta, gain_m in ((1, 0.0), (8, 0.0), (127, 0.0), (2, 0.7), (8, 5.0)):
+    for theta, gain_m, vote_max in ((1, 0.0, 1), (8, 0.0, 1), (127, 0.0, 1), (2, 0.7, 1), (8, 5.0, 1), (16, 1.7, 3)):
         base, step = int(rng.integers(0, 2**63)) * 2 + 1, int(rng.integers(0, 10**6))
         _, tp, _, _ = random_state(rng, rows, cols, gs, invalid_bytes=theta == 8)
         fa = rng.integers(-theta, theta + 1, (rows, cols_p)).astype(np.int8)
         fa.flat[::13] = rng.choice(np.array([-128, 127, theta, -theta], np.int8), fa.flat[::13].shape)
         g = random_grad(rng, rows, cols)
         tp_want, fa_want = tp.copy(), fa.copy()
-        n_want = cpu.flip_into(g, tp_want, fa_want, theta, gain_m, np.uint64(F.mix64(base ^ step)))
+        n_want = cpu.flip_into(g, tp_want, fa_want, theta, gain_m, vote_max, np.uint64(F.mix64(base ^ step)))
         tp_d, fa_d = t(tp, dev), t(fa, dev)
-        n = tg.flip_into(t(g, dev), tp_d, fa_d, theta, gain_m, base, step)
+        n = tg.flip_into(t(g, dev), tp_d, fa_d, theta, gain_m, base, step, vote_max)
         assert n == n_want, f"flips {n} vs {n_want}"
         assert_equal(tp_d, tp_want, f"flip T_packed theta={theta} gs={gs} {rows}x{cols}")
         assert_equal(fa_d, fa_want, f"flip flip_accum theta={theta}")

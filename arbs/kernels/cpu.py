@@ -331,28 +331,31 @@ def _mix64(x):
 
 
 @njit(inline="always")
-def _vote_weight(x, stoch, scale, key, i):
-    """-1, 0 or +1: the trit vote of gradient x. Not stoch: -sign(x). Else -sign(x) with probability
-    min(1, |x| * scale), drawn from u = (mix64(key ^ i*GOLDEN64) >> 40) / 2**24 (formats.vote_key)."""
+def _vote_weight(x, stoch, scale, vote_max, key, i):
+    """The trit vote (int32) of gradient x. Not stoch: -sign(x). Else -sign(x) * k with k the stochastic
+    rounding of a = min(vote_max, |x| * scale): floor(a), plus one if u < a - floor(a), with
+    u = (mix64(key ^ i*GOLDEN64) >> 40) / 2**24 (formats.vote_key). No draw where a is whole."""
     s = np.int32(x > 0) - np.int32(x < 0)
     if not stoch or s == 0:
         return -s
-    a = abs(np.float64(x)) * scale
-    if a >= 1.0:
-        return -s
-    u = _mix64(key ^ (np.uint64(i) * np.uint64(0x9E3779B97F4A7C15))) >> np.uint64(40)
-    return -s if np.float64(u) < a * 16777216.0 else np.int32(0)
+    a = min(abs(np.float64(x)) * scale, np.float64(vote_max))
+    k = np.int32(a)  # floor: a >= 0
+    f = a - np.float64(k)  # exact
+    if f > 0.0:
+        u = _mix64(key ^ (np.uint64(i) * np.uint64(0x9E3779B97F4A7C15))) >> np.uint64(40)
+        k += np.int32(np.float64(u) < f * 16777216.0)
+    return -s * k
 
 
 @njit(parallel=True, **_OPTS)
-def flip_into(grad, T_packed, flip_accum, theta, gain_m, key):
+def flip_into(grad, T_packed, flip_accum, theta, gain_m, vote_max, key):
     """The flip rule's trit update, in place on ``T_packed`` (uint8, (rows, nb)) and ``flip_accum``
     (int8, (rows, cols_p)): c = clamp(c + r, -theta, theta) with the vote r of each gradient entry; at
     +theta a trit below +1 steps up and c = 0; at -theta a trit above -1 steps down and c = 0. Padding
     positions are never touched.
 
-    gain_m == 0: r = -sign(grad). gain_m > 0: r = -sign(grad) with probability
-    min(1, gain_m * |grad| / rms(grad row)), keyed by ``key`` (uint64) and the element's index
+    gain_m == 0: r = -sign(grad). gain_m > 0: r = -sign(grad) * k, k the stochastic rounding of
+    min(vote_max, gain_m * |grad| / rms(grad row)), keyed by ``key`` (uint64) and the element's index
     row * cols_p + col. The caller must have checked that grad (float, (rows, cols)) is finite.
     Returns the number of flips.
     """
@@ -379,7 +382,7 @@ def flip_into(grad, T_packed, flip_accum, theta, gain_m, key):
                     scale = gain_m / np.sqrt(ss / cols)
             n = 0
             for c in range(cols):
-                v = np.int32(fa[c]) + _vote_weight(gr[c], stoch, scale, key, r * cols_p + c)
+                v = np.int32(fa[c]) + _vote_weight(gr[c], stoch, scale, vote_max, key, r * cols_p + c)
                 v = max(-theta, min(theta, v))
                 t = buf[c]
                 if v == theta and t < 1:

@@ -191,13 +191,14 @@ def _mix64(x):
     return x ^ (x >> 31)
 
 
-@triton.jit(do_not_specialize=["base"])
-def _flip_kernel(grad_ptr, tp_ptr, fa_ptr, cnt_ptr, rows, cols, cols_p, nb, theta, scale_ptr, sched_ptr, base,
-                 GUARDED: tl.constexpr, STOCH: tl.constexpr, BR: tl.constexpr, BB: tl.constexpr):
+@triton.jit(do_not_specialize=["base", "vote_max"])
+def _flip_kernel(grad_ptr, tp_ptr, fa_ptr, cnt_ptr, rows, cols, cols_p, nb, theta, vote_max, scale_ptr, sched_ptr,
+                 base, GUARDED: tl.constexpr, STOCH: tl.constexpr, BR: tl.constexpr, BB: tl.constexpr):
     """Tiles of (BR rows, BB packed bytes); each lane owns one byte and its 5 trits (unrolled loop).
 
-    STOCH: a vote is kept with probability min(1, |g| * scale[row]) (cpu._vote_weight), drawn with
-    key = mix64(base ^ step), step read from sched_ptr on the device (so a CUDA graph replays it)."""
+    STOCH: a vote is -sign(g) times the stochastic rounding of min(vote_max, |g| * scale[row])
+    (cpu._vote_weight), drawn with key = mix64(base ^ step), step read from sched_ptr on the device (so a
+    CUDA graph replays it)."""
     r = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)[:, None]  # (BR, 1)
     k = (tl.program_id(1) * BB + tl.arange(0, BB))[None, :]  # (1, BB) byte index
     bmask = (r < rows) & (k < nb)  # (BR, BB)
@@ -224,10 +225,12 @@ def _flip_kernel(grad_ptr, tp_ptr, fa_ptr, cnt_ptr, rows, cols, cols_p, nb, thet
         v = tl.load(fa_ptr + r * cols_p + c, mask=m, other=0).to(tl.int32)
         sgn = (x > 0).to(tl.int32) - (x < 0).to(tl.int32)
         if STOCH:
-            a = tl.abs(x.to(tl.float64)) * scale
+            a = tl.minimum(tl.abs(x.to(tl.float64)) * scale, vote_max.to(tl.float64))
+            kw = a.to(tl.int32)  # floor: a >= 0
+            f = a - kw.to(tl.float64)  # exact
             i = (r * cols_p + c).to(tl.uint64, bitcast=True)
             u = _mix64(key ^ (i * 0x9E3779B97F4A7C15)) >> 40
-            sgn = tl.where((a >= 1.0) | (u.to(tl.float64) < a * 16777216.0), sgn, 0)
+            sgn = sgn * (kw + (u.to(tl.float64) < f * 16777216.0).to(tl.int32))
         v = v - sgn
         v = tl.minimum(tl.maximum(v, -theta), theta)
         up = m & (v == theta) & (t < 1)
@@ -317,7 +320,7 @@ def _launch_apply(corr_accum, E, delta, carry_limit, counters, guarded) -> None:
     )
 
 
-def _launch_flip(grad, T_packed, flip_accum, theta, counters, guarded, sched=None, base=0) -> None:
+def _launch_flip(grad, T_packed, flip_accum, theta, counters, guarded, sched=None, base=0, vote_max=1) -> None:
     """sched None: sign votes. Else the float64 device tensor [step, gain_m] of the stochastic votes,
     with ``base`` = formats.vote_base(seed, tensor)."""
     rows, cols = grad.shape
@@ -331,7 +334,7 @@ def _launch_flip(grad, T_packed, flip_accum, theta, counters, guarded, sched=Non
     base = base - (1 << 64) if base > _I64_MAX else base  # the same 64 bits as an int64 argument
     bb, br = _FLIP_BYTES, _FLIP_ROWS  # rows x bytes (5 trits each) per program
     _flip_kernel[_grid2(rows, nb, br, bb)](
-        grad, T_packed, flip_accum, counters, rows, cols, cols_p, nb, int(theta), scale,
+        grad, T_packed, flip_accum, counters, rows, cols, cols_p, nb, int(theta), int(vote_max), scale,
         counters if sched is None else sched, int(base),
         GUARDED=guarded, STOCH=sched is not None, BR=br, BB=bb, num_warps=4,
     )
@@ -370,7 +373,7 @@ def apply_votes(corr_accum, E, delta, carry_limit) -> tuple[int, int]:
     return c[2], c[3]
 
 
-def flip_into(grad, T_packed, flip_accum, theta, gain_m=0.0, base=0, step=0) -> int:
+def flip_into(grad, T_packed, flip_accum, theta, gain_m=0.0, base=0, step=0, vote_max=1) -> int:
     """The flip rule's trit update, in place on ``T_packed`` (uint8 (rows, nb); bytes are rewritten in
     place) and ``flip_accum`` (int8 (rows, cols_p)), as cpu.flip_into with
     ``key = formats.mix64(base ^ step)``. The caller must have checked that grad (float (rows, cols)) is
@@ -378,7 +381,7 @@ def flip_into(grad, T_packed, flip_accum, theta, gain_m=0.0, base=0, step=0) -> 
     """
     counters = torch.zeros(_N_COUNTERS, dtype=torch.int64, device=grad.device)
     sched = None if gain_m == 0.0 else torch.tensor([float(step), float(gain_m)], dtype=torch.float64, device=grad.device)
-    _launch_flip(grad, T_packed, flip_accum, theta, counters, guarded=False, sched=sched, base=base)
+    _launch_flip(grad, T_packed, flip_accum, theta, counters, guarded=False, sched=sched, base=base, vote_max=vote_max)
     return int(counters[4].item())
 
 
@@ -461,7 +464,7 @@ def vote_async(mod, grad: torch.Tensor, counters: torch.Tensor | None = None) ->
         sched = clock.device_sched(corr.device) if scheme.params["gain"] else None
         base = F.vote_base(clock.seed, mod.tensor_index)
         _launch_flip(g2, mod.T_packed, mod.flip_accum, scheme.params["theta"], counters, guarded=True,
-                     sched=sched, base=base)
+                     sched=sched, base=base, vote_max=scheme.params["vote_max"])
     return counters
 
 

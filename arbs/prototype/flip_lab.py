@@ -106,6 +106,11 @@ class IntWeight:
                 s = g2.square().mean().sqrt()
             elif a.norm == "row":
                 s = g2.square().mean(dim=1, keepdim=True).sqrt()
+            elif a.norm == "fact":  # Adafactor-style: rms over the row times rms over the column / rms overall
+                g = g2[:, : self.cols].square()
+                rm, cm = g.mean(dim=1, keepdim=True), g.mean(dim=0, keepdim=True)
+                s = torch.zeros_like(g2)
+                s[:, : self.cols] = (rm * cm / g.mean().clamp_min(1e-300)).sqrt()
             else:  # absmax of the tensor
                 s = g2.abs().amax()
             p = (m * g2.abs() / (a.tau * s + 1e-30)).clamp(max=float(a.q))
@@ -113,6 +118,8 @@ class IntWeight:
             r = -sg * k.long()  # stochastic rounding of the normalized gradient, at most q per step
         th = a.theta
         c = (self.fa + r).clamp(-th, th)
+        if a.bound:  # a counter keeps no evidence in a direction its trit cannot move
+            c = torch.where(T >= 1, c.clamp(max=0), torch.where(T <= -1, c.clamp(min=0), c))
         upf = (c >= th) & (T < 1)
         dnf = (c <= -th) & (T > -1)
         T = T + upf.long() - dnf.long()
@@ -150,7 +157,14 @@ def run(a) -> dict:
     model = GPT(cfg)
     scheme = F.make_scheme("E1TM32", "flip", K=a.K, theta=a.theta)
     params = {n: p for n, p in model.named_parameters()}
-    ints = {n: IntWeight(p.detach().numpy().copy(), scheme, device) for n, p in params.items()}
+    def mult(n):
+        return a.init_scale_emb if (n == "wte.weight" and a.init_scale_emb) else a.init_scale
+
+    ints = {n: IntWeight(p.detach().numpy().copy() * mult(n), scheme, device) for n, p in params.items()}
+    if a.vote == "fp32":
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.mul_(mult(n))
     model.to(device)
     params = {n: p for n, p in model.named_parameters()}
     gen = torch.Generator(device=device)
@@ -210,16 +224,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--K", type=int, default=16)
     p.add_argument("--theta", type=int, default=8)
     p.add_argument("--vote", choices=("sign", "stoch", "fp32"), default="sign")
-    p.add_argument("--norm", choices=("tensor", "row", "max"), default="tensor")
+    p.add_argument("--norm", choices=("tensor", "row", "max", "fact"), default="tensor")
     p.add_argument("--tau", type=float, default=1.0)
     p.add_argument("--q", type=int, default=1, help="largest trit vote per step (stoch)")
     p.add_argument("--sched", choices=("const", "cos", "cos0"), default="const")
     p.add_argument("--decay", type=int, default=0)
+    p.add_argument("--bound", action="store_true", help="clamp a counter at 0 on the side its trit cannot move")
     p.add_argument("--snap", action="store_true", help="at the fuse phase: E = round(E + Xi), corr = 0, scales frozen")
     p.add_argument("--floor", type=float, default=0.1, help="final lr multiplier of --sched cos")
     p.add_argument("--svote", choices=("sign", "stoch"), default="sign")
     p.add_argument("--taus", type=float, default=0.125)
     p.add_argument("--fuse-phase", type=float, default=0.25)
+    p.add_argument("--init-scale", type=float, default=1.0, help="multiply the float init before converting")
+    p.add_argument("--init-scale-emb", type=float, default=0.0, help="the embedding's own --init-scale (0: same)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data", default=None, help="prefix of <prefix>.train.npy / <prefix>.val.npy")
     p.add_argument("--out", default=None)

@@ -1,7 +1,7 @@
 #!/bin/bash
 # usage: sweep.sh CONFIGS_FILE PARALLEL OUTDIR ; each line: NAME ARGS...
 cfg=$1; par=$2; out=$3; mkdir -p $out
-export OMP_NUM_THREADS=1 PYTHONPATH=$PWD
+export OMP_NUM_THREADS=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 while read -r name args; do
   [ -z "$name" ] && continue
   while [ $(jobs -r | wc -l) -ge $par ]; do sleep 0.5; done

@@ -1,5 +1,7 @@
 """Slow, obviously-correct numpy twins of the numba kernels (same contracts, see arbs.kernels.cpu)."""
 
+import math
+
 import numpy as np
 
 POW3 = 3 ** np.arange(5)
@@ -68,9 +70,10 @@ def apply_votes(corr_accum, E, delta, carry_limit):
     return c, e.astype(np.int8), carries, sats
 
 
-def trit_votes(grad, cols_p, gain_m=0.0, key=0):
-    """(rows, cols) int64 trit votes: -sign(grad), or with gain_m > 0 each kept with probability
-    min(1, gain_m*|g|/rms(row)) by the counter-based draw of formats.vote_key (pure Python ints)."""
+def trit_votes(grad, cols_p, gain_m=0.0, key=0, vote_max=1):
+    """(rows, cols) int64 trit votes: -sign(grad), or with gain_m > 0 -sign(grad) * k, k the stochastic
+    rounding of a = min(vote_max, gain_m*|g|/rms(row)): floor(a), plus one when the counter-based draw of
+    formats.vote_key (pure Python ints) is below a - floor(a)."""
     from ..formats import GOLDEN64, mix64
 
     rows, cols = grad.shape
@@ -85,19 +88,21 @@ def trit_votes(grad, cols_p, gain_m=0.0, key=0):
             continue
         scale = gain_m / np.sqrt(ss / cols)
         for j in range(cols):
-            a = abs(g[j]) * scale
-            if r[i, j] and a < 1.0:
+            a = min(abs(g[j]) * scale, float(vote_max))
+            k = math.floor(a)
+            if r[i, j] and a > k:
                 u = mix64(key ^ ((i * cols_p + j) * GOLDEN64)) >> 40
-                r[i, j] *= int(float(u) < a * 16777216.0)
+                k += int(float(u) < (a - k) * 16777216.0)
+            r[i, j] *= k
     return r
 
 
-def flip(grad, T_packed, flip_accum, theta, gain_m=0.0, key=0):
+def flip(grad, T_packed, flip_accum, theta, gain_m=0.0, key=0, vote_max=1):
     """Returns new (T_packed, flip_accum, flips); inputs untouched."""
     rows, cols = grad.shape
     T = unpack(T_packed, flip_accum.shape[1]).astype(np.int64)
     c = flip_accum.astype(np.int64)
-    v = np.clip(c[:, :cols] + trit_votes(grad, flip_accum.shape[1], gain_m, key), -theta, theta)
+    v = np.clip(c[:, :cols] + trit_votes(grad, flip_accum.shape[1], gain_m, key, vote_max), -theta, theta)
     t = T[:, :cols]
     up = (v == theta) & (t < 1)
     down = (v == -theta) & (t > -1)
