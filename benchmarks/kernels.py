@@ -4,7 +4,9 @@
 
 State: a (rows, cols) tensor of the chosen variant under the carry rule (K = 16), built from uniformly
 random trits, random E in [-8, 8] and random corr_accum inside +-(K*gs - 1). Each kernel is compiled and
-run once before timing; the table shows the median of ``--repeats`` timed runs.
+run three times before timing; the table shows the median of ``--repeats`` timed samples, the kernel
+and its memcpy reference timed alternately so that both see the same state of the machine, each sample
+the mean of a ~5 ms burst of back-to-back calls (one call for the long kernels).
 
 "Bytes" counts every byte the kernel must read plus every byte it must write (what a perfect kernel
 would move through memory):
@@ -25,6 +27,7 @@ GB = 1e9 bytes.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -43,14 +46,26 @@ from arbs.kernels import cpu
 TARGETS = {"pack": 1.0, "unpack": 1.0, "materialize": 0.5, "vote": 0.5, "fuse": 1.0}
 
 
-def _median_s(fn, repeats: int) -> float:
-    fn()  # warm up: compile and fault in pages
-    times = []
-    for _ in range(repeats):
+def _median_s_pair(fn, ref, repeats: int, warmup: int = 3, burst_s: float = 0.005) -> tuple[float, float]:
+    """Median seconds per call of ``fn`` and of ``ref``, timed alternately (fn, ref, fn, ref, ...) so that
+    both see the same machine state: this VM's memory bandwidth drifts by 2x and more over seconds.
+    Each sample is a burst of back-to-back calls lasting about ``burst_s`` (timeit's autorange idea), so a
+    0.1 ms kernel is not timed as mostly the wake-up of the threads that the other one put to sleep."""
+    bursts = []
+    for f in (fn, ref):
+        for _ in range(warmup):  # compile, fault in pages, settle the caches and the thread pool
+            f()
         t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        f()
+        bursts.append(max(1, math.ceil(burst_s / max(time.perf_counter() - t0, 1e-9))))
+    times = ([], [])
+    for _ in range(repeats):
+        for f, n, t in zip((fn, ref), bursts, times):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                f()
+            t.append((time.perf_counter() - t0) / n)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 class Memcpy:
@@ -113,8 +128,7 @@ def run(rows: int, cols: int, fmt: str, repeats: int) -> list[dict]:
     results = []
     with ThreadPoolExecutor(max_workers=2) as pool:
         for name, (fn, nbytes) in cases.items():
-            t = _median_s(fn, repeats)
-            tm = _median_s(Memcpy(nbytes, pool), repeats)
+            t, tm = _median_s_pair(fn, Memcpy(nbytes, pool), repeats)
             gbs, mgbs = nbytes / t / 1e9, nbytes / tm / 1e9
             results.append(dict(kernel=name, bytes=nbytes, ms=t * 1e3, gbs=gbs, memcpy_gbs=mgbs,
                                 ratio=gbs / mgbs, target=TARGETS[name]))

@@ -411,8 +411,8 @@ def _round_shift(e, c, k, half):
 
 @njit(inline="always")
 def _fuse_row_shift(er, cr, o, k):
-    """fuse one row for Xi = corr/2**k (1 <= k <= _FUSE_MAX_K) in int64. Returns (clipped, changed, bad):
-    bad when some corr lies outside [-_FUSE_MAX_CORR, _FUSE_MAX_CORR) (then nothing else is valid)."""
+    """fuse a run of groups for Xi = corr/2**k (1 <= k <= _FUSE_MAX_K) in int64. Returns (clipped, changed,
+    bad): bad when some corr lies outside [-_FUSE_MAX_CORR, _FUSE_MAX_CORR) (then nothing else is valid)."""
     half = np.int64(1) << (k - 1)
     n = cr.shape[0]
     nchg = 0
@@ -436,7 +436,7 @@ def _fuse_row_shift(er, cr, o, k):
 
 @njit(inline="always")
 def _fuse_row_float(er, cr, o, num, fden):
-    """fuse one row in float64, as the format defines it: Xi = float64(num*corr)/den. Returns (clipped, changed)."""
+    """fuse a run of groups in float64, as the format defines it: Xi = float64(num*corr)/den. Returns (clipped, changed)."""
     nclip = 0
     nchg = 0
     for g in range(cr.shape[0]):
@@ -456,41 +456,37 @@ def fuse_into(E, corr_accum, num, den, out):
     Returns (clipped, changed): groups whose rounded value left int8, groups with |Xi| >= 0.5.
 
     When num/den is 1/2**k with num a small power of two (carry and flip: 1/(K*gs) with K*gs a power of
-    two; average when step*gs is one), a row whose corr_accum lies in [-2**40, 2**40) takes an exact integer
-    path (every step of the float formula is then exact, so the results are the same); other rows and
-    ratios take the float path.
+    two; average when step*gs is one), a chunk whose corr_accum lies in [-2**40, 2**40) takes an exact
+    integer path (every step of the float formula is then exact, so the results are the same); other
+    chunks and ratios take the float path. E, corr_accum and out must be C-contiguous.
     """
-    rows, ng = E.shape
+    # fuse is elementwise: the C-contiguous (rows, ng) arrays are walked as one run of groups, cut into
+    # _NCHUNK chunks (longer inner loops than one row of ng groups)
+    n = E.size
+    Ef, cf, of = E.reshape(n), corr_accum.reshape(n), out.reshape(n)
     fden = np.float64(den)
     k = 0  # num/den = 1/2**k: the integer path
     if den > 0 and (den & (den - 1)) == 0 and 0 < num < den and num <= _FUSE_MAX_NUM and (num & (num - 1)) == 0:
         while (num << k) < den:
             k += 1
     shift = 1 <= k <= _FUSE_MAX_K
-    nchunk = min(rows, _NCHUNK)
+    nchunk = min(n, _NCHUNK)
     counts = np.zeros((max(nchunk, 1), 2), np.int64)
     for ch in prange(nchunk):
-        r0, r1 = _chunk(ch, nchunk, rows)
-        nclip = 0
-        nchg = 0
-        for r in range(r0, r1):
-            er = E[r]
-            o = out[r]
-            if den == 0:  # Xi = 0: E_fused = E
-                for g in range(ng):
-                    o[g] = er[g]
-                continue
-            cr = corr_accum[r]
-            if shift:
-                a, b, bad = _fuse_row_shift(er, cr, o, k)
-            else:
-                a, b, bad = 0, 0, True
-            if bad:  # not a 1/2**k ratio, or corr_accum outside the integer path's exact range
-                a, b = _fuse_row_float(er, cr, o, num, fden)
-            nclip += a
-            nchg += b
-        counts[ch, 0] = nclip
-        counts[ch, 1] = nchg
+        g0, g1 = _chunk(ch, nchunk, n)
+        er, cr, o = Ef[g0:g1], cf[g0:g1], of[g0:g1]
+        if den == 0:  # Xi = 0: E_fused = E
+            for g in range(g1 - g0):
+                o[g] = er[g]
+            continue
+        if shift:
+            a, b, bad = _fuse_row_shift(er, cr, o, k)
+        else:
+            a, b, bad = 0, 0, True
+        if bad:  # not a 1/2**k ratio, or corr_accum outside the integer path's exact range
+            a, b = _fuse_row_float(er, cr, o, num, fden)
+        counts[ch, 0] = a
+        counts[ch, 1] = b
     return counts[:, 0].sum(), counts[:, 1].sum()
 
 
