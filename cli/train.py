@@ -28,7 +28,7 @@ _D = TrainConfig()
 @click.option("--vote-max", type=int, default=None,
               help=f"flip with --gain > 0: largest counter step of one vote [default {FLIP_DEFAULTS['vote_max']}].")
 @click.option("--horizon", type=int, default=None,
-              help="flip: step where the vote schedule m (5%% warmup, cosine to 0) ends; 0 = constant "
+              help="flip: step where the vote schedule m (5% warmup, cosine to 0) ends; 0 = constant "
               "[default: --steps; on --resume the run's own].")
 @click.option("--preset", default=_D.preset, show_default=True, help="Built-in model size: tiny (CPU), small, base (GPU).")
 @click.option("--data", default=None, help="Text file, directory of text files, or uint8 .npy. Default: the Python standard library's *.py sources.")
