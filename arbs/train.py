@@ -126,7 +126,7 @@ class TrainConfig:
             given = FLIP_DEFAULTS | {"horizon": self.steps} | given
         unused = F.unused_params(rule, given)
         if unused:
-            raise ConfigError(f"--{unused[0]} does not apply to rule {rule!r} (its parameters: "
+            raise ConfigError(f"--{unused[0].replace('_', '-')} does not apply to rule {rule!r} (its parameters: "
                               f"{', '.join(F.rule_spec(rule).params) or 'none'})")
         return F.rule_params(rule, **given)
 

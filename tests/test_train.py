@@ -131,6 +131,10 @@ def test_flip_options_through_the_cli(tmp_path, text):
     assert store.open_checkpoint(run).rule_params == {"K": 4, "theta": 16, "gain": 0, "horizon": 0, "vote_max": 2}
     r = CliRunner().invoke(main, [*args, "--rule", "carry", "--gain", "2", "--out", run + "2"])
     assert r.exit_code == 1 and "--gain does not apply to rule 'carry'" in r.output
+    r = CliRunner().invoke(main, [*args, "--rule", "carry", "--vote-max", "2", "--out", run + "3"])
+    assert r.exit_code == 1 and "--vote-max does not apply to rule 'carry'" in r.output
+    r = CliRunner().invoke(main, [*args, "--vote-max", "0", "--out", run + "4"])
+    assert r.exit_code == 1 and "vote_max=0 is out of range; expected 1..127" in r.output
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, text, monkeypatch):
