@@ -95,11 +95,16 @@ class _E1TMWeight(nn.Module):
         self.tensor_index = 0  # position among the model's E1TM tensors (keys the flip rule's draws)
         self._pending = 0
         self._grad_sum: torch.Tensor | None = None
+        self._rows_cols = F.tensor_view(self.shape)
+        self._views = None  # state_arrays' cache: [(name, buffer, numpy view)]
 
     # -- state ---------------------------------------------------------------------------------
     def state_arrays(self) -> dict[str, np.ndarray]:
         """numpy views of the integer buffers (CPU); writes through to the module."""
-        return {name: getattr(self, name).numpy() for name in self.clock.scheme.arrays()}
+        bufs, views = self._buffers, self._views
+        if views is None or any(bufs[n] is not t for n, t, _ in views):  # made once, again if a buffer is replaced
+            views = self._views = [(n, bufs[n], bufs[n].numpy()) for n in self.clock.scheme.arrays()]
+        return {n: a for n, _, a in views}
 
     def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         ops.check_state(arrays, self.shape, self.clock.scheme)
@@ -114,8 +119,9 @@ class _E1TMWeight(nn.Module):
             from .kernels import triton_gpu
 
             return triton_gpu.materialize(self, dtype)
-        out = torch.empty(self.shape, dtype=torch.float32)
-        ops.materialize(self.state_arrays(), self.shape, self.clock.scheme, self.clock.step_counter, out=out.numpy())
+        out = torch.empty(self._rows_cols, dtype=torch.float32)  # the buffers were checked when set
+        ops.materialize_checked(self.state_arrays(), self.clock.scheme, self.clock.step_counter, out.numpy())
+        out = out.view(self.shape)
         return out if dtype is None else out.to(dtype)
 
     # -- votes ---------------------------------------------------------------------------------
@@ -143,8 +149,9 @@ class _E1TMWeight(nn.Module):
             triton_gpu.vote_async(self, grad, self.clock.device_counts)
             return
         c = self.clock
-        st = ops.vote(self.state_arrays(), grad.detach().float().contiguous().numpy(), self.shape, c.scheme,
-                      step_counter=c.step_counter, seed=c.seed, tensor=self.tensor_index, scales=not c.freeze_scale)
+        g2 = grad.detach().float().reshape(self._rows_cols).contiguous().numpy()
+        st = ops.vote_checked(self.state_arrays(), g2, c.scheme, step_counter=c.step_counter, seed=c.seed,
+                              tensor=self.tensor_index, scales=not c.freeze_scale)
         for k in self.clock.stats:
             self.clock.stats[k] += getattr(st, k)
 

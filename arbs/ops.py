@@ -85,9 +85,15 @@ def materialize(state, shape, scheme: F.Scheme, step_counter: int, *, out: np.nd
         out = np.empty(tuple(shape), np.float32)
     else:
         _check(out, "out", np.float32, tuple(shape))
-    num, den = scheme.xi_ratio(step_counter)
-    cpu.kernel("materialize_into", out.size)(state["T_packed"], state["E"], state["corr_accum"], scheme.gs, num, den, _as_2d(out, rows, cols))
+    materialize_checked(state, scheme, step_counter, _as_2d(out, rows, cols))
     return out
+
+
+def materialize_checked(state, scheme: F.Scheme, step_counter: int, out2d: np.ndarray) -> None:
+    """materialize into ``out2d`` (float32 (rows, cols), C-contiguous) for ``state`` that check_state
+    has passed: the training hot path (arbs.nn), which checks its arrays once, not on every call."""
+    num, den = scheme.xi_ratio(step_counter)
+    cpu.kernel("materialize_into", out2d.size)(state["T_packed"], state["E"], state["corr_accum"], scheme.gs, num, den, out2d)
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,15 @@ def vote(state, grad: np.ndarray, shape, scheme: F.Scheme, *, step_counter: int 
         raise TypeError(f"gradient has dtype {grad.dtype}; expected float32 or float64 (convert explicitly)")
     if grad.shape != tuple(shape):
         raise ValueError(f"gradient has shape {grad.shape}; the weight's shape is {tuple(shape)}")
-    g2 = _as_2d(np.ascontiguousarray(grad), rows, cols)
+    return vote_checked(state, _as_2d(np.ascontiguousarray(grad), rows, cols), scheme, step_counter=step_counter,
+                        seed=seed, tensor=tensor, scales=scales)
+
+
+def vote_checked(state, g2: np.ndarray, scheme: F.Scheme, *, step_counter: int, seed: int, tensor: int,
+                 scales: bool) -> VoteStats:
+    """vote for ``state`` that check_state has passed and a float32/float64 C-contiguous gradient ``g2``
+    already viewed as (rows, cols): the training hot path (arbs.nn). Same guarantees as ``vote``: a
+    NaN/inf raises before any array changes; corr_accum never wraps."""
     corr = state["corr_accum"]
     delta = np.empty(corr.shape, np.int64)
     bad = cpu.kernel("vote_delta_into", g2.size)(g2, state["T_packed"], scheme.gs, delta)

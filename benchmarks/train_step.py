@@ -1,12 +1,18 @@
 """ms/step and peak RSS of E1TM32 (each rule) vs fp32 AdamW on CPU, side by side in one run.
 
-Each configuration runs in its own subprocess (so peak RSS is its own) on the same batches. The E1TM
-models run steps 300.. of the default 1000-step schedule (flip's stochastic votes at a mid-run gain, not
-in the warmup nor past the horizon, where no trit votes).
+Step time: one process per preset builds all four models and runs their steps interleaved
+(fp32, average, carry, flip, fp32, ...; the order rotates every round), each on the same batch, so
+that every E1TM step is timed next to an fp32 step taken within a fraction of a second of it. This
+VM's speed drifts by +-20 % over seconds to minutes; timed in separate blocks or processes, that
+drift, not the scheme, decided the ratio. ``x fp32`` is the median over steps of the ratio of a
+configuration's step to the fp32 step of the same round; the spread column gives its quartiles.
 
-    python benchmarks/train_step.py [--presets tiny small] [--steps 20] [--rounds 3] [--threads 2]
+Peak RSS: each configuration in its own subprocess (so the figure is its own), a few steps.
 
-x fp32 is the median over rounds of each round's ratio to that round's fp32 run.
+The E1TM models run steps 300.. of the default 1000-step schedule (flip's stochastic votes at a
+mid-run gain, not in the warmup nor past the horizon, where no trit votes).
+
+    python benchmarks/train_step.py [--presets tiny small] [--steps 40] [--threads 2]
 """
 
 import argparse
@@ -15,25 +21,29 @@ import resource
 import statistics
 import time
 
+CONFIGS = (("fp32", None), ("E1TM32", "average"), ("E1TM32", "carry"), ("E1TM32", "flip"))
 
-def _measure(preset, fmt, rule, steps, threads, q):
+
+def _setup(preset, threads):
     import torch
 
     from arbs import data as D
+
+    torch.set_num_threads(threads)
+    return D.default_corpus()
+
+
+def _model(preset, fmt, rule, corpus):
     from arbs import nn as anx
     from arbs.train import TrainConfig, _meta, build
 
-    torch.set_num_threads(threads)
     cfg = TrainConfig(format=fmt, rule=rule, preset=preset)  # the default --steps 1000 sets the schedule
-    corpus = D.default_corpus()
     model, h = build(_meta(cfg, corpus.info))
     opt = h.get("optimizer")
     if opt is None:
         anx.model_clock(model).step_counter = 300
-    ctx = cfg.model_config().context
-    times = []
-    for s in range(steps + 3):
-        x, y = D.get_batch(corpus.train, batch_size=cfg.batch_size, context=ctx, seed=0, step=s)
+
+    def step(x, y):
         t0 = time.perf_counter()
         _, loss = model(x, y)
         loss.backward()
@@ -42,17 +52,41 @@ def _measure(preset, fmt, rule, steps, threads, q):
             opt.zero_grad(set_to_none=True)
         else:
             anx.step(model)
-        times.append(time.perf_counter() - t0)
-    times = sorted(times[3:])  # the first steps compile kernels and warm caches
-    q.put((times[len(times) // 2] * 1e3, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+        return time.perf_counter() - t0
+
+    return step, cfg.batch_size, cfg.model_config().context
 
 
-CONFIGS = (("fp32", None), ("E1TM32", "average"), ("E1TM32", "carry"), ("E1TM32", "flip"))
+def _times(preset, steps, threads, q):
+    from arbs import data as D
+
+    corpus = _setup(preset, threads)
+    made = [_model(preset, *c, corpus) for c in CONFIGS]
+    bs, ctx = made[0][1], made[0][2]
+    times = [[] for _ in CONFIGS]
+    for s in range(steps + 3):  # the first 3 rounds compile kernels and warm caches
+        x, y = D.get_batch(corpus.train, batch_size=bs, context=ctx, seed=0, step=s)
+        order = [(i + s) % len(CONFIGS) for i in range(len(CONFIGS))]
+        for i in order:
+            t = made[i][0](x, y)
+            if s >= 3:
+                times[i].append(t)
+    q.put(times)
 
 
-def _run(ctx, preset, fmt, rule, steps, threads) -> tuple[float, float]:
+def _rss(preset, fmt, rule, threads, q):
+    from arbs import data as D
+
+    corpus = _setup(preset, threads)
+    step, bs, ctx = _model(preset, fmt, rule, corpus)
+    for s in range(4):
+        step(*D.get_batch(corpus.train, batch_size=bs, context=ctx, seed=0, step=s))
+    q.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def _sub(ctx, fn, *args):
     q = ctx.Queue()
-    p = ctx.Process(target=_measure, args=(preset, fmt, rule, steps, threads, q))
+    p = ctx.Process(target=fn, args=(*args, q))
     p.start()
     res = q.get()
     p.join()
@@ -62,30 +96,22 @@ def _run(ctx, preset, fmt, rule, steps, threads) -> tuple[float, float]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="+", default=["tiny", "small"])
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=3, help="rounds of all configurations, interleaved")
+    ap.add_argument("--steps", type=int, default=40, help="timed rounds (one step of every configuration each)")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     ctx = mp.get_context("spawn")
-    print(f"| preset | scheme | ms/step (median of {a.rounds} rounds x {a.steps} steps) | x fp32 | "
-          f"each round's x fp32 | peak RSS MiB | x fp32 |")
+    print(f"| preset | scheme | ms/step (median of {a.steps}) | x fp32 (median of per-round ratios) | "
+          f"quartiles of x fp32 | peak RSS MiB | x fp32 |")
     print("|---|---|---|---|---|---|---|")
     for preset in a.presets:
-        # rounds interleave the configurations (fp32, average, carry, flip, fp32, ...) so that a drift of
-        # this host's speed over minutes does not land on one configuration; ratios are taken per round
-        runs = {c: [] for c in CONFIGS}
-        for _ in range(a.rounds):
-            for c in CONFIGS:
-                runs[c].append(_run(ctx, preset, *c, a.steps, a.threads))
-        base = runs[CONFIGS[0]]
-        for c in CONFIGS:
-            ms = statistics.median(r[0] for r in runs[c])
-            rss = max(r[1] for r in runs[c])
-            per_round = [r[0] / b[0] for r, b in zip(runs[c], base)]
+        times = _sub(ctx, _times, preset, a.steps, a.threads)
+        rss = [_sub(ctx, _rss, preset, *c, a.threads) for c in CONFIGS]
+        for i, c in enumerate(CONFIGS):
+            ratios = [t / b for t, b in zip(times[i], times[0])]
+            q1, q2, q3 = statistics.quantiles(ratios, n=4)
             name = c[0] + (f":{c[1]}" if c[1] else " AdamW")
-            print(f"| {preset} | {name} | {ms:.1f} | {statistics.median(per_round):.2f}x | "
-                  f"{' '.join(f'{x:.2f}' for x in per_round)} | {rss:.0f} | {rss / max(r[1] for r in base):.2f}x |",
-                  flush=True)
+            print(f"| {preset} | {name} | {statistics.median(times[i]) * 1e3:.1f} | {statistics.median(ratios):.2f}x | "
+                  f"{q1:.2f}–{q3:.2f} | {rss[i]:.0f} | {rss[i] / rss[0]:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

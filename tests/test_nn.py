@@ -66,15 +66,15 @@ def test_tied_embedding_votes_once_on_summed_gradient():
     g = _float_twin_grad(e, f)
     expected = _expected_after_vote(e, g)
     calls = []
-    orig = anx.ops.vote
-    anx.ops.vote = lambda *a, **k: (calls.append(1), orig(*a, **k))[1]
+    orig = anx.ops.vote_checked
+    anx.ops.vote_checked = lambda *a, **k: (calls.append(1), orig(*a, **k))[1]
     try:
         h = e(idx)
         loss = F_.cross_entropy(e.attend(h).reshape(-1, 30), idx.reshape(-1))
         loss.backward()
         anx.step(holder)
     finally:
-        anx.ops.vote = orig
+        anx.ops.vote_checked = orig
     assert len(calls) == 1, "a tied weight must vote once per step"
     _assert_state_equal(_arrays(e), expected)
 
@@ -169,3 +169,15 @@ def test_ternarize_rejects_a_parameter_the_rule_does_not_take():
         anx.ternarize_(model, "E1TM8", "carry", gain=4)
     clock = anx.ternarize_(model, "E1TM8", "flip", gain=4, horizon=10, seed=3)
     assert clock.scheme.params == {"K": 16, "theta": 8, "gain": 4, "horizon": 10, "vote_max": 1} and clock.seed == 3
+
+
+def test_state_arrays_follow_a_replaced_buffer():
+    """The cached numpy views are rebuilt when a buffer is replaced (not copied into), so materialize
+    and votes never act on a stale array."""
+    lin = nn.Sequential(nn.Linear(6, 4, bias=False))
+    anx.ternarize_(lin, "E1TM4", "carry")
+    m = lin[0]
+    before = m.materialize().clone()
+    m.E = m.E + 1  # a new tensor: every scale doubles
+    assert np.array_equal(m.state_arrays()["E"], m.E.numpy())
+    torch.testing.assert_close(m.materialize(), 2 * before, rtol=0, atol=0)

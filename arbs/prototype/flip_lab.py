@@ -59,9 +59,14 @@ class IntWeight:
         self.corr = torch.from_numpy(state["corr_accum"]).to(device)
         self.fa = torch.zeros((self.rows, self.cols_p), dtype=torch.int64, device=device)
         self.L = scheme.params["K"] * self.gs
+        self.ls = None  # --svote adam: float log2-scales (not the product; a ceiling for integer scale votes)
+
+    def float_scales(self) -> torch.Tensor:
+        self.ls = (self.E.double() + self.corr.double() / self.L).detach().requires_grad_(True)
+        return self.ls
 
     def scale(self, rounded=False) -> torch.Tensor:
-        x = self.E.double() + self.corr.double() / self.L
+        x = self.ls if self.ls is not None else self.E.double() + self.corr.double() / self.L
         if rounded:
             x = torch.round(x)
         return torch.exp2(x).float()
@@ -83,6 +88,10 @@ class IntWeight:
         # scale votes (carry rule)
         if a.snap and step >= a.fuse_from:
             delta = None  # snapped: scales frozen at their fused value
+        elif a.svote == "adam":  # float ceiling: log2-scales as float parameters, Adam on dL/dlog2(S)
+            W = self.scale().repeat_interleave(self.gs, dim=1) * T.float()
+            self.ls.grad = (g2 * W).view(self.rows, -1, self.gs).sum(-1).double() * math.log(2)
+            delta = None
         elif a.svote == "sign":
             delta = -(sg * T).view(self.rows, -1, self.gs).sum(-1)
         else:  # stochastic rounding of the group's gradient dL/dS (sum g*T), normalized per row
@@ -96,6 +105,8 @@ class IntWeight:
         up, dn = self.corr >= self.L, self.corr <= -self.L
         self.E += up.long() - dn.long()
         self.corr -= self.L * up.long() - self.L * dn.long()
+        if a.carry:  # the carry rule: trits frozen
+            return 0
         # trit votes
         if a.vote == "sign":
             r = -sg
@@ -155,6 +166,10 @@ def run(a) -> dict:
         c = data_mod.default_corpus()
         tr, va = c.train, c.val
     model = GPT(cfg)
+    if a.init:
+        from arbs.train import _load_float_init
+
+        _load_float_init(model, a.init)
     scheme = F.make_scheme("E1TM32", "flip", K=a.K, theta=a.theta)
     params = {n: p for n, p in model.named_parameters()}
     def mult(n):
@@ -173,6 +188,15 @@ def run(a) -> dict:
     hist = []
     t0 = time.time()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0) if a.vote == "fp32" else None
+    sopt = torch.optim.Adam([w.float_scales() for w in ints.values()], lr=a.slr) if a.svote == "adam" else None
+    res0 = {}
+    if a.init:  # the float model, then its one-shot conversion, before any step
+        res0["val_float_init"] = evaluate(model, va, cfg.context, device)
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(ints[n].w_eff())
+        res0["val_converted"] = evaluate(model, va, cfg.context, device)
+        print(json.dumps(res0), flush=True)
     a.fuse_from = fuse_from
     FLOOR["cos"] = a.floor
     for step in range(a.steps):
@@ -199,10 +223,14 @@ def run(a) -> dict:
             for n, p in params.items():
                 flips += ints[n].update(p.grad, a, step, gen)
                 p.grad = None
+        if sopt is not None:
+            for g in sopt.param_groups:
+                g["lr"] = a.slr * lr_mult("cos", step, a.steps)
+            sopt.step()
         if (step + 1) % 100 == 0:
             hist.append({"step": step + 1, "loss": float(loss), "flips": flips})
             print(json.dumps(hist[-1]), flush=True)
-    res = {"args": vars(a), "hist": hist, "s": time.time() - t0}
+    res = {"args": vars(a), "hist": hist, "s": time.time() - t0, **res0}
     for rounded in (False, True) if opt is None else (False,):
         with torch.no_grad():
             for n, p in params.items():
@@ -232,7 +260,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bound", action="store_true", help="clamp a counter at 0 on the side its trit cannot move")
     p.add_argument("--snap", action="store_true", help="at the fuse phase: E = round(E + Xi), corr = 0, scales frozen")
     p.add_argument("--floor", type=float, default=0.1, help="final lr multiplier of --sched cos")
-    p.add_argument("--svote", choices=("sign", "stoch"), default="sign")
+    p.add_argument("--svote", choices=("sign", "stoch", "adam"), default="sign",
+                   help="scale votes; adam: float log2-scales trained by Adam (a ceiling, not integer)")
+    p.add_argument("--slr", type=float, default=1e-2, help="--svote adam: peak lr (cosine to 10%%)")
+    p.add_argument("--carry", action="store_true", help="trits frozen: the carry rule (scale votes only)")
+    p.add_argument("--init", default=None, help="start from this float model (an fp32 run dir), converted")
     p.add_argument("--taus", type=float, default=0.125)
     p.add_argument("--fuse-phase", type=float, default=0.25)
     p.add_argument("--init-scale", type=float, default=1.0, help="multiply the float init before converting")
