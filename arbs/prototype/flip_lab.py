@@ -97,7 +97,7 @@ class IntWeight:
         else:  # stochastic rounding of the group's gradient dL/dS (sum g*T), normalized per row
             Gs = (g2 * T.float()).view(self.rows, -1, self.gs).sum(-1)
             s = Gs.square().mean(dim=1, keepdim=True).sqrt()
-            p = (m * Gs.abs() / (a.taus * s + 1e-30)).clamp(max=float(self.gs))
+            p = (m * Gs.abs() / (a.taus * s + 1e-30)).clamp(max=float(a.sclamp * self.gs))
             k = p.floor() + (torch.rand(p.shape, device=p.device, generator=gen) < p - p.floor()).float()
             delta = -torch.sign(Gs).long() * k.long()
         if delta is not None:
@@ -266,6 +266,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--carry", action="store_true", help="trits frozen: the carry rule (scale votes only)")
     p.add_argument("--init", default=None, help="start from this float model (an fp32 run dir), converted")
     p.add_argument("--taus", type=float, default=0.125)
+    p.add_argument("--sclamp", type=int, default=1, help="--svote stoch: largest scale vote, in units of gs")
     p.add_argument("--fuse-phase", type=float, default=0.25)
     p.add_argument("--init-scale", type=float, default=1.0, help="multiply the float init before converting")
     p.add_argument("--init-scale-emb", type=float, default=0.0, help="the embedding's own --init-scale (0: same)")
