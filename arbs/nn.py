@@ -103,7 +103,9 @@ class _E1TMWeight(nn.Module):
         """numpy views of the integer buffers (CPU); writes through to the module."""
         bufs, views = self._buffers, self._views
         if views is None or any(bufs[n] is not t for n, t, _ in views):  # made once, again if a buffer is replaced
-            views = self._views = [(n, bufs[n], bufs[n].numpy()) for n in self.clock.scheme.arrays()]
+            views = [(n, bufs[n], bufs[n].numpy()) for n in self.clock.scheme.arrays()]
+            ops.check_state({n: a for n, _, a in views}, self.shape, self.clock.scheme)  # what *_checked rely on
+            self._views = views
         return {n: a for n, _, a in views}
 
     def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:

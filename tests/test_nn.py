@@ -181,3 +181,13 @@ def test_state_arrays_follow_a_replaced_buffer():
     m.E = m.E + 1  # a new tensor: every scale doubles
     assert np.array_equal(m.state_arrays()["E"], m.E.numpy())
     torch.testing.assert_close(m.materialize(), 2 * before, rtol=0, atol=0)
+
+
+def test_a_replaced_buffer_of_the_wrong_dtype_is_refused():
+    lin = nn.Sequential(nn.Linear(6, 4, bias=False))
+    anx.ternarize_(lin, "E1TM4", "carry")
+    m = lin[0]
+    m.materialize()
+    m.E = m.E.to(torch.int16)
+    with pytest.raises(TypeError, match="E has dtype int16"):
+        m.materialize()
