@@ -268,7 +268,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--taus", type=float, default=0.125)
     p.add_argument("--sclamp", type=int, default=1, help="--svote stoch: largest scale vote, in units of gs")
     p.add_argument("--fuse-phase", type=float, default=0.25)
-    p.add_argument("--init-scale", type=float, default=1.0, help="multiply the float init before converting")
+    p.add_argument("--init-scale", type=float, default=1.0, help="multiply the float init (arbs.model's, already init_std(d_model)) before converting")
     p.add_argument("--init-scale-emb", type=float, default=0.0, help="the embedding's own --init-scale (0: same)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data", default=None, help="prefix of <prefix>.train.npy / <prefix>.val.npy")
