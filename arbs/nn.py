@@ -121,7 +121,7 @@ class _E1TMWeight(nn.Module):
             from .kernels import triton_gpu
 
             return triton_gpu.materialize(self, dtype)
-        out = torch.empty(self._rows_cols, dtype=torch.float32)  # the buffers were checked when set
+        out = torch.empty(self._rows_cols, dtype=torch.float32)  # state_arrays checked the buffers it views
         ops.materialize_checked(self.state_arrays(), self.clock.scheme, self.clock.step_counter, out.numpy())
         out = out.view(self.shape)
         return out if dtype is None else out.to(dtype)

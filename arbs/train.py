@@ -115,8 +115,7 @@ class TrainConfig:
 
     def given_rule_params(self) -> dict[str, int]:
         """The rule parameters set explicitly (not None)."""
-        given = {"K": self.K, "theta": self.theta, "gain": self.gain, "horizon": self.horizon, "vote_max": self.vote_max}
-        return {k: v for k, v in given.items() if v is not None}
+        return {k: getattr(self, k) for k in F.DEFAULT_PARAMS if getattr(self, k) is not None}
 
     def rule_params(self) -> dict[str, int]:
         """The E1TM rule's integer parameters with arbs train's defaults (flip: FLIP_DEFAULTS, horizon --steps)."""

@@ -24,7 +24,7 @@ import time
 CONFIGS = (("fp32", None), ("E1TM32", "average"), ("E1TM32", "carry"), ("E1TM32", "flip"))
 
 
-def _setup(preset, threads):
+def _setup(threads):
     import torch
 
     from arbs import data as D
@@ -60,7 +60,7 @@ def _model(preset, fmt, rule, corpus):
 def _times(preset, steps, threads, q):
     from arbs import data as D
 
-    corpus = _setup(preset, threads)
+    corpus = _setup(threads)
     made = [_model(preset, *c, corpus) for c in CONFIGS]
     bs, ctx = made[0][1], made[0][2]
     times = [[] for _ in CONFIGS]
@@ -77,7 +77,7 @@ def _times(preset, steps, threads, q):
 def _rss(preset, fmt, rule, threads, q):
     from arbs import data as D
 
-    corpus = _setup(preset, threads)
+    corpus = _setup(threads)
     step, bs, ctx = _model(preset, fmt, rule, corpus)
     for s in range(4):
         step(*D.get_batch(corpus.train, batch_size=bs, context=ctx, seed=0, step=s))
