@@ -94,6 +94,16 @@ class IntWeight:
             delta = None
         elif a.svote == "sign":
             delta = -(sg * T).view(self.rows, -1, self.gs).sum(-1)
+        elif a.svote in ("signm", "gsign"):  # scheduled sign votes: k = stochastic rounding of m*sstep per group
+            p = torch.full((self.rows, self.corr.shape[1]), m * a.sstep, device=g2.device)
+            if a.sdet:  # the same k for every group: round(m*sstep), no randomness
+                k = torch.round(p).long()
+            else:
+                k = (p.floor() + (torch.rand(p.shape, device=p.device, generator=gen) < p - p.floor()).float()).long()
+            if a.svote == "signm":  # the carry vote (sum of per-weight signs), times k
+                delta = -(sg * T).view(self.rows, -1, self.gs).sum(-1) * k
+            else:  # one sign per group: the sign of the group's dL/dS = sum g*T, times k
+                delta = -torch.sign((g2 * T.float()).view(self.rows, -1, self.gs).sum(-1)).long() * k
         else:  # stochastic rounding of the group's gradient dL/dS (sum g*T), normalized per row
             Gs = (g2 * T.float()).view(self.rows, -1, self.gs).sum(-1)
             s = Gs.square().mean(dim=1, keepdim=True).sqrt()
@@ -188,7 +198,7 @@ def run(a) -> dict:
     hist = []
     t0 = time.time()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0) if a.vote == "fp32" else None
-    sopt = torch.optim.Adam([w.float_scales() for w in ints.values()], lr=a.slr) if a.svote == "adam" else None
+    sopt = torch.optim.Adam([w.float_scales() for w in ints.values()], lr=a.slr, betas=(a.sbeta1, 0.999)) if a.svote == "adam" else None
     res0 = {}
     if a.init:  # the float model, then its one-shot conversion, before any step
         res0["val_float_init"] = evaluate(model, va, cfg.context, device)
@@ -260,9 +270,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bound", action="store_true", help="clamp a counter at 0 on the side its trit cannot move")
     p.add_argument("--snap", action="store_true", help="at the fuse phase: E = round(E + Xi), corr = 0, scales frozen")
     p.add_argument("--floor", type=float, default=0.1, help="final lr multiplier of --sched cos")
-    p.add_argument("--svote", choices=("sign", "stoch", "adam"), default="sign",
+    p.add_argument("--svote", choices=("sign", "stoch", "adam", "signm", "gsign"), default="sign",
                    help="scale votes; adam: float log2-scales trained by Adam (a ceiling, not integer)")
     p.add_argument("--slr", type=float, default=1e-2, help="--svote adam: peak lr (cosine to 10%%)")
+    p.add_argument("--sbeta1", type=float, default=0.9, help="--svote adam: beta1 (0: no momentum)")
+    p.add_argument("--sstep", type=float, default=1.0, help="--svote signm/gsign: peak vote multiplier")
+    p.add_argument("--sdet", action="store_true", help="--svote signm/gsign: k = round(m*sstep) (deterministic)")
     p.add_argument("--carry", action="store_true", help="trits frozen: the carry rule (scale votes only)")
     p.add_argument("--init", default=None, help="start from this float model (an fp32 run dir), converted")
     p.add_argument("--taus", type=float, default=0.125)
