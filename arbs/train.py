@@ -324,13 +324,18 @@ def _meta(cfg: TrainConfig, corpus_info: dict) -> dict:
 
 
 _IDENTITY_KEYS = ("format", "rule", "rule_params", "preset", "model", "seed", "batch_size", "data")
+# Rule parameters a resume may change: a schedule, not the model (--resume --steps N --horizon N extends a run).
+RESUME_MAY_CHANGE = ("horizon",)
 
 
 def _check_resume(ck: store.Checkpoint, meta: dict, run_dir: Path) -> None:
     for k in _IDENTITY_KEYS:
         # rule_params as the store read them: complete, with the defaults of parameters added since
         got = dict(ck.rule_params) if k == "rule_params" and ck.rule is not None else ck.meta.get(k)
-        if got != meta.get(k):
+        want = meta.get(k)
+        if k == "rule_params" and isinstance(got, dict) and isinstance(want, dict):
+            got, want = ({p: v for p, v in d.items() if p not in RESUME_MAY_CHANGE} for d in (got, want))
+        if got != want:
             raise ConfigError(
                 f"--resume {run_dir}: the run was made with {k}={got!r} but this command asks for "
                 f"{meta.get(k)!r}; resume with the run's own options or start a new --out"
@@ -362,7 +367,10 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None, on
         if ckpt.rule is not None and ckpt.rule == meta.get("rule"):  # parameters not given are the run's own
             meta["rule_params"] = dict(ckpt.rule_params) | cfg.given_rule_params()
         _check_resume(ckpt, meta, run_dir)
+        asked = meta.get("rule_params")
         meta = ckpt.meta | {k: v for k, v in meta.items() if k not in _IDENTITY_KEYS}
+        if asked is not None:  # equal to the run's but for RESUME_MAY_CHANGE
+            meta["rule_params"] = asked
     elif store.list_checkpoints(run_dir) if run_dir.exists() else False:
         raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume to continue it or choose another --out")
     model, handles = build(meta, ckpt, device=cfg.device)
@@ -372,6 +380,12 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None, on
     opt = handles.get("optimizer")
     clock = handles.get("clock")
     fuse_from = cfg.steps - round(cfg.resolved_fuse_phase * cfg.steps)
+    if clock is not None and step < cfg.steps:
+        sp = clock.scheme.params
+        if sp.get("gain") and 0 < sp.get("horizon", 0) <= step:
+            log.warning("the run's vote schedule ended at step %d (--horizon): its trits are final and only its "
+                        "scales train until the fuse phase; pass --horizon N (> %d) to go on training the trits",
+                        sp["horizon"], step)
     model.train()
     use_graph = cfg.cuda_graph and clock is not None and cfg.device == "cuda" and anx.graphable(model)
     graphed = None

@@ -29,7 +29,7 @@ _D = TrainConfig()
               help=f"flip with --gain > 0: largest counter step of one vote [default {FLIP_DEFAULTS['vote_max']}].")
 @click.option("--horizon", type=int, default=None,
               help="flip: step where the vote schedule m (5% warmup, cosine to 0) ends; 0 = constant "
-              "[default: --steps; on --resume the run's own].")
+              "[default: --steps; on --resume the run's own; a larger one on --resume extends a finished run].")
 @click.option("--preset", default=_D.preset, show_default=True, help="Built-in model size: tiny (CPU), small, base (GPU).")
 @click.option("--data", default=None, help="Text file, directory of text files, or uint8 .npy. Default: the Python standard library's *.py sources.")
 @click.option("--steps", type=int, default=_D.steps, show_default=True, help="Total optimizer steps (a resumed run trains up to this).")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,6 +121,41 @@ def test_resume_keeps_the_runs_own_rule_parameters(tmp_path, text):
     with pytest.raises(ConfigError, match="rule_params"):
         train(TrainConfig(steps=6, resume=True, theta=12, **kw))
     assert store.open_checkpoint(tmp_path / "r").step_counter == 5
+
+
+def test_resume_with_a_longer_horizon_extends_a_flip_run(tmp_path, text):
+    """Past its --horizon a flip run's trits are final: resuming to more steps warns and moves none.
+    --resume --horizon N restarts the schedule toward N (the one rule parameter a resume may change),
+    records it, and the trits learn again; any other parameter is still refused."""
+    run = tmp_path / "r"
+    args = ["train", "--format", "E1TM16", "--data", text, "--context", "16", "--batch-size", "2",
+            "--eval-every", "4", "--eval-batches", "1", "--save-every", "4", "--keep", "9", "--theta", "2"]
+    r = CliRunner().invoke(main, [*args, "--steps", "4", "--out", str(run)])
+    assert r.exit_code == 0, r.output
+    shutil.copytree(run, tmp_path / "r2")
+
+    def trits(path):
+        return {n: t.arrays["T_packed"] for n, t in store.open_checkpoint(path).tensors.items()}
+
+    r = CliRunner().invoke(main, [*args, "--steps", "8", "--resume", "--out", str(run)])
+    assert r.exit_code == 0, r.output
+    assert "vote schedule ended at step 4" in r.output
+    ck = store.open_checkpoint(run)
+    assert ck.step_counter == 8 and ck.rule_params["horizon"] == 4
+    before, after = trits(run / "step_4"), trits(run)
+    assert all(np.array_equal(before[n], after[n]) for n in before), "trits moved past the horizon"
+
+    r = CliRunner().invoke(main, [*args, "--steps", "8", "--horizon", "8", "--resume", "--out", str(tmp_path / "r2")])
+    assert r.exit_code == 0, r.output
+    assert "vote schedule ended" not in r.output
+    ck = store.open_checkpoint(tmp_path / "r2")
+    assert ck.step_counter == 8 and ck.rule_params["horizon"] == 8
+    after = trits(tmp_path / "r2")
+    assert any(not np.array_equal(before[n], after[n]) for n in before), "no trit moved after the restart"
+
+    r = CliRunner().invoke(main, [*args, "--steps", "9", "--theta", "3", "--resume", "--out", str(tmp_path / "r2")])
+    assert r.exit_code == 1 and "rule_params" in r.output
+    assert store.open_checkpoint(tmp_path / "r2").step_counter == 8
 
 
 def test_flip_options_through_the_cli(tmp_path, text):
