@@ -10,13 +10,11 @@ the 1000-step schedule, as in benchmarks/train_step.py.
 import argparse
 import cProfile
 import pstats
-import time
 
 import torch
+from train_step import _model  # this directory: the same model, schedule point and timed step
 
 from arbs import data as D
-from arbs import nn as anx
-from arbs.train import TrainConfig, _meta, build
 
 
 def main():
@@ -29,27 +27,12 @@ def main():
     ap.add_argument("--torch", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    cfg = TrainConfig(format=a.format, rule=None if a.rule == "-" else a.rule, preset=a.preset)
     corpus = D.default_corpus()
-    model, h = build(_meta(cfg, corpus.info))
-    opt = h.get("optimizer")
-    if opt is None:
-        anx.model_clock(model).step_counter = 300
-    ctx = cfg.model_config().context
+    step, batch_size, ctx = _model(a.preset, a.format, None if a.rule == "-" else a.rule, corpus)
 
     def run(n, s0):
-        ts = []
-        for s in range(s0, s0 + n):
-            x, y = D.get_batch(corpus.train, batch_size=cfg.batch_size, context=ctx, seed=0, step=s)
-            t0 = time.perf_counter()
-            _, loss = model(x, y)
-            loss.backward()
-            if opt:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            else:
-                anx.step(model)
-            ts.append(time.perf_counter() - t0)
+        ts = [step(*D.get_batch(corpus.train, batch_size=batch_size, context=ctx, seed=0, step=s))
+              for s in range(s0, s0 + n)]
         return sorted(ts)[len(ts) // 2] * 1e3
 
     run(3, 0)  # compile kernels, warm caches
