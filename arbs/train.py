@@ -334,11 +334,13 @@ def _check_resume(ck: store.Checkpoint, meta: dict, run_dir: Path) -> None:
         got = dict(ck.rule_params) if k == "rule_params" and ck.rule is not None else ck.meta.get(k)
         want = meta.get(k)
         if k == "rule_params" and isinstance(got, dict) and isinstance(want, dict):
-            got, want = ({p: v for p, v in d.items() if p not in RESUME_MAY_CHANGE} for d in (got, want))
-        if got != want:
+            differs = any(got.get(p) != want.get(p) for p in got.keys() | want.keys() if p not in RESUME_MAY_CHANGE)
+        else:
+            differs = got != want
+        if differs:
             raise ConfigError(
                 f"--resume {run_dir}: the run was made with {k}={got!r} but this command asks for "
-                f"{meta.get(k)!r}; resume with the run's own options or start a new --out"
+                f"{want!r}; resume with the run's own options or start a new --out"
             )
 
 
