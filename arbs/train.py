@@ -369,10 +369,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None, on
         if ckpt.rule is not None and ckpt.rule == meta.get("rule"):  # parameters not given are the run's own
             meta["rule_params"] = dict(ckpt.rule_params) | cfg.given_rule_params()
         _check_resume(ckpt, meta, run_dir)
-        asked = meta.get("rule_params")
-        meta = ckpt.meta | {k: v for k, v in meta.items() if k not in _IDENTITY_KEYS}
-        if asked is not None:  # equal to the run's but for RESUME_MAY_CHANGE
-            meta["rule_params"] = asked
+        # the run's identity, but the rule_params asked for (equal to the run's but for RESUME_MAY_CHANGE)
+        meta = ckpt.meta | {k: v for k, v in meta.items() if k not in _IDENTITY_KEYS or k == "rule_params"}
     elif store.list_checkpoints(run_dir) if run_dir.exists() else False:
         raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume to continue it or choose another --out")
     model, handles = build(meta, ckpt, device=cfg.device)
@@ -382,9 +380,9 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None, on
     opt = handles.get("optimizer")
     clock = handles.get("clock")
     fuse_from = cfg.steps - round(cfg.resolved_fuse_phase * cfg.steps)
-    if clock is not None and step < cfg.steps:
+    if clock is not None and step < cfg.steps and "flip_accum" in clock.scheme.arrays():
         sp = clock.scheme.params
-        if sp.get("gain") and 0 < sp.get("horizon", 0) <= step:
+        if sp["gain"] and F.trit_vote_gain(sp, step) == 0:  # as in ops.vote: past the horizon no trit votes
             log.warning("the run's vote schedule ended at step %d (--horizon): its trits are final and only its "
                         "scales train until the fuse phase; pass --horizon N (> %d) to go on training the trits",
                         sp["horizon"], step)
