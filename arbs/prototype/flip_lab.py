@@ -85,15 +85,18 @@ class IntWeight:
         sg = torch.sign(g2).long()
         T = self.T.long()
         m = lr_mult(a.sched, step, a.steps)
+
+        def per_group(x):  # (rows, cols_p) -> (rows, groups): the sum over each group
+            return x.view(self.rows, -1, self.gs).sum(-1)
         # scale votes (carry rule)
         if a.snap and step >= a.fuse_from:
             delta = None  # snapped: scales frozen at their fused value
         elif a.svote == "adam":  # float ceiling: log2-scales as float parameters, Adam on dL/dlog2(S)
             W = self.scale().repeat_interleave(self.gs, dim=1) * T.float()
-            self.ls.grad = (g2 * W).view(self.rows, -1, self.gs).sum(-1).double() * math.log(2)
+            self.ls.grad = per_group(g2 * W).double() * math.log(2)
             delta = None
         elif a.svote == "sign":
-            delta = -(sg * T).view(self.rows, -1, self.gs).sum(-1)
+            delta = -per_group(sg * T)
         elif a.svote in ("signm", "gsign"):  # scheduled sign votes: k = stochastic rounding of m*sstep per group
             p = torch.full((self.rows, self.corr.shape[1]), m * a.sstep, device=g2.device)
             if a.sdet:  # the same k for every group: round(m*sstep), no randomness
@@ -101,11 +104,11 @@ class IntWeight:
             else:
                 k = (p.floor() + (torch.rand(p.shape, device=p.device, generator=gen) < p - p.floor()).float()).long()
             if a.svote == "signm":  # the carry vote (sum of per-weight signs), times k
-                delta = -(sg * T).view(self.rows, -1, self.gs).sum(-1) * k
+                delta = -per_group(sg * T) * k
             else:  # one sign per group: the sign of the group's dL/dS = sum g*T, times k
-                delta = -torch.sign((g2 * T.float()).view(self.rows, -1, self.gs).sum(-1)).long() * k
+                delta = -torch.sign(per_group(g2 * T.float())).long() * k
         else:  # stochastic rounding of the group's gradient dL/dS (sum g*T), normalized per row
-            Gs = (g2 * T.float()).view(self.rows, -1, self.gs).sum(-1)
+            Gs = per_group(g2 * T.float())
             s = Gs.square().mean(dim=1, keepdim=True).sqrt()
             p = (m * Gs.abs() / (a.taus * s + 1e-30)).clamp(max=float(a.sclamp * self.gs))
             k = p.floor() + (torch.rand(p.shape, device=p.device, generator=gen) < p - p.floor()).float()
