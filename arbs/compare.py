@@ -19,16 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import formats as F
+from . import formats
 from . import store
 from .errors import ArbsError, ConfigError
-from .train import TrainConfig, check_format, is_e1tm
+from .training import TrainConfig
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ENTRIES = (
     "fp32", "learned-s", "absmean", "factorized", "absmax-group",
-    "E1TM32:average", "E1TM32:carry", "E1TM32:flip", "E1TM32:carry@init",
+    "E1TM32:average", "E1TM32:carry", "E1TM32:flip", "E1TM32:flip@init",
 )
 _ENTRY = re.compile(r"^(?P<format>[A-Za-z0-9_-]+)(?::(?P<rule>[a-z]+))?(?P<init>@init)?$")
 
@@ -53,10 +53,10 @@ def parse_entry(text: str) -> Entry:
     if not m:
         raise ConfigError(f"compare entry {text!r} is not of the form format[:rule][@init], e.g. E1TM32:carry@init")
     fmt, rule, init = m["format"], m["rule"], bool(m["init"])
-    check_format(fmt)
-    if is_e1tm(fmt):
+    formats.check_format(fmt)
+    if formats.is_e1tm(fmt):
         rule = rule or "flip"
-        F.rule_spec(rule)
+        formats.rule_spec(rule)
     elif rule or init:
         raise ConfigError(f"compare entry {text!r}: rules and @init apply to E1TM formats only")
     return Entry(fmt, rule, init)
@@ -121,7 +121,7 @@ def _run_entry(cfg_dict: dict, queue) -> None:
     """Subprocess body: train one entry, report progress and the result through ``queue``."""
     import resource
 
-    from .train import train
+    from .training import train
 
     cfg = TrainConfig(**cfg_dict)
     try:
@@ -167,17 +167,17 @@ def _train_in_subprocess(cfg: TrainConfig, on_step) -> dict:
 
 def _state_bpw(ckpt: store.Checkpoint) -> tuple[float, float]:
     """(persistent training bits/weight, inference bits/weight) measured from the arrays' raw bytes."""
-    from .baselines import inference_bpw
+    from .nn.baselines import inference_bpw
 
     weights = sum(math.prod(t.shape) for t in ckpt.tensors.values())
     if ckpt.kind == "e1tm":
-        train_bytes = sum(a.nbytes for t in ckpt.tensors.values() for a in t.arrays.values()) + 8
-        infer_bytes = sum(t.arrays[n].nbytes for t in ckpt.tensors.values() for n in F.INFERENCE_ARRAYS)
+        train_bytes = store.array_nbytes(ckpt)
+        infer_bytes = sum(t.arrays[n].nbytes for t in ckpt.tensors.values() for n in formats.INFERENCE_ARRAYS)
         return 8 * train_bytes / weights, 8 * infer_bytes / weights
-    train_bytes = sum(a.nbytes for t in ckpt.tensors.values() for a in t.arrays.values())
+    train_bytes = store.array_nbytes(ckpt)
     fmt = ckpt.meta["format"]
     infer_bits = sum(
-        inference_bpw(fmt, cols=F.tensor_view(t.shape)[1], gs=ckpt.meta.get("gs", 32)) * math.prod(t.shape)
+        inference_bpw(fmt, cols=formats.tensor_view(t.shape)[1], gs=ckpt.meta.get("gs", 32)) * math.prod(t.shape)
         for t in ckpt.tensors.values() if len(t.shape) >= 2
     )
     big = sum(math.prod(t.shape) for t in ckpt.tensors.values() if len(t.shape) >= 2)
@@ -186,7 +186,7 @@ def _state_bpw(ckpt: store.Checkpoint) -> tuple[float, float]:
 
 def compare(cfg: CompareConfig, *, on_entry: Callable[[Entry, int, int], None] | None = None,
             on_step: Callable[[int], None] | None = None) -> list[Row]:
-    """Train (or resume, or read back) every entry and write the table and plots into ``cfg.out``."""
+    """Train (or resume, or read back) every entry and write the table into ``cfg.out``."""
     entries = cfg.parsed()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -244,15 +244,13 @@ def render_markdown(cfg: CompareConfig, rows: list[Row]) -> str:
              f"data {cfg.data or 'Python stdlib corpus (default)'}, device {cfg.device}")
     notes = ("Training-state bits/weight: every persistent array of the final checkpoint, in raw bytes "
              "(float baselines: fp32 latent weight + AdamW moments). Inference bits/weight: E1TM after fuse "
-             "(T_packed + E); baselines per arbs.baselines.inference_bpw. Rows 'fused' evaluate the fused "
+             "(T_packed + E); baselines per arbs.nn.baselines.inference_bpw. Rows 'fused' evaluate the fused "
              "checkpoint (E_fused = round(E + Xi)).")
     return f"{setup}\n\n" + "\n".join(lines) + f"\n\n{notes}\n"
 
 
 def write_report(cfg: CompareConfig, rows: list[Row]) -> None:
-    from .plots import plot_compare
-
+    """compare.md and compare.json in ``cfg.out`` (the CLI draws the plots from the rows)."""
     out = Path(cfg.out)
     (out / "compare.md").write_text(render_markdown(cfg, rows))
     (out / "compare.json").write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
-    plot_compare(rows, out)

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from . import formats as F
+from . import formats
 from . import ops, store
 from .errors import ConfigError, CorruptStoreError, StoreNotFoundError
 
@@ -235,22 +235,16 @@ def _check_patterns(patterns, what: str) -> tuple[str, ...]:
     return out
 
 
-def _rule_params_for(rule: str, K: int | None, theta: int | None) -> dict[str, int]:
-    spec = F.rule_spec(rule)
-    for pname, val in (("K", K), ("theta", theta)):
-        if val is not None and pname not in spec.params:
-            takes = ", ".join(spec.params) or "no parameters"
-            raise ConfigError(f"rule {rule!r} does not use {pname} (it takes {takes}); drop {pname}={val}")
-    return F.rule_params(rule, K=K, theta=theta)
-
-
 def convert_state_dict(
     tensors: Mapping[str, Any],
     *,
-    format: str = F.DEFAULT_VARIANT,
-    rule: str = "carry",
+    format: str = formats.DEFAULT_VARIANT,
+    rule: str = formats.DEFAULT_RULE,
     K: int | None = None,
     theta: int | None = None,
+    gain: int | None = None,
+    horizon: int | None = None,
+    vote_max: int | None = None,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     meta: Mapping[str, Any] | None = None,
@@ -261,8 +255,9 @@ def convert_state_dict(
     ----------
     tensors : mapping name -> numpy array or torch tensor.
     format : E1TM variant name (``formats.VARIANTS``).
-    rule : update rule (``formats.RULES``); ``K``/``theta`` are its integer parameters (defaults in
-        ``formats.DEFAULT_PARAMS``); passing one the rule does not use is a ConfigError.
+    rule : update rule (``formats.RULES``); ``K``, ``theta``, ``gain``, ``horizon``, ``vote_max`` are its
+        integer parameters (None: the default of ``formats.PARAMS``); passing one the rule does not
+        take is a ConfigError.
     include : fnmatch patterns (``"*.weight"``); when given, only matching tensors are converted.
         A pattern that matches no tensor is a ConfigError (a typo would silently convert nothing).
     exclude : fnmatch patterns; matching tensors are skipped (applied after ``include``).
@@ -280,9 +275,9 @@ def convert_state_dict(
     ConfigError for an unknown format/rule, bad parameters or patterns, or nothing to convert;
     NonFiniteError naming the tensor if a selected tensor holds NaN/inf.
     """
-    gs = F.variant_gs(format)
-    params = _rule_params_for(rule, K, theta)
-    scheme = F.make_scheme(format, rule, **params)
+    gs = formats.variant_gs(format)
+    params = formats.rule_params(rule, K=K, theta=theta, gain=gain, horizon=horizon, vote_max=vote_max)
+    scheme = formats.make_scheme(format, rule, **params)
     include = _check_patterns(include, "include")
     exclude = _check_patterns(exclude, "exclude")
     names = list(tensors)

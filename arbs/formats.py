@@ -60,14 +60,37 @@ RULES: dict[str, RuleSpec] = {
         "carry for scales plus an int8 counter per weight that moves trits -1 <-> 0 <-> +1 at +-theta",
     ),
 }
-# gain = 0: every weight votes -sign(grad) each step (the plain flip rule). gain > 0: magnitude-aware
-# stochastic votes (see trit_vote_gain) of up to vote_max counter steps each; horizon > 0 adds a warmup +
-# cosine schedule ending at that step. A checkpoint written before vote_max existed reads as vote_max 1,
-# which is the rule it was trained with.
-DEFAULT_PARAMS: dict[str, int] = {"K": 16, "theta": 8, "gain": 0, "horizon": 0, "vote_max": 1}
-LATER_PARAMS = ("vote_max",)  # added after format version 1: a checkpoint may lack them (then: the default)
-PARAM_RANGES: dict[str, tuple[int, int]] = {"K": (1, 1 << 20), "theta": (1, 127), "gain": (0, 1 << 10),
-                                            "horizon": (0, 1 << 40), "vote_max": (1, 127)}
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One integer rule parameter: its default (what ``arbs train``, ``ternarize_`` and ``convert`` use),
+    its valid range, and ``absent``: the value a checkpoint that lacks it was trained with (parameters
+    added after format version 1; None: every checkpoint records it)."""
+
+    name: str
+    default: int
+    lo: int
+    hi: int
+    absent: int | None
+    summary: str
+
+
+# The one parameter table. Defaults measured in docs/training.md. gain = 0: every weight votes -sign(g)
+# each step (the plain flip rule); gain > 0: magnitude-aware stochastic votes (schedule.trit_vote_gain)
+# of up to vote_max counter steps; horizon > 0 adds a warmup + cosine schedule ending at that step
+# (arbs train sets it to --steps).
+PARAMS: dict[str, ParamSpec] = {p.name: p for p in (
+    ParamSpec("K", 16, 1, 1 << 20, None, "carry/flip: Xi = corr_accum/(K*gs); a full K*gs carries into E"),
+    ParamSpec("theta", 16, 1, 127, None, "flip: counter threshold that moves a trit"),
+    ParamSpec("gain", 4, 0, 1 << 10, None, "flip: stochastic vote gain; 0 = every weight votes -sign(g) each step"),
+    ParamSpec("horizon", 0, 0, 1 << 40, None, "flip: step where the vote schedule ends; 0 = constant"),
+    ParamSpec("vote_max", 3, 1, 127, 1, "flip with gain > 0: largest counter step of one vote"),
+)}
+DEFAULT_RULE = "flip"
+
+# Float-latent baselines (arbs.nn.baselines implements them): not E1TM, trained with AdamW.
+FLOAT_FORMATS = ("fp32", "learned-s", "absmean", "absmean-row", "lsq", "factorized", "absmax-group")
 
 
 @dataclass(frozen=True)
@@ -91,49 +114,77 @@ INFERENCE_ARRAYS = ("T_packed", "E")
 
 
 def did_you_mean(word: str, choices) -> str:
+    """`` Did you mean 'X'?`` for the closest of ``choices`` (case-insensitive), or ''."""
     folded = {str(c).casefold(): c for c in choices}  # case-insensitive: "e1tm32" -> 'E1TM32'
     close = difflib.get_close_matches(str(word).casefold(), list(folded), n=1)
     return f" Did you mean {folded[close[0]]!r}?" if close else ""
 
 
+def lookup(table, name, what: str):
+    """``table[name]``, or ConfigError naming ``what``, the valid names and the closest one."""
+    try:
+        return table[name]
+    except (KeyError, TypeError):
+        raise ConfigError(
+            f"unknown {what} {name!r}; valid: {', '.join(table)}.{did_you_mean(str(name), table)}"
+        ) from None
+
+
 def variant_gs(name: str) -> int:
     """Group size of an E1TM variant name, e.g. ``variant_gs("E1TM32") == 32``."""
-    try:
-        return VARIANTS[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown format {name!r}; valid E1TM formats: {', '.join(VARIANTS)}.{did_you_mean(name, VARIANTS)}"
-        ) from None
+    return lookup(VARIANTS, name, "format")
 
 
 def rule_spec(name: str) -> RuleSpec:
-    try:
-        return RULES[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown update rule {name!r}; valid rules: {', '.join(RULES)}.{did_you_mean(name, RULES)}"
-        ) from None
+    return lookup(RULES, name, "update rule")
 
 
-def unused_params(rule: str, given: dict[str, int | None]) -> list[str]:
-    """Names in ``given`` with a value (not None) that rule ``rule`` does not take, sorted."""
-    return sorted(k for k, v in given.items() if v is not None and k not in rule_spec(rule).params)
+def is_e1tm(fmt: str) -> bool:
+    """Whether ``fmt`` names an E1TM variant (else a float baseline, or nothing)."""
+    return fmt in VARIANTS
+
+
+def check_format(fmt: str) -> None:
+    """ConfigError unless ``fmt`` is an E1TM variant or a float baseline."""
+    lookup(dict.fromkeys((*VARIANTS, *FLOAT_FORMATS)), fmt, "format")
 
 
 def rule_params(rule: str, **given: int | None) -> dict[str, int]:
-    """The rule's integer parameters: defaults filled in, unknown or out-of-range values rejected."""
+    """The rule's integer parameters: the table's defaults filled in where ``given`` has None or nothing.
+
+    ConfigError for a parameter the rule does not take, a non-integer, or a value out of range.
+    """
     spec = rule_spec(rule)
+    for name, v in given.items():
+        if v is not None and name not in spec.params:
+            raise ConfigError(f"rule {rule!r} takes no parameter {name} "
+                              f"(its parameters: {', '.join(spec.params) or 'none'})")
     out = {}
     for p in spec.params:
         v = given.get(p)
-        v = DEFAULT_PARAMS[p] if v is None else v
+        v = PARAMS[p].default if v is None else v
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise ConfigError(f"rule {rule!r} parameter {p} must be an integer, got {v!r}")
-        lo, hi = PARAM_RANGES[p]
+        lo, hi = PARAMS[p].lo, PARAMS[p].hi
         if not lo <= int(v) <= hi:
             raise ConfigError(f"rule {rule!r} parameter {p}={v} is out of range; expected {lo}..{hi}")
         out[p] = int(v)
     return out
+
+
+def recorded_rule_params(rule: str, recorded: dict) -> dict[str, int]:
+    """The complete parameters of a checkpoint's rule from what it recorded: a parameter added after
+    format version 1 that it lacks reads as the value it was trained with (``ParamSpec.absent``);
+    any other missing or extra key is a ConfigError."""
+    spec = rule_spec(rule)
+    required = {p for p in spec.params if PARAMS[p].absent is None}
+    if not required <= set(recorded) <= set(spec.params):
+        raise ConfigError(
+            f"rule_params has keys {sorted(recorded)}; rule {rule!r} takes {sorted(spec.params)} "
+            f"({', '.join(sorted(set(spec.params) - required)) or 'none'} optional)"
+        )
+    absent = {p: PARAMS[p].absent for p in spec.params if p not in recorded}
+    return rule_params(rule, **(absent | dict(recorded)))
 
 
 def tensor_view(shape) -> tuple[int, int]:
@@ -201,52 +252,6 @@ def xi_ratio(rule: str, params: dict[str, int], step_counter: int, gs: int) -> t
     return 1, params["K"] * gs
 
 
-def trit_vote_gain(params: dict[str, int], step_counter: int) -> float:
-    """The flip rule's vote gain at ``step_counter``: ``gain * m(step)``, or 0.0 for plain sign votes.
-
-    With gain > 0 the vote of a weight is -sign(g) * k, with k the stochastic rounding of
-    a = min(vote_max, gain_m * |g| / rms(g over its row)) (floor(a), plus one with probability
-    a - floor(a)): small gradients rarely vote, so unimportant trits stop random-walking, and large
-    ones move their counter by up to vote_max steps. m(step) = 1 when
-    horizon = 0; else a linear warmup over the first horizon//20 steps, then a cosine from 1 to 0 at
-    step = horizon (and 0 after it: trits are final).
-    """
-    gain, horizon = params.get("gain", 0), params.get("horizon", 0)
-    if gain == 0:
-        return 0.0
-    if horizon == 0:
-        return float(gain)
-    warmup = horizon // 20
-    if step_counter < warmup:
-        return gain * (step_counter + 1) / warmup
-    frac = min(1.0, (step_counter - warmup) / max(1, horizon - warmup))
-    return gain * 0.5 * (1.0 + math.cos(math.pi * frac))
-
-
-_M64 = (1 << 64) - 1
-GOLDEN64 = 0x9E3779B97F4A7C15
-
-
-def mix64(x: int) -> int:
-    """splitmix64's finalizer on a 64-bit unsigned integer (the kernels carry the same arithmetic)."""
-    x &= _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    return x ^ (x >> 31)
-
-
-def vote_base(seed: int, tensor: int) -> int:
-    """The part of vote_key fixed for a run's tensor: mix64(mix64(seed) ^ tensor)."""
-    return mix64(mix64(seed) ^ tensor)
-
-
-def vote_key(seed: int, tensor: int, step_counter: int) -> int:
-    """Counter-based RNG key of one tensor's votes at one step: element i of the (rows, cols_p) view
-    draws u = (mix64(key ^ (i * GOLDEN64 mod 2**64)) >> 40) / 2**24. No RNG state is stored, so a
-    resumed run draws the same numbers. (The GPU kernel gets vote_base and mixes in the step itself.)"""
-    return mix64(vote_base(seed, tensor) ^ step_counter)
-
-
 def carry_limit(rule: str, params: dict[str, int], gs: int) -> int:
     """K*gs for the carrying rules (a group carries into E when |corr_accum| reaches it); 0 for average."""
     return 0 if rule == "average" else params["K"] * gs
@@ -275,7 +280,7 @@ class Scheme:
         return tensor_arrays(self.rule)
 
 
-def make_scheme(format: str = DEFAULT_VARIANT, rule: str = "carry", **params: int | None) -> Scheme:
+def make_scheme(format: str = DEFAULT_VARIANT, rule: str = DEFAULT_RULE, **params: int | None) -> Scheme:
     """Validated Scheme: known variant and rule, integer params in range, defaults filled in."""
     variant_gs(format)
     return Scheme(format, rule, rule_params(rule, **params))

@@ -18,13 +18,12 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from . import formats as F
+from . import formats
 from . import ops, store
 from .errors import ConfigError
 
@@ -77,7 +76,7 @@ class FuseReport:
         return d
 
 
-def _require_training(ckpt, action: str) -> F.Scheme:
+def _require_training(ckpt, action: str) -> formats.Scheme:
     where = f" '{ckpt.path}'" if getattr(ckpt, "path", None) else ""
     if ckpt.kind != "e1tm":
         raise ConfigError(
@@ -91,7 +90,7 @@ def _require_training(ckpt, action: str) -> F.Scheme:
             f"checkpoint{where} is already fused{frm}; it holds only T_packed and E, there is nothing to fuse "
             "(fuse the training checkpoint it came from)"
         )
-    return F.make_scheme(ckpt.format, ckpt.rule, **(ckpt.rule_params or {}))
+    return formats.make_scheme(ckpt.format, ckpt.rule, **(ckpt.rule_params or {}))
 
 
 def fuse_checkpoint(ckpt, *, keep_accum: bool = False):
@@ -157,7 +156,7 @@ def _source_root(src: Path, ckpt_dir: Path) -> Path:
     if ckpt_dir != src:  # src was a run dir, resolved through LATEST
         return src
     parent = ckpt_dir.parent
-    if re.fullmatch(r"step_(0|[1-9][0-9]*)", ckpt_dir.name) and (
+    if store.parse_step_dir(ckpt_dir.name) is not None and (
         (parent / store.LATEST_FILE).exists() or ckpt_dir in store.list_checkpoints(parent)
     ):
         return parent
@@ -220,21 +219,21 @@ def _check_out(out_dir: Path, src_root: Path, ckpt_dir: Path) -> None:
             )
 
 
-def fused_weights(ckpt) -> dict[str, np.ndarray]:
+def checkpoint_weights(ckpt) -> dict[str, np.ndarray]:
     """Float32 ``W_eff`` of every tensor, in its logical shape.
 
     Fused checkpoint: ``S = 2**E`` (``ops.materialize_fused``). Training checkpoint (including a
     keep-accum export): ``S = 2**(E + Xi)`` at its step_counter (``ops.materialize``).
     """
     if ckpt.kind != "e1tm":
-        raise ConfigError(f"checkpoint is a {ckpt.kind!r} checkpoint; fused_weights needs an E1TM checkpoint")
+        raise ConfigError(f"checkpoint is a {ckpt.kind!r} checkpoint; checkpoint_weights needs an E1TM checkpoint")
     out: dict[str, np.ndarray] = {}
     if ckpt.fused:
-        gs = F.variant_gs(ckpt.format)
+        gs = formats.variant_gs(ckpt.format)
         for name, ts in ckpt.tensors.items():
             out[name] = ops.materialize_fused(ts.arrays["T_packed"], ts.arrays["E"], tuple(ts.shape), gs)
         return out
-    scheme = F.make_scheme(ckpt.format, ckpt.rule, **(ckpt.rule_params or {}))
+    scheme = formats.make_scheme(ckpt.format, ckpt.rule, **(ckpt.rule_params or {}))
     for name, ts in ckpt.tensors.items():
         out[name] = ops.materialize(ts.arrays, tuple(ts.shape), scheme, int(ckpt.step_counter))
     return out

@@ -12,7 +12,7 @@ from typing import Mapping
 
 import numpy as np
 
-from . import formats as F
+from . import formats, schedule
 from .errors import ConfigError, IntegerRangeError, NonFiniteError
 from .kernels import cpu
 
@@ -28,13 +28,13 @@ def _check(a: np.ndarray, name: str, dtype, shape) -> None:
         raise ValueError(f"{name} must be C-contiguous (use np.ascontiguousarray)")
 
 
-def check_state(state: Mapping[str, np.ndarray], shape, scheme: F.Scheme, *, fused: bool = False) -> tuple[int, int]:
+def check_state(state: Mapping[str, np.ndarray], shape, scheme: formats.Scheme, *, fused: bool = False) -> tuple[int, int]:
     """Check every array of ``state`` against the format table; returns (rows, cols)."""
-    rows, cols = F.tensor_view(shape)
-    for name in F.tensor_arrays(scheme.rule, fused):
+    rows, cols = formats.tensor_view(shape)
+    for name in formats.tensor_arrays(scheme.rule, fused):
         if name not in state:
-            raise ValueError(f"state lacks array {name!r} (rule {scheme.rule!r} needs {F.tensor_arrays(scheme.rule, fused)})")
-        _check(state[name], name, F.ARRAYS[name].dtype, F.array_shape(name, rows, cols, scheme.gs))
+            raise ValueError(f"state lacks array {name!r} (rule {scheme.rule!r} needs {formats.tensor_arrays(scheme.rule, fused)})")
+        _check(state[name], name, formats.ARRAYS[name].dtype, formats.array_shape(name, rows, cols, scheme.gs))
     return rows, cols
 
 
@@ -59,7 +59,7 @@ def pack(T: np.ndarray, gs: int) -> np.ndarray:
         raise TypeError(f"T must be a 2-D int8 array, got {T.ndim}-D {T.dtype}")
     if T.size and (T.min() < -1 or T.max() > 1):
         raise ValueError("T holds values outside {-1, 0, +1}")
-    out = np.empty((T.shape[0], F.packed_cols(F.padded_cols(T.shape[1], gs))), np.uint8)
+    out = np.empty((T.shape[0], formats.packed_cols(formats.padded_cols(T.shape[1], gs))), np.uint8)
     cpu.kernel("pack_into", T.size)(T, out)
     return out
 
@@ -75,7 +75,7 @@ def unpack(T_packed: np.ndarray, cols: int) -> np.ndarray:
     return out
 
 
-def materialize(state, shape, scheme: F.Scheme, step_counter: int, *, out: np.ndarray | None = None) -> np.ndarray:
+def materialize(state, shape, scheme: formats.Scheme, step_counter: int, *, out: np.ndarray | None = None) -> np.ndarray:
     """W_eff = S*T, S = float32(2**(E + Xi)), as float32 in the logical ``shape``.
 
     ``out`` (float32, ``shape``, C-contiguous) is overwritten and returned if given.
@@ -85,11 +85,11 @@ def materialize(state, shape, scheme: F.Scheme, step_counter: int, *, out: np.nd
         out = np.empty(tuple(shape), np.float32)
     else:
         _check(out, "out", np.float32, tuple(shape))
-    materialize_checked(state, scheme, step_counter, _as_2d(out, rows, cols))
+    materialize_unchecked(state, scheme, step_counter, _as_2d(out, rows, cols))
     return out
 
 
-def materialize_checked(state, scheme: F.Scheme, step_counter: int, out2d: np.ndarray) -> None:
+def materialize_unchecked(state, scheme: formats.Scheme, step_counter: int, out2d: np.ndarray) -> None:
     """materialize into ``out2d`` (float32 (rows, cols), C-contiguous) for ``state`` that check_state
     has passed: the training hot path (arbs.nn), which checks its arrays once, not on every call."""
     num, den = scheme.xi_ratio(step_counter)
@@ -103,7 +103,7 @@ class VoteStats:
     flips: int = 0  # trits moved (flip rule)
 
 
-def vote(state, grad: np.ndarray, shape, scheme: F.Scheme, *, step_counter: int = 0, seed: int = 0,
+def vote(state, grad: np.ndarray, shape, scheme: formats.Scheme, *, step_counter: int = 0, seed: int = 0,
          tensor: int = 0, scales: bool = True) -> VoteStats:
     """Turn the gradient of W_eff into integer votes and apply the rule's update, in place on ``state``.
 
@@ -113,7 +113,7 @@ def vote(state, grad: np.ndarray, shape, scheme: F.Scheme, *, step_counter: int 
     optimizer step.
 
     flip with ``gain > 0`` votes stochastically, up to ``vote_max`` counter steps per vote
-    (formats.trit_vote_gain): the draws are keyed by
+    (schedule.trit_vote_gain): the draws are keyed by
     (seed, tensor, step_counter, element), so the same call gives the same result. ``scales=False``
     leaves E and corr_accum as they are (the fuse phase: scales are fused and frozen; trits still move).
     """
@@ -122,11 +122,11 @@ def vote(state, grad: np.ndarray, shape, scheme: F.Scheme, *, step_counter: int 
         raise TypeError(f"gradient has dtype {grad.dtype}; expected float32 or float64 (convert explicitly)")
     if grad.shape != tuple(shape):
         raise ValueError(f"gradient has shape {grad.shape}; the weight's shape is {tuple(shape)}")
-    return vote_checked(state, _as_2d(np.ascontiguousarray(grad), rows, cols), scheme, step_counter=step_counter,
+    return vote_unchecked(state, _as_2d(np.ascontiguousarray(grad), rows, cols), scheme, step_counter=step_counter,
                         seed=seed, tensor=tensor, scales=scales)
 
 
-def vote_checked(state, g2: np.ndarray, scheme: F.Scheme, *, step_counter: int, seed: int, tensor: int,
+def vote_unchecked(state, g2: np.ndarray, scheme: formats.Scheme, *, step_counter: int, seed: int, tensor: int,
                  scales: bool) -> VoteStats:
     """vote for ``state`` that check_state has passed and a float32/float64 C-contiguous gradient ``g2``
     already viewed as (rows, cols): the training hot path (arbs.nn). Same guarantees as ``vote``: a
@@ -143,9 +143,9 @@ def vote_checked(state, g2: np.ndarray, scheme: F.Scheme, *, step_counter: int, 
     if scales:
         carries, sats = cpu.kernel("apply_votes", corr.size * 16)(corr, state["E"], delta, limit)
     if "flip_accum" in scheme.arrays():
-        gain_m = F.trit_vote_gain(scheme.params, step_counter)
+        gain_m = schedule.trit_vote_gain(scheme.params, step_counter)
         if gain_m > 0 or scheme.params["gain"] == 0:  # gain > 0 past the horizon: trits are final
-            key = np.uint64(F.vote_key(seed, tensor, step_counter))
+            key = np.uint64(schedule.vote_key(seed, tensor, step_counter))
             flips = cpu.kernel("flip_into", g2.size)(g2, state["T_packed"], state["flip_accum"],
                                                      scheme.params["theta"], gain_m, scheme.params["vote_max"], key)
     return VoteStats(carries, sats, flips)
@@ -158,7 +158,7 @@ class FuseStats:
     changed: int  # groups with |Xi| >= 0.5 (fuse moved E)
 
 
-def fuse(state, shape, scheme: F.Scheme, step_counter: int) -> tuple[np.ndarray, FuseStats]:
+def fuse(state, shape, scheme: formats.Scheme, step_counter: int) -> tuple[np.ndarray, FuseStats]:
     """E_fused = clip(rint(E + Xi), -128, 127), round half to even. Inputs are not modified."""
     check_state(state, shape, scheme)
     E = state["E"]
@@ -170,9 +170,9 @@ def fuse(state, shape, scheme: F.Scheme, step_counter: int) -> tuple[np.ndarray,
 
 def materialize_fused(T_packed: np.ndarray, E: np.ndarray, shape, gs: int) -> np.ndarray:
     """W_eff of a fused (inference) tensor: S = 2**E exactly."""
-    rows, cols = F.tensor_view(shape)
-    _check(T_packed, "T_packed", np.uint8, F.array_shape("T_packed", rows, cols, gs))
-    _check(E, "E", np.int8, F.array_shape("E", rows, cols, gs))
+    rows, cols = formats.tensor_view(shape)
+    _check(T_packed, "T_packed", np.uint8, formats.array_shape("T_packed", rows, cols, gs))
+    _check(E, "E", np.int8, formats.array_shape("E", rows, cols, gs))
     out = np.empty(tuple(shape), np.float32)
     cpu.kernel("materialize_into", out.size)(T_packed, E, np.zeros(E.shape, np.int64), gs, 0, 0, _as_2d(out, rows, cols))
     return out
@@ -185,7 +185,7 @@ class ConvertStats:
     clipped: int  # groups whose log2 scale left the int8 range of E
 
 
-def convert(w: np.ndarray, scheme: F.Scheme, *, name: str = "tensor") -> tuple[dict[str, np.ndarray], ConvertStats]:
+def convert(w: np.ndarray, scheme: formats.Scheme, *, name: str = "tensor") -> tuple[dict[str, np.ndarray], ConvertStats]:
     """Float weight -> E1TM state at step 0 (the convert rule in formats/SPEC.md).
 
     Per group: a = mean|w| over the real elements, T = clamp(rint(w/a), -1, 1), s = mean|w_i| over the
@@ -198,9 +198,9 @@ def convert(w: np.ndarray, scheme: F.Scheme, *, name: str = "tensor") -> tuple[d
     if not np.isfinite(w).all():
         raise NonFiniteError(f"{name}: tensor holds {int((~np.isfinite(w)).sum())} NaN/inf value(s); cannot convert")
     shape = w.shape
-    rows, cols = F.tensor_view(shape)
+    rows, cols = formats.tensor_view(shape)
     gs = scheme.gs
-    cols_p = F.padded_cols(cols, gs)
+    cols_p = formats.padded_cols(cols, gs)
     ng = cols_p // gs
     wp = np.zeros((rows, cols_p), np.float64)
     wp[:, :cols] = w.reshape(rows, cols)
@@ -217,8 +217,8 @@ def convert(w: np.ndarray, scheme: F.Scheme, *, name: str = "tensor") -> tuple[d
     s = np.where(n_nz > 0, (np.abs(g) * nz).sum(axis=2) / np.maximum(n_nz, 1), 1.0)  # all-zero: log2(1) = 0
     log2s = np.log2(s)
     E_wide = np.rint(log2s)
-    clipped = int(((E_wide > F.E_MAX) | (E_wide < F.E_MIN)).sum())
-    E = np.clip(E_wide, F.E_MIN, F.E_MAX)
+    clipped = int(((E_wide > formats.E_MAX) | (E_wide < formats.E_MIN)).sum())
+    E = np.clip(E_wide, formats.E_MIN, formats.E_MAX)
     corr = np.zeros((rows, ng), np.int64)
     limit = scheme.carry_limit
     if limit:

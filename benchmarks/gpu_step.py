@@ -235,15 +235,15 @@ def kernel_bandwidth(device, shapes=((16384, 4096), (4096, 4096), (3072, 768))):
     the fewest bytes it must move (each input read once, each output written once)."""
     import triton
 
-    from arbs import formats as Fm
+    from arbs import formats
     from arbs.kernels import triton_gpu as tg
 
     res = []
     gs = 32
     for rows, cols in shapes:
-        n, ng, nb = rows * cols, rows * cols // gs, Fm.packed_cols(cols) * rows
+        n, ng, nb = rows * cols, rows * cols // gs, formats.packed_cols(cols) * rows
         g = torch.Generator(device=device).manual_seed(1)
-        tp = torch.randint(0, 243, (rows, Fm.packed_cols(cols)), dtype=torch.uint8, device=device, generator=g)
+        tp = torch.randint(0, 243, (rows, formats.packed_cols(cols)), dtype=torch.uint8, device=device, generator=g)
         E = torch.randint(-20, 20, (rows, cols // gs), dtype=torch.int8, device=device, generator=g)
         corr = torch.randint(-511, 512, (rows, cols // gs), dtype=torch.int64, device=device, generator=g)
         fa = torch.zeros((rows, cols), dtype=torch.int8, device=device)
@@ -254,12 +254,12 @@ def kernel_bandwidth(device, shapes=((16384, 4096), (4096, 4096), (3072, 768))):
         ob, of = torch.empty((rows, cols), dtype=torch.bfloat16, device=device), torch.empty((rows, cols), device=device)
         cases = {
             "copy bf16 (yardstick)": (lambda: ob.copy_(gradb), 4 * n),
-            "materialize -> bf16": (lambda: tg._launch_materialize(tp, E, corr, gs, 1, 16 * gs, ob), 2 * n + nb + 9 * ng),
-            "materialize -> fp32": (lambda: tg._launch_materialize(tp, E, corr, gs, 1, 16 * gs, of), 4 * n + nb + 9 * ng),
-            "vote_delta fp32 grad": (lambda: tg._launch_vote(grad, tp, gs, delta, cnt), 4 * n + nb + 8 * ng),
-            "vote_delta bf16 grad": (lambda: tg._launch_vote(gradb, tp, gs, delta, cnt), 2 * n + nb + 8 * ng),
-            "apply_votes (carry)": (lambda: tg._launch_apply(corr, E, delta, 16 * gs, cnt, True), 26 * ng),
-            "flip fp32 grad": (lambda: tg._launch_flip(grad, tp, fa, 8, cnt, True), 4 * n + 2 * n + 2 * nb),
+            "materialize -> bf16": (lambda: tg.launch_materialize(tp, E, corr, gs, 1, 16 * gs, ob), 2 * n + nb + 9 * ng),
+            "materialize -> fp32": (lambda: tg.launch_materialize(tp, E, corr, gs, 1, 16 * gs, of), 4 * n + nb + 9 * ng),
+            "vote_delta fp32 grad": (lambda: tg.launch_vote(grad, tp, gs, delta, cnt), 4 * n + nb + 8 * ng),
+            "vote_delta bf16 grad": (lambda: tg.launch_vote(gradb, tp, gs, delta, cnt), 2 * n + nb + 8 * ng),
+            "apply_votes (carry)": (lambda: tg.launch_apply(corr, E, delta, 16 * gs, cnt, True), 26 * ng),
+            "flip fp32 grad": (lambda: tg.launch_flip(grad, tp, fa, 8, cnt, True), 4 * n + 2 * n + 2 * nb),
         }
         for name, (fn, nbytes) in cases.items():
             ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")

@@ -39,7 +39,7 @@ import numpy as np
 if __name__ == "__main__" and __package__ in (None, ""):
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from arbs import formats as F
+from arbs import formats
 from arbs import ops
 from arbs.kernels import cpu
 
@@ -84,12 +84,12 @@ class Memcpy:
             f.result()
 
 
-def build_state(rows: int, cols: int, scheme: F.Scheme, seed: int = 0):
+def build_state(rows: int, cols: int, scheme: formats.Scheme, seed: int = 0):
     rng = np.random.default_rng(seed)
     gs = scheme.gs
     limit = scheme.carry_limit
     T = rng.integers(-1, 2, (rows, cols), dtype=np.int8)
-    ng = F.n_groups(cols, gs)
+    ng = formats.n_groups(cols, gs)
     state = {
         "T_packed": ops.pack(T, gs),
         "E": rng.integers(-8, 9, (rows, ng), dtype=np.int8),
@@ -100,7 +100,7 @@ def build_state(rows: int, cols: int, scheme: F.Scheme, seed: int = 0):
 
 
 def run(rows: int, cols: int, fmt: str, repeats: int) -> list[dict]:
-    scheme = F.make_scheme(fmt, "carry")
+    scheme = formats.make_scheme(fmt, "carry")
     gs, limit = scheme.gs, scheme.carry_limit
     T, state, grad = build_state(rows, cols, scheme)
     Tp, E, corr = state["T_packed"], state["E"], state["corr_accum"]

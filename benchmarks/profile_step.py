@@ -12,7 +12,7 @@ import cProfile
 import pstats
 
 import torch
-from train_step import _model  # this directory: the same model, schedule point and timed step
+from train_step import model_step  # this directory: the same model, schedule point and timed step
 
 from arbs import data as D
 
@@ -28,7 +28,7 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     corpus = D.default_corpus()
-    step, batch_size, ctx = _model(a.preset, a.format, None if a.rule == "-" else a.rule, corpus)
+    step, batch_size, ctx = model_step(a.preset, a.format, None if a.rule == "-" else a.rule, corpus)
 
     def run(n, s0):
         ts = [step(*D.get_batch(corpus.train, batch_size=batch_size, context=ctx, seed=0, step=s))

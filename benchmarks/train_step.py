@@ -33,12 +33,13 @@ def _setup(threads):
     return D.default_corpus()
 
 
-def _model(preset, fmt, rule, corpus):
+def model_step(preset, fmt, rule, corpus):
     from arbs import nn as anx
-    from arbs.train import TrainConfig, _meta, build
+    from arbs.training.build import build
+    from arbs.training.config import TrainConfig, run_meta
 
     cfg = TrainConfig(format=fmt, rule=rule, preset=preset)  # the default --steps 1000 sets the schedule
-    model, h = build(_meta(cfg, corpus.info))
+    model, h = build(run_meta(cfg, corpus.info))
     opt = h.get("optimizer")
     if opt is None:
         anx.model_clock(model).step_counter = 300
@@ -61,7 +62,7 @@ def _times(preset, steps, threads, q):
     from arbs import data as D
 
     corpus = _setup(threads)
-    made = [_model(preset, *c, corpus) for c in CONFIGS]
+    made = [model_step(preset, *c, corpus) for c in CONFIGS]
     bs, ctx = made[0][1], made[0][2]
     times = [[] for _ in CONFIGS]
     for s in range(steps + 3):  # the first 3 rounds compile kernels and warm caches
@@ -78,7 +79,7 @@ def _rss(preset, fmt, rule, threads, q):
     from arbs import data as D
 
     corpus = _setup(threads)
-    step, bs, ctx = _model(preset, fmt, rule, corpus)
+    step, bs, ctx = model_step(preset, fmt, rule, corpus)
     for s in range(4):
         step(*D.get_batch(corpus.train, batch_size=bs, context=ctx, seed=0, step=s))
     q.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

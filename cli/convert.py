@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import click
 
-from arbs import formats as F
-from arbs.convert import convert_file
-
+from arbs import formats
 from .common import arbs_errors, echo_json
+from .options import rule_param_options
 
 
 @click.command("convert")
 @click.argument("float_ckpt")
-@click.option("--format", "fmt", default=F.DEFAULT_VARIANT, show_default=True,
-              help=f"E1TM variant: {', '.join(F.VARIANTS)}.")
-@click.option("--rule", default="carry", show_default=True,
-              help=f"Update rule the checkpoint will train with: {', '.join(F.RULES)}.")
-@click.option("--K", "K", type=int, default=None,
-              help=f"carry/flip: Xi = corr_accum/(K*gs) [default {F.DEFAULT_PARAMS['K']}].")
-@click.option("--theta", type=int, default=None,
-              help=f"flip: counter threshold that moves a trit [default {F.DEFAULT_PARAMS['theta']}].")
+@click.option("--format", "fmt", default=formats.DEFAULT_VARIANT, show_default=True,
+              help=f"E1TM variant: {', '.join(formats.VARIANTS)}.")
+@click.option("--rule", default=formats.DEFAULT_RULE, show_default=True,
+              help=f"Update rule the checkpoint will train with: {', '.join(formats.RULES)}.")
+@rule_param_options()
 @click.option("--include", multiple=True, metavar="PAT",
               help="Convert only tensors whose name matches this fnmatch pattern (repeatable), e.g. '*.weight'.")
 @click.option("--exclude", multiple=True, metavar="PAT",
@@ -28,15 +24,17 @@ from .common import arbs_errors, echo_json
               help="Run directory to write the converted checkpoint into (as step_0).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document with the report on stdout.")
 @arbs_errors
-def convert_cmd(float_ckpt, fmt, rule, K, theta, include, exclude, out, as_json):
+def convert_cmd(float_ckpt, fmt, rule, include, exclude, out, as_json, **params):
     """Convert float weights to an E1TM training checkpoint.
 
     FLOAT_CKPT is a .safetensors file or a torch state dict (.pt/.pth/.bin/.ckpt). Every floating tensor with at least one dimension is converted unless --include/--exclude say
     otherwise. Tensors that are not converted are not stored (E1TM checkpoints are integer only);
     they are listed in the report. Prints the relative L2 error ||W_eff - W|| / ||W|| per tensor.
     """
-    report = convert_file(float_ckpt, out, format=fmt, rule=rule, K=K, theta=theta,
-                          include=list(include), exclude=list(exclude))
+    from arbs.convert import convert_file
+
+    report = convert_file(float_ckpt, out, format=fmt, rule=rule, include=list(include), exclude=list(exclude),
+                          **params)
     if as_json:
         echo_json(report.to_dict())
         return

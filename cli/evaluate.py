@@ -4,8 +4,6 @@ import sys
 
 import click
 
-from arbs.evaluate import eval_checkpoint, generate
-
 from .common import arbs_errors, echo_json
 
 
@@ -22,6 +20,8 @@ def eval_cmd(ckpt, data, batch_size, batches, device, as_json):
 
     CKPT is a run directory (its LATEST checkpoint) or a step_<N> directory.
     """
+    from arbs.training.evaluate import eval_checkpoint
+
     r = eval_checkpoint(ckpt, data=data, batch_size=batch_size, max_batches=batches, device=device)
     doc = {"path": r.path, "kind": r.kind, "fused": r.fused, "step_counter": r.step, "val_loss": r.val_loss,
            "val_bpb": r.val_bpb, "val_bytes": r.val_bytes}
@@ -42,5 +42,7 @@ def eval_cmd(ckpt, data, batch_size, batches, device, as_json):
 @arbs_errors
 def generate_cmd(ckpt, prompt, max_bytes, temperature, seed, device):
     """Sample bytes from a checkpoint's model after --prompt; prints prompt + continuation."""
+    from arbs.training.evaluate import generate
+
     out = generate(ckpt, prompt, max_bytes=max_bytes, temperature=temperature, seed=seed, device=device)
     sys.stdout.write(prompt + out.decode("utf-8", errors="replace") + "\n")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import click
 
-from arbs.fuse import fuse_path
-
 from .common import arbs_errors, echo_json
 
 
@@ -28,6 +26,8 @@ def fuse_cmd(ckpt, out, keep_accum, as_json):
 
     CKPT is a run directory (its LATEST checkpoint) or a step_<N> directory.
     """
+    from arbs.fuse import fuse_path
+
     report = fuse_path(ckpt, out, keep_accum=keep_accum)
     if as_json:
         echo_json(report.to_dict())

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import click
 
-from arbs.summary import render_text, summarize_path
-
 from .common import arbs_errors, echo_json
 
 
@@ -20,6 +18,8 @@ def inspect_cmd(ckpt, bpw, as_json):
 
     CKPT is a run directory (its LATEST checkpoint) or a step_<N> directory.
     """
+    from arbs.inspect import render_text, summarize_path
+
     summary = summarize_path(ckpt, bpw=bpw)
     if as_json:
         echo_json(summary)

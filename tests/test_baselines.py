@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F_
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from arbs import baselines as B
+from arbs.nn import baselines as B
 from arbs.errors import ConfigError
 
 TERNARY = [s for s, spec in B.SCHEMES.items() if spec.trits is not None]
@@ -159,7 +159,7 @@ def test_lsq_gradients_match_paper():
 
 class _Emb(nn.Embedding):
     def attend(self, x):
-        return F_.linear(x, self.weight)
+        return F.linear(x, self.weight)
 
 
 class _Tiny(nn.Module):
@@ -207,7 +207,7 @@ def test_quantize_replaces_layers_and_trains(scheme):
         [{"params": B.latent_parameters(model)}, {"params": B.quantizer_parameters(model), "weight_decay": 0.0}],
         lr=1e-2,
     )
-    F_.cross_entropy(out.reshape(-1, 11), IDX.reshape(-1)).backward()
+    F.cross_entropy(out.reshape(-1, 11), IDX.reshape(-1)).backward()
     opt.step()
     for n, p in model.named_parameters():
         assert not torch.equal(p.detach(), params[n]), f"{n} did not change"

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from arbs import store
 from arbs.compare import CompareConfig, compare, parse_entry
 from arbs.errors import ConfigError
-from arbs.train import FLOAT_FORMATS
+from arbs.formats import FLOAT_FORMATS
 from arbs_cli.main import main
 
 TINY = ["--context", "16", "--batch-size", "2", "--eval-every", "2", "--eval-batches", "1"]

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from arbs import formats as F
+from arbs import formats
 from arbs import ops, store
 from arbs.convert import convert_file, convert_state_dict, load_float_state
 from arbs.errors import ConfigError, CorruptStoreError, NonFiniteError, StoreNotFoundError
-from arbs.fuse import fuse_checkpoint, fuse_path, fused_weights
-from arbs.summary import render_text, summarize, summarize_path
+from arbs.fuse import fuse_checkpoint, fuse_path, checkpoint_weights
+from arbs.inspect import render_text, summarize, summarize_path
 
 SHAPES = {
     "embed.weight": (40, 24),
@@ -80,7 +80,7 @@ def test_convert_torch_state_dict_round_trip(tmp_path, wrapper):
     assert ckpt.kind == "e1tm" and ckpt.format == "E1TM32" and ckpt.rule == "carry" and ckpt.step_counter == 0
     assert not ckpt.fused
     assert "step_count" not in ckpt.tensors
-    w = fused_weights(ckpt)
+    w = checkpoint_weights(ckpt)
     by_name = {t.name: t for t in report.tensors}
     for name, orig in sd.items():
         assert w[name].shape == orig.shape and w[name].dtype == np.float32
@@ -115,7 +115,7 @@ def test_convert_safetensors_file_half_precision(tmp_path):
 def test_convert_state_dict_checks_arrays_against_the_table():
     sd = gaussian_state()
     ckpt, report = convert_state_dict(sd, format="E1TM32", rule="carry", K=8)
-    scheme = F.make_scheme("E1TM32", "carry", K=8)
+    scheme = formats.make_scheme("E1TM32", "carry", K=8)
     for name, ts in ckpt.tensors.items():
         ops.check_state(ts.arrays, ts.shape, scheme)
         t = next(r for r in report.tensors if r.name == name)
@@ -163,7 +163,7 @@ def test_bad_format_rule_and_params():
         convert_state_dict(sd, format="E1TM33")
     with pytest.raises(ConfigError, match="unknown update rule"):
         convert_state_dict(sd, rule="carr")
-    with pytest.raises(ConfigError, match="does not use K"):
+    with pytest.raises(ConfigError, match="takes no parameter K"):
         convert_state_dict(sd, rule="average", K=4)
     with pytest.raises(ConfigError, match="out of range"):
         convert_state_dict(sd, K=0)
@@ -209,7 +209,7 @@ def test_fuse_option_b(training_run):
     fused = store.open_checkpoint(training_run.with_name("run-fused"))
     assert fused.fused and fused.rule is None and fused.step_counter is None
     assert fused.meta["fused_from"] == {"format": "E1TM32", "rule": "carry", "rule_params": {"K": 16}, "step_counter": 0}
-    scheme = F.make_scheme("E1TM32", "carry")
+    scheme = formats.make_scheme("E1TM32", "carry")
     for name, ts in fused.tensors.items():
         assert set(ts.arrays) == {"T_packed", "E"}
         assert all(a.dtype.kind in "iu" for a in ts.arrays.values())
@@ -230,7 +230,7 @@ def test_fuse_counts_changed_and_clipped(make_e1tm, rule):
     first["E"].flat[:2] = [127, -128]
     first["corr_accum"].flat[:2] = [lim, -lim]  # Xi near +1 / -1 (carry, flip), +-4 (average): both clip
     fused, report = fuse_checkpoint(src)
-    scheme = F.make_scheme(src.format, rule, **src.rule_params)
+    scheme = formats.make_scheme(src.format, rule, **src.rule_params)
     num, den = scheme.xi_ratio(7)
     changed = clipped = 0
     for name, ts in src.tensors.items():
@@ -339,10 +339,10 @@ def test_convert_refuses_non_empty_out(tmp_path, training_run):
         convert_file(tmp_path / "m.safetensors", training_run)
 
 
-def test_fused_weights_fused_vs_training(training_run):
+def test_checkpoint_weights_fused_vs_training(training_run):
     src = store.open_checkpoint(training_run)
     fused, _ = fuse_checkpoint(src)
-    wf, wt = fused_weights(fused), fused_weights(src)
+    wf, wt = checkpoint_weights(fused), checkpoint_weights(src)
     for name, ts in fused.tensors.items():
         a = ts.arrays
         expect = ops.materialize_fused(a["T_packed"], a["E"], ts.shape, 32)
@@ -355,17 +355,17 @@ def test_fused_weights_fused_vs_training(training_run):
 
 def _synthetic(rows: int, cols: int, fmt: str, rule: str | None, fused: bool = False, T: np.ndarray | None = None,
                corr: np.ndarray | None = None, step: int | None = 0):
-    gs = F.variant_gs(fmt)
+    gs = formats.variant_gs(fmt)
     if T is None:
-        packed = np.full(F.array_shape("T_packed", rows, cols, gs), 121, np.uint8)  # 121 = five zero trits
+        packed = np.full(formats.array_shape("T_packed", rows, cols, gs), 121, np.uint8)  # 121 = five zero trits
     else:
         packed = ops.pack(T, gs)
-    arrays = {"T_packed": packed, "E": np.zeros(F.array_shape("E", rows, cols, gs), np.int8)}
+    arrays = {"T_packed": packed, "E": np.zeros(formats.array_shape("E", rows, cols, gs), np.int8)}
     if not fused:
         arrays["corr_accum"] = corr if corr is not None else np.zeros(arrays["E"].shape, np.int64)
-        if "flip_accum" in F.tensor_arrays(rule):
-            arrays["flip_accum"] = np.zeros(F.array_shape("flip_accum", rows, cols, gs), np.int8)
-    params = {} if fused else F.rule_params(rule)
+        if "flip_accum" in formats.tensor_arrays(rule):
+            arrays["flip_accum"] = np.zeros(formats.array_shape("flip_accum", rows, cols, gs), np.int8)
+    params = {} if fused else formats.rule_params(rule)
     return store.Checkpoint(
         kind="e1tm", format=fmt, gs=gs, rule=None if fused else rule, rule_params=params, fused=fused,
         step_counter=None if fused else step, tensors={"w": store.TensorState(name="w", shape=(rows, cols), arrays=arrays)}, meta={},

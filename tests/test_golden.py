@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from arbs import formats as F
+from arbs import formats
 from arbs import ops
 from arbs.kernels import cpu
 from arbs.testing.reference import assert_same
@@ -35,14 +35,15 @@ def f32(bits) -> np.ndarray:
 
 
 def arr(case, name, shape=None) -> np.ndarray:
-    a = np.array(case[name], F.ARRAYS[name].dtype)
+    a = np.array(case[name], formats.ARRAYS[name].dtype)
     return a.reshape(shape) if shape is not None else a
 
 
-def scheme_of(case) -> F.Scheme:
-    s = F.make_scheme(case["format"], case["rule"], **case["rule_params"])
-    # the vectors predate vote_max: a parameter added later reads as its default (the rule they were made with)
-    later = {p: F.DEFAULT_PARAMS[p] for p in F.LATER_PARAMS if p in F.rule_spec(case["rule"]).params}
+def scheme_of(case) -> formats.Scheme:
+    params = formats.recorded_rule_params(case["rule"], case["rule_params"])
+    s = formats.make_scheme(case["format"], case["rule"], **params)
+    # the vectors predate vote_max: a parameter added later reads as the value they were made with
+    later = {p: formats.PARAMS[p].absent for p in formats.rule_spec(case["rule"]).params if p not in case["rule_params"]}
     assert s.gs == case["gs"] and s.params == later | case["rule_params"]
     return s
 
@@ -50,10 +51,10 @@ def scheme_of(case) -> F.Scheme:
 def state_of(case, src=None) -> dict:
     """The state arrays of ``case`` (or of ``src``), shaped from the format table."""
     src = case if src is None else src
-    rows, cols = F.tensor_view(case["shape"])
+    rows, cols = formats.tensor_view(case["shape"])
     out = {}
-    for name in F.tensor_arrays(case["rule"]):
-        out[name] = arr(src, name, F.array_shape(name, rows, cols, case["gs"]))
+    for name in formats.tensor_arrays(case["rule"]):
+        out[name] = arr(src, name, formats.array_shape(name, rows, cols, case["gs"]))
     return out
 
 
@@ -62,7 +63,7 @@ def ids(cases, *keys):
 
 
 def test_vectors_header():
-    assert VECTORS["arbs_format_version"] == F.FORMAT_VERSION
+    assert VECTORS["arbs_format_version"] == formats.FORMAT_VERSION
     assert set(VECTORS) >= {"pack", "materialize", "vote", "fuse", "convert", "golden_checkpoint"}
 
 
@@ -81,8 +82,8 @@ def test_vectors_are_what_make_vectors_writes():
 @pytest.mark.parametrize("case", VECTORS["pack"], ids=ids(VECTORS["pack"], "format", "cols"))
 def test_pack_vectors(case):
     T = np.array(case["trits"], np.int8).reshape(len(case["trits"]), case["cols"])
-    Tp = np.array(case["T_packed"], np.uint8).reshape(T.shape[0], F.packed_cols(case["cols_p"]))
-    assert (Tp <= F.MAX_PACKED_BYTE).all()
+    Tp = np.array(case["T_packed"], np.uint8).reshape(T.shape[0], formats.packed_cols(case["cols_p"]))
+    assert (Tp <= formats.MAX_PACKED_BYTE).all()
     assert_same(ops.pack(T, case["gs"]), Tp, "ops.pack")
     assert_same(ops.unpack(Tp, case["cols"]), T, "ops.unpack")
     for impl in IMPLS:
@@ -101,7 +102,7 @@ def test_pack_vectors(case):
 def test_materialize_vectors(case):
     scheme = scheme_of(case)
     shape = tuple(case["shape"])
-    rows, cols = F.tensor_view(shape)
+    rows, cols = formats.tensor_view(shape)
     state = state_of(case)
     want = f32(case["W_eff_bits"])
     assert list(scheme.xi_ratio(case["step_counter"])) == case["xi_num_den"]
@@ -125,7 +126,7 @@ def test_materialize_vectors(case):
 def test_vote_vectors(case, dtype):
     scheme = scheme_of(case)
     shape = tuple(case["shape"])
-    rows, cols = F.tensor_view(shape)
+    rows, cols = formats.tensor_view(shape)
     state = state_of(case, case["before"])
     for i, (gbits, v) in enumerate(zip(case["grad_bits"], case["votes"])):
         grad = f32(gbits).astype(dtype)  # the values are exact in both
@@ -146,13 +147,13 @@ def test_vote_vectors(case, dtype):
 def test_fuse_vectors(case):
     scheme = scheme_of(case)
     shape = tuple(case["shape"])
-    rows, cols = F.tensor_view(shape)
+    rows, cols = formats.tensor_view(shape)
     E = arr(case, "E")
     corr = arr(case, "corr_accum")
     want = np.array(case["E_fused"], np.int8)
-    state = {"T_packed": np.full(F.array_shape("T_packed", rows, cols, scheme.gs), 121, np.uint8), "E": E, "corr_accum": corr}
+    state = {"T_packed": np.full(formats.array_shape("T_packed", rows, cols, scheme.gs), 121, np.uint8), "E": E, "corr_accum": corr}
     if scheme.rule == "flip":
-        state["flip_accum"] = np.zeros(F.array_shape("flip_accum", rows, cols, scheme.gs), np.int8)
+        state["flip_accum"] = np.zeros(formats.array_shape("flip_accum", rows, cols, scheme.gs), np.int8)
     E_fused, stats = ops.fuse(state, shape, scheme, case["step_counter"])
     assert_same(E_fused, want, "ops.fuse")
     assert (stats.clipped, stats.changed, stats.groups) == (case["clipped"], case["changed"], E.size)

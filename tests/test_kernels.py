@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from arbs import formats as F
+from arbs import formats, schedule
 from arbs import ops
 from arbs.kernels import cpu
 from arbs.testing import reference as ref
@@ -23,7 +23,7 @@ from arbs.testing import strategies as S
 # TypedDict): without this, any failure would surface as an INTERNALERROR under filterwarnings=error.
 pytestmark = pytest.mark.filterwarnings("ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning")
 FAST = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-VARIANTS = list(F.VARIANTS)
+VARIANTS = list(formats.VARIANTS)
 IMPLS = ["parallel", "serial"]
 
 
@@ -52,8 +52,8 @@ def assert_same(got, want, what: str) -> None:
 
 def dims(rows: int, cols: int, gs: int) -> tuple[int, int, int]:
     """(cols_p, ng, nb)."""
-    cols_p = F.padded_cols(cols, gs)
-    return cols_p, cols_p // gs, F.packed_cols(cols_p)
+    cols_p = formats.padded_cols(cols, gs)
+    return cols_p, cols_p // gs, formats.packed_cols(cols_p)
 
 
 def state_for(seed: int, rows: int, cols: int, gs: int, bound: int):
@@ -84,7 +84,7 @@ cols_st = S.lengths(230)
 @FAST
 @given(T=S.trits(max_rows=7, max_cols=230))
 def test_pack_matches_reference(impl, variant, T):
-    gs = F.variant_gs(variant)
+    gs = formats.variant_gs(variant)
     _, _, nb = dims(*T.shape, gs)
     out = np.full((T.shape[0], nb), 255, np.uint8)  # garbage: every byte must be overwritten
     K("pack_into", impl)(T, out)
@@ -139,7 +139,7 @@ def _ratios(gs: int, step: int, K_: int) -> list[tuple[str, int, int, int]]:
 @FAST
 @given(rows=rows_st, cols=cols_st, seed=S.seeds, step=st.integers(1, 1000), K_=st.integers(1, 64))
 def test_materialize_matches_reference(impl, variant, rows, cols, seed, step, K_):
-    gs = F.variant_gs(variant)
+    gs = formats.variant_gs(variant)
     for label, num, den, bound in _ratios(gs, step, K_):
         _, Tp, E, corr = state_for(seed, rows, cols, gs, bound)
         out = np.full((rows, cols), np.nan, np.float32)
@@ -157,7 +157,7 @@ def test_materialize_matches_reference(impl, variant, rows, cols, seed, step, K_
 @FAST
 @given(rows=rows_st, cols=cols_st, seed=S.seeds, dtype=st.sampled_from([np.float32, np.float64]))
 def test_vote_delta_matches_reference(impl, variant, rows, cols, seed, dtype):
-    gs = F.variant_gs(variant)
+    gs = formats.variant_gs(variant)
     _, ng, _ = dims(rows, cols, gs)
     T, Tp, _, _ = state_for(seed, rows, cols, gs, 0)
     rng = np.random.default_rng(seed + 1)
@@ -217,7 +217,7 @@ def test_apply_votes_matches_reference(impl, rows, ng, seed, limit, scale):
        gain_m=st.sampled_from([0.0, 0.3, 4.0]), vote_max=st.sampled_from([1, 2, 3, 127]),
        key=st.integers(0, 2**64 - 1))
 def test_flip_matches_reference(impl, variant, rows, cols, seed, theta, gain_m, vote_max, key):
-    gs = F.variant_gs(variant)
+    gs = formats.variant_gs(variant)
     cols_p, _, _ = dims(rows, cols, gs)
     _, Tp, _, _ = state_for(seed, rows, cols, gs, 0)
     rng = np.random.default_rng(seed + 2)
@@ -242,7 +242,7 @@ def test_flip_matches_reference(impl, variant, rows, cols, seed, theta, gain_m, 
 @FAST
 @given(rows=rows_st, cols=cols_st, seed=S.seeds, step=st.integers(1, 1000), K_=st.integers(1, 64))
 def test_fuse_matches_reference(impl, variant, rows, cols, seed, step, K_):
-    gs = F.variant_gs(variant)
+    gs = formats.variant_gs(variant)
     for label, num, den, bound in _ratios(gs, step, K_):
         _, _, E, corr = state_for(seed, rows, cols, gs, bound)
         out = np.full(E.shape, 77, np.int8)
@@ -305,7 +305,7 @@ def test_all_kernels_many_rows(variant, rows, cols):
     numba thread: results never depend on how rows are split."""
     import numba
 
-    gs = F.variant_gs(variant)
+    gs = formats.variant_gs(variant)
     cols_p, ng, nb = dims(rows, cols, gs)
     L = 2 * gs
     T, Tp, E, corr = state_for(rows * 1000 + cols, rows, cols, gs, L - 1)
@@ -363,7 +363,7 @@ def test_materialize_large_tensors(impl, gs, num, den, E_range, corr_bound, tabl
     rows, cols = 2048, 40 * gs + 3
     _, Tp, _, _ = state_for(gs, rows, cols, gs, 0)
     rng = np.random.default_rng(den)
-    ng = F.n_groups(cols, gs)
+    ng = formats.n_groups(cols, gs)
     E = rng.integers(E_range[0], E_range[1] + 1, (rows, ng), dtype=np.int8)
     corr = rng.integers(-corr_bound, corr_bound + 1, (rows, ng), dtype=np.int64)
     corr.flat[:2] = [corr_bound, -corr_bound]
@@ -384,7 +384,7 @@ def test_stochastic_votes_keep_the_probability(impl):
     grad = np.where(np.random.default_rng(1).random((rows, cols)) < 0.5, -1.0, 1.0).astype(np.float32)
     tp = ops.pack(np.zeros((rows, cols), np.int8), 8)
     fa = np.zeros((rows, cols), np.int8)
-    n = K("flip_into", impl)(grad, tp, fa, 1, 0.3, 1, np.uint64(F.vote_key(0, 0, 0)))
+    n = K("flip_into", impl)(grad, tp, fa, 1, 0.3, 1, np.uint64(schedule.vote_key(0, 0, 0)))
     assert abs(n - 30_000) < 4 * (100_000 * 0.3 * 0.7) ** 0.5
 
 
@@ -398,7 +398,7 @@ def test_stochastic_votes_round_the_magnitude(impl):
     for gain_m, lo, hi in ((1.7, 1, 2), (5.0, 3, 3)):
         tp = ops.pack(np.zeros((rows, cols), np.int8), 8)
         fa = np.zeros((rows, cols), np.int8)
-        assert K("flip_into", impl)(grad, tp, fa, 127, gain_m, 3, np.uint64(F.vote_key(0, 0, 1))) == 0
+        assert K("flip_into", impl)(grad, tp, fa, 127, gain_m, 3, np.uint64(schedule.vote_key(0, 0, 1))) == 0
         steps = -fa.astype(np.int64) * np.sign(grad).astype(np.int64)
         assert steps.min() == lo and steps.max() == hi
         assert abs(steps.mean() - min(gain_m, 3)) < 4 * (0.21 / steps.size) ** 0.5

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from arbs.errors import ConfigError
-from arbs.model import GPT, PRESETS, Embedding, GPTConfig, count_weights, get_preset
+from arbs.models.gpt import GPT, PRESETS, Embedding, GPTConfig, count_weights, get_preset
 
 SMALL = GPTConfig(n_layer=2, n_head=2, d_model=32, context=16)
 

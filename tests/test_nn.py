@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F_
+import torch.nn.functional as F
 
 from arbs import nn as anx
 from arbs import ops
 from arbs.errors import ConfigError, NonFiniteError
-from arbs.model import GPT, GPTConfig
+from arbs.models.gpt import GPT, GPTConfig
 
 
-def _float_twin_grad(mod: anx._E1TMWeight, fn):
+def _float_twin_grad(mod: anx.E1TMWeight, fn):
     """Gradient of fn(W) at W = mod's current W_eff, computed by plain autograd."""
     w = mod.materialize().clone().requires_grad_(True)
     fn(w).backward()
@@ -60,21 +60,21 @@ def test_tied_embedding_votes_once_on_summed_gradient():
     idx = torch.randint(0, 30, (4, 7))
 
     def f(w):
-        h = F_.embedding(idx, w)
-        return F_.cross_entropy((h @ w.t()).reshape(-1, 30), idx.reshape(-1))
+        h = F.embedding(idx, w)
+        return F.cross_entropy((h @ w.t()).reshape(-1, 30), idx.reshape(-1))
 
     g = _float_twin_grad(e, f)
     expected = _expected_after_vote(e, g)
     calls = []
-    orig = anx.ops.vote_checked
-    anx.ops.vote_checked = lambda *a, **k: (calls.append(1), orig(*a, **k))[1]
+    orig = anx.layers.ops.vote_unchecked
+    anx.layers.ops.vote_unchecked = lambda *a, **k: (calls.append(1), orig(*a, **k))[1]
     try:
         h = e(idx)
-        loss = F_.cross_entropy(e.attend(h).reshape(-1, 30), idx.reshape(-1))
+        loss = F.cross_entropy(e.attend(h).reshape(-1, 30), idx.reshape(-1))
         loss.backward()
         anx.step(holder)
     finally:
-        anx.ops.vote_checked = orig
+        anx.layers.ops.vote_unchecked = orig
     assert len(calls) == 1, "a tied weight must vote once per step"
     _assert_state_equal(_arrays(e), expected)
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from arbs import formats as F
+from arbs import formats, schedule
 from arbs import ops
 from arbs.errors import ArbsError, ConfigError, NonFiniteError
 from arbs.testing import reference as ref
@@ -21,7 +21,7 @@ from arbs.testing import strategies as S
 # TypedDict): without this, any failure would surface as an INTERNALERROR under filterwarnings=error.
 pytestmark = pytest.mark.filterwarnings("ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning")
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-GS = sorted(set(F.VARIANTS.values()))
+GS = sorted(set(formats.VARIANTS.values()))
 
 
 def snapshot(state) -> dict:
@@ -34,7 +34,7 @@ def assert_unchanged(state, before, what: str) -> None:
 
 
 def trits_of(state, shape, gs) -> np.ndarray:
-    rows, cols = F.tensor_view(shape)
+    rows, cols = formats.tensor_view(shape)
     return ops.unpack(state["T_packed"], cols)
 
 
@@ -47,7 +47,7 @@ def trits_of(state, shape, gs) -> np.ndarray:
 def test_pack_roundtrip_bytes_and_padding(gs, T):
     rows, cols = T.shape
     Tp = ops.pack(T, gs)
-    nb = F.packed_cols(F.padded_cols(cols, gs))
+    nb = formats.packed_cols(formats.padded_cols(cols, gs))
     assert Tp.dtype == np.uint8 and Tp.shape == (rows, nb)
     assert_same(ops.unpack(Tp, cols), T, "unpack(pack(T))")
     assert (Tp < 243).all(), "every packed byte must be < 243"
@@ -78,7 +78,7 @@ def test_pack_digit_order():
 
 def scales(state, shape, scheme, step) -> np.ndarray:
     """S per element (rows, cols) from the numpy reference."""
-    rows, cols = F.tensor_view(shape)
+    rows, cols = formats.tensor_view(shape)
     num, den = scheme.xi_ratio(step)
     with np.errstate(over="ignore"):
         s = np.exp2(state["E"].astype(np.float64) + ref.xi(state["corr_accum"], num, den)).astype(np.float32)
@@ -102,7 +102,7 @@ def test_sign_of_w_eff_is_T_and_magnitude_is_S(st_):
 
 
 def test_materialize_out_and_fused():
-    scheme = F.make_scheme("E1TM8", "carry", K=2)
+    scheme = formats.make_scheme("E1TM8", "carry", K=2)
     w = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
     state, _ = ops.convert(w, scheme)
     out = np.empty((4, 3, 5), np.float32)
@@ -116,8 +116,8 @@ def test_materialize_out_and_fused():
 
 
 def delta_of(state, grad, shape, gs) -> np.ndarray:
-    rows, cols = F.tensor_view(shape)
-    ng = F.n_groups(cols, gs)
+    rows, cols = formats.tensor_view(shape)
+    ng = formats.n_groups(cols, gs)
     return ref.vote_delta(grad.reshape(rows, cols), state["T_packed"], gs, ng)
 
 
@@ -175,7 +175,7 @@ def test_carry_bounds_and_continuity(st_, data):
 @pytest.mark.parametrize("rule", ["carry", "flip"])
 def test_carry_saturation_holds_and_counts(rule):
     """At E = 127 a positive carry is refused: E stays, corr_accum held at K*gs-1, counted; mirror at -128."""
-    scheme = F.make_scheme("E1TM4", rule, K=1)
+    scheme = formats.make_scheme("E1TM4", rule, K=1)
     L = scheme.carry_limit  # 4
     T = np.array([[1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1]], np.int8)
     state = {"T_packed": ops.pack(T, 4), "E": np.array([[127, -128, 0]], np.int8),
@@ -255,7 +255,7 @@ def test_fuse_never_modifies_and_stays_in_range(st_):
                                            (3, 0.25, 3), (3, 0.75, 4), (127, 0.75, 127), (-128, -0.75, -128)])
 @pytest.mark.parametrize("rule", ["carry", "average"])
 def test_fuse_rounds_half_to_even_and_clips(E, frac, want, rule):
-    scheme = F.make_scheme("E1TM32", rule, K=16)
+    scheme = formats.make_scheme("E1TM32", rule, K=16)
     step = 8
     # carry: Xi = corr/(K*gs) with K*gs = 512; average: Xi = 4*corr/(step*gs) = corr/64
     corr = int(frac * 512) if rule == "carry" else int(frac * 64)
@@ -271,7 +271,7 @@ def test_fuse_rounds_half_to_even_and_clips(E, frac, want, rule):
 
 @pytest.mark.parametrize("rule", ["average", "carry", "flip"])
 def test_convert_zero_groups_clip_and_name(rule):
-    scheme = F.make_scheme("E1TM8", rule)
+    scheme = formats.make_scheme("E1TM8", rule)
     w = np.ones((3, 20), np.float64)
     w[0, :8] = 0.0  # an all-zero group
     w[1, :] = 1e-300  # log2 ~ -997: E clips to -128
@@ -296,13 +296,13 @@ def test_convert_zero_groups_clip_and_name(rule):
 @given(shape=S.shapes(allow_empty=False, max_cols=120), seed=S.seeds, fmt=S.variants, K_=st.sampled_from([1, 4, 16, 1024]))
 def test_convert_carry_keeps_the_fraction(rule, shape, seed, fmt, K_):
     """|log2 s - (E + Xi)| <= 1/(2*K*gs) for every non-zero group whose E did not clip."""
-    scheme = F.make_scheme(fmt, rule, K=K_)
+    scheme = formats.make_scheme(fmt, rule, K=K_)
     w = np.random.default_rng(seed).standard_normal(shape) * 3.0
     state, _ = ops.convert(w, scheme)
-    rows, cols = F.tensor_view(shape)
+    rows, cols = formats.tensor_view(shape)
     gs, L = scheme.gs, scheme.carry_limit
-    T = ops.unpack(state["T_packed"], F.padded_cols(cols, gs)).astype(np.float64).reshape(rows, -1, gs)
-    wp = np.zeros((rows, F.padded_cols(cols, gs)))
+    T = ops.unpack(state["T_packed"], formats.padded_cols(cols, gs)).astype(np.float64).reshape(rows, -1, gs)
+    wp = np.zeros((rows, formats.padded_cols(cols, gs)))
     wp[:, :cols] = w.reshape(rows, cols)
     wp = wp.reshape(rows, -1, gs)
     nz = (T != 0).sum(axis=2)
@@ -315,7 +315,7 @@ def test_convert_carry_keeps_the_fraction(rule, shape, seed, fmt, K_):
 
 
 def test_convert_average_and_scalar():
-    scheme = F.make_scheme("E1TM32", "average")
+    scheme = formats.make_scheme("E1TM32", "average")
     state, stats = ops.convert(np.full((2, 32), -0.75, np.float32), scheme)
     assert not state["corr_accum"].any()  # average: the fraction is dropped, Xi = 0 at step 0
     assert (ops.unpack(state["T_packed"], 32) == -1).all() and (state["E"] == 0).all()  # rint(log2 0.75) = 0
@@ -330,12 +330,12 @@ def test_convert_average_and_scalar():
 @pytest.mark.parametrize("shape", [(7,), (1,), (3, 2, 5, 4), (2, 1, 1, 33), (5, 0)])
 @pytest.mark.parametrize("rule", ["average", "carry", "flip"])
 def test_1d_and_4d_tensors(shape, rule):
-    scheme = F.make_scheme("E1TM6", rule, K=1, theta=1)
+    scheme = formats.make_scheme("E1TM6", rule, K=1, theta=1)
     w = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     state, _ = ops.convert(w, scheme)
-    rows, cols = F.tensor_view(shape)
-    for name in F.tensor_arrays(rule):
-        assert state[name].shape == F.array_shape(name, rows, cols, 6)
+    rows, cols = formats.tensor_view(shape)
+    for name in formats.tensor_arrays(rule):
+        assert state[name].shape == formats.array_shape(name, rows, cols, 6)
     W = ops.materialize(state, shape, scheme, 3)
     assert W.shape == shape
     grad = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
@@ -349,7 +349,7 @@ def test_1d_and_4d_tensors(shape, rule):
 
 
 def _state(rule="carry", shape=(3, 10), fmt="E1TM8"):
-    scheme = F.make_scheme(fmt, rule)
+    scheme = formats.make_scheme(fmt, rule)
     state, _ = ops.convert(np.random.default_rng(0).standard_normal(shape).astype(np.float32), scheme)
     return scheme, state
 
@@ -406,7 +406,7 @@ def test_validation_misc():
 def test_stochastic_flip_votes_are_keyed_and_scheduled():
     """gain > 0: the same (seed, tensor, step) gives the same trits, another step other ones; past the
     horizon nothing moves; scales=False moves trits but leaves E and corr_accum."""
-    scheme = F.make_scheme("E1TM8", "flip", K=4, theta=1, gain=1, horizon=40)
+    scheme = formats.make_scheme("E1TM8", "flip", K=4, theta=1, gain=1, horizon=40)
     rng = np.random.default_rng(0)
     w = rng.standard_normal((16, 64)).astype(np.float32)
     g = rng.standard_normal((16, 64)).astype(np.float32)
@@ -428,6 +428,6 @@ def test_stochastic_flip_votes_are_keyed_and_scheduled():
 
 def test_trit_vote_gain_schedule():
     p = {"gain": 4, "horizon": 1000}
-    assert F.trit_vote_gain(p, 0) == pytest.approx(4 / 50) and F.trit_vote_gain(p, 49) == pytest.approx(4.0)
-    assert F.trit_vote_gain(p, 525) == pytest.approx(2.0) and F.trit_vote_gain(p, 1000) == 0.0
-    assert F.trit_vote_gain({"gain": 3, "horizon": 0}, 10**9) == 3.0 and F.trit_vote_gain({"gain": 0, "horizon": 5}, 1) == 0.0
+    assert schedule.trit_vote_gain(p, 0) == pytest.approx(4 / 50) and schedule.trit_vote_gain(p, 49) == pytest.approx(4.0)
+    assert schedule.trit_vote_gain(p, 525) == pytest.approx(2.0) and schedule.trit_vote_gain(p, 1000) == 0.0
+    assert schedule.trit_vote_gain({"gain": 3, "horizon": 0}, 10**9) == 3.0 and schedule.trit_vote_gain({"gain": 0, "horizon": 5}, 1) == 0.0

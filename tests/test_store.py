@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from arbs import formats as F
+from arbs import formats
 from arbs import store
 from arbs.errors import ArbsError, ConfigError, CorruptStoreError, StoreNotFoundError
 from arbs.store import Checkpoint, TensorState
@@ -123,10 +123,10 @@ def test_e1tm_store_holds_no_float_array(tmp_path, rule, fused):
     ck = build_e1tm([(8, 40), (13,)], rule=rule or "carry", fused=fused, step=3)
     path = store.save_checkpoint(tmp_path, ck, step=3 if fused else None)
     arrays = {p.parent.name: m for p, m in zarr_jsons(path) if m["node_type"] == "array"}
-    want = set(F.tensor_arrays(rule, fused)) | ({F.STEP_COUNTER} if not fused else set())
+    want = set(formats.tensor_arrays(rule, fused)) | ({formats.STEP_COUNTER} if not fused else set())
     assert set(arrays) == want
     for name, m in arrays.items():
-        want_dtype = F.STEP_COUNTER_DTYPE if name == F.STEP_COUNTER else F.ARRAYS[name].dtype
+        want_dtype = formats.STEP_COUNTER_DTYPE if name == formats.STEP_COUNTER else formats.ARRAYS[name].dtype
         assert m["data_type"] == want_dtype.name, name
         codecs = [c["name"] for c in m["codecs"]]
         assert codecs[-1] == "crc32c", (name, codecs)
@@ -135,7 +135,7 @@ def test_e1tm_store_holds_no_float_array(tmp_path, rule, fused):
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    fmt=st.sampled_from(sorted(F.VARIANTS)),
+    fmt=st.sampled_from(sorted(formats.VARIANTS)),
     rule=st.sampled_from(["average", "carry", "flip", None]),
     shape=st.lists(st.integers(0, 40), min_size=1, max_size=3).map(tuple),
     seed=st.integers(0, 2**32 - 1),
@@ -154,7 +154,7 @@ def test_tensor_names_are_escaped_reversibly(tmp_path):
     tensors = {n: TensorState(name=n, shape=t.shape, arrays=t.arrays) for n, t in zip(names, ck0.tensors.values())}
     ck = Checkpoint(**{**ck0.__dict__, "tensors": tensors})
     path = store.save_checkpoint(tmp_path, ck)
-    keys = {p.name for p in path.iterdir() if p.is_dir()} - {F.STEP_COUNTER}
+    keys = {p.name for p in path.iterdir() if p.is_dir()} - {formats.STEP_COUNTER}
     assert keys == {store.node_key(n) for n in names}
     assert store.node_key("blocks.0.attn.qkv.weight") == "blocks.0.attn.qkv.weight"
     assert all(unquote(store.node_key(n)) == n for n in names)

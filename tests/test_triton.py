@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 import torch
 
-from arbs import formats as F
+from arbs import formats, schedule
 from arbs import ops
 from arbs.kernels import cpu
 
 pytest.importorskip("triton", reason="triton is not installed (pip install 'arbs[gpu]')")
 
-VARIANTS = tuple(F.VARIANTS.values())  # every gs: 4, 6, 8, 16, 32, 64, 96
+VARIANTS = tuple(formats.VARIANTS.values())  # every gs: 4, 6, 8, 16, 32, 64, 96
 GPU_SHAPES = [(1, 1), (3, 7), (17, 100), (64, 257), (129, 4099), (256, 1024)]
 # the interpreter costs ~0.05 s per launch: a few (gs, rows, cols) that cover odd groups, padding, 1x1
 INTERP_CASES = [(4, 9, 101), (6, 3, 7), (32, 5, 33), (32, 4, 200), (96, 1, 1), (96, 3, 250)]
@@ -63,8 +63,8 @@ def assert_same_bits(got, want: np.ndarray, what: str) -> None:
 # -- random states ---------------------------------------------------------------------------------
 def random_state(rng, rows, cols, gs, *, corr_bound=None, invalid_bytes=False):
     """T (int8 rows x cols_p, padding 0), T_packed, E with its extremes, corr_accum."""
-    cols_p = F.padded_cols(cols, gs)
-    ng, nb = cols_p // gs, F.packed_cols(cols_p)
+    cols_p = formats.padded_cols(cols, gs)
+    ng, nb = cols_p // gs, formats.packed_cols(cols_p)
     T = np.zeros((rows, cols_p), np.int8)
     T[:, :cols] = rng.choice(np.array([-1, 0, 1], np.int8), size=(rows, cols), p=[0.35, 0.3, 0.35])
     T[rows // 2, :cols] = 0  # an all-zero row of groups
@@ -117,7 +117,7 @@ def check_materialize(dev, seed, rows, cols, gs):
 def check_vote_delta(dev, seed, rows, cols, gs):
     tg, rng = _tg(), np.random.default_rng(seed)
     _, tp, _, _ = random_state(rng, rows, cols, gs, invalid_bytes=True)
-    ng = F.padded_cols(cols, gs) // gs
+    ng = formats.padded_cols(cols, gs) // gs
     dtypes = [torch.float32, torch.float64] + ([torch.bfloat16] if dev != "cpu" else [])
     for nonfinite in (False, True):
         for dt in dtypes:
@@ -133,7 +133,7 @@ def check_vote_delta(dev, seed, rows, cols, gs):
 
 def check_apply_votes(dev, seed, rows, cols, gs):
     tg, rng = _tg(), np.random.default_rng(seed)
-    ng = F.padded_cols(cols, gs) // gs
+    ng = formats.padded_cols(cols, gs) // gs
     for limit in (0, 16 * gs, 1):
         _, _, E, corr = random_state(rng, rows, cols, gs, corr_bound=max(limit, 2))
         span = max(limit, 1) * 300  # multi-carries and saturations at E = -128/127
@@ -150,7 +150,7 @@ def check_apply_votes(dev, seed, rows, cols, gs):
 
 def check_flip(dev, seed, rows, cols, gs):
     tg, rng = _tg(), np.random.default_rng(seed)
-    cols_p = F.padded_cols(cols, gs)
+    cols_p = formats.padded_cols(cols, gs)
     for theta, gain_m, vote_max in ((1, 0.0, 1), (8, 0.0, 1), (127, 0.0, 1), (2, 0.7, 1), (8, 5.0, 1), (16, 1.7, 3)):
         base, step = int(rng.integers(0, 2**63)) * 2 + 1, int(rng.integers(0, 10**6))
         _, tp, _, _ = random_state(rng, rows, cols, gs, invalid_bytes=theta == 8)
@@ -158,7 +158,7 @@ def check_flip(dev, seed, rows, cols, gs):
         fa.flat[::13] = rng.choice(np.array([-128, 127, theta, -theta], np.int8), fa.flat[::13].shape)
         g = random_grad(rng, rows, cols)
         tp_want, fa_want = tp.copy(), fa.copy()
-        n_want = cpu.flip_into(g, tp_want, fa_want, theta, gain_m, vote_max, np.uint64(F.mix64(base ^ step)))
+        n_want = cpu.flip_into(g, tp_want, fa_want, theta, gain_m, vote_max, np.uint64(schedule.mix64(base ^ step)))
         tp_d, fa_d = t(tp, dev), t(fa, dev)
         n = tg.flip_into(t(g, dev), tp_d, fa_d, theta, gain_m, base, step, vote_max)
         assert n == n_want, f"flips {n} vs {n_want}"
@@ -181,26 +181,27 @@ def check_fuse(dev, seed, rows, cols, gs):
 
 
 def check_module(dev, seed, rows, cols, fmt, rule):
-    """triton_gpu.materialize(mod) / vote(mod, grad) against ops.materialize / ops.vote, several steps."""
+    """nn.cuda.materialize(mod) / vote(mod, grad) against ops.materialize / ops.vote, several steps."""
     from arbs import nn as anm
     from arbs.errors import NonFiniteError
+    from arbs.nn import cuda as tg
 
-    tg, rng = _tg(), np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)
     params = {"flip": dict(K=4, theta=3, gain=3, horizon=6), "carry": dict(K=4)}.get(rule, {})
-    clock = anm.Clock(F.make_scheme(fmt, rule, **params), seed=seed)
+    clock = anm.Clock(formats.make_scheme(fmt, rule, **params), seed=seed)
     state, _ = ops.convert(rng.standard_normal((rows, cols)).astype(np.float32), clock.scheme)
     mod = anm.E1TMLinear(cols, rows, clock, state).to(dev)
     ref = {k: v.copy() for k, v in state.items()}
     for step in range(5):
         clock.step_counter = step
-        clock.freeze_scale = step == 4  # the fuse phase: votes leave E and corr_accum alone
+        clock.fuse_phase = step == 4  # the fuse phase: votes leave E and corr_accum alone
         w = tg.materialize(mod)
         assert w.dtype == torch.float32 and tuple(w.shape) == (rows, cols)
         assert_same_bits(w, ops.materialize(ref, (rows, cols), clock.scheme, step), f"module materialize step {step}")
         g = random_grad(rng, rows, cols) * 1e-3
         st = tg.vote(mod, t(g, dev))
         st_want = ops.vote(ref, g, (rows, cols), clock.scheme, step_counter=step, seed=clock.seed,
-                           tensor=mod.tensor_index, scales=not clock.freeze_scale)
+                           tensor=mod.tensor_index, scales=not clock.fuse_phase)
         assert st == st_want, f"{st} vs {st_want}"
         for k in clock.scheme.arrays():
             assert_equal(getattr(mod, k), ref[k], f"module {rule} {k} step {step}")
@@ -216,9 +217,9 @@ def check_average_range(dev):
     """average rule: a corr_accum within gs of the int64 limit refuses the vote and changes nothing."""
     from arbs import nn as anm
     from arbs.errors import IntegerRangeError
+    from arbs.nn import cuda as tg
 
-    tg = _tg()
-    clock = anm.Clock(F.make_scheme("E1TM4", "average"))
+    clock = anm.Clock(formats.make_scheme("E1TM4", "average"))
     mod = anm.E1TMLinear(8, 2, clock).to(dev)
     mod.corr_accum[1, 1] = (1 << 63) - 2
     before = mod.corr_accum.cpu().clone()
@@ -230,19 +231,19 @@ def check_average_range(dev):
 def check_shared_counters(dev):
     """vote_async into one counters tensor: after a layer with NaN/inf, later layers change nothing."""
     from arbs import nn as anm
+    from arbs.nn import cuda as tg
 
-    tg, rng = _tg(), np.random.default_rng(11)
-    clock = anm.Clock(F.make_scheme("E1TM8", "flip", K=1, theta=1))
+    rng = np.random.default_rng(11)
+    clock = anm.Clock(formats.make_scheme("E1TM8", "flip", K=1, theta=1))
     mods = [anm.E1TMLinear(20, 6, clock, ops.convert(rng.standard_normal((6, 20)).astype(np.float32), clock.scheme)[0]).to(dev)
             for _ in range(3)]
     ref = [{k: v.copy() for k, v in m.state_arrays().items()} if dev == "cpu" else
            {k: getattr(m, k).cpu().numpy().copy() for k in clock.scheme.arrays()} for m in mods]
     grads = [random_grad(rng, 6, 20) for _ in range(3)]
     grads[1][2, 3] = np.nan
-    counters = tg.new_counters(dev)
     for m, g in zip(mods, grads):
-        tg.vote_async(m, t(g, dev), counters)
-    nonfinite, oor, carries, sats, flips = counters.tolist()
+        tg.vote_async(m, t(g, dev))
+    nonfinite, oor, carries, sats, flips = clock.device_counts.tolist()
     st = ops.vote(ref[0], grads[0], (6, 20), clock.scheme)  # only the first layer voted
     assert (nonfinite, oor, carries, sats, flips) == (1, 0, st.carries, st.saturations, st.flips)
     for m, r in zip(mods, ref):
@@ -291,7 +292,7 @@ def test_materialize_every_carry_scale_bit_exact():
     E = np.repeat(np.arange(-128, 128, dtype=np.int8)[:, None], 2 * limit - 1, axis=1)  # (256, 1023)
     corr = np.broadcast_to(np.arange(-limit + 1, limit, dtype=np.int64), E.shape).copy()
     rows, ng = E.shape
-    tp = np.full((rows, F.packed_cols(ng * gs)), 242, np.uint8)  # all trits +1
+    tp = np.full((rows, formats.packed_cols(ng * gs)), 242, np.uint8)  # all trits +1
     want = np.empty((rows, ng * gs), np.float32)
     cpu.materialize_into(tp, E, corr, gs, 1, limit, want)
     out = torch.empty(want.shape, device="cuda")
@@ -309,7 +310,7 @@ def test_materialize_average_scales_bit_exact_large_sample():
         den = step * gs
         E = rng.integers(-120, 120, (rows, ng)).astype(np.int8)
         corr = rng.integers(-den, den + 1, (rows, ng)).astype(np.int64)
-        tp = np.full((rows, F.packed_cols(ng * gs)), 242, np.uint8)
+        tp = np.full((rows, formats.packed_cols(ng * gs)), 242, np.uint8)
         want = np.empty((rows, ng * gs), np.float32)
         cpu.materialize_into(tp, E, corr, gs, 4, den, want)
         out = torch.empty(want.shape, device="cuda")

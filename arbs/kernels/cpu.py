@@ -410,7 +410,7 @@ def _round_shift(e, c, k, half):
 
 
 @njit(inline="always")
-def _fuse_row_shift(er, cr, o, k):
+def fuse_row_shift(er, cr, o, k):
     """fuse a run of groups for Xi = corr/2**k (1 <= k <= _FUSE_MAX_K) in int64. Returns (clipped, changed,
     bad): bad when some corr lies outside [-_FUSE_MAX_CORR, _FUSE_MAX_CORR) (then nothing else is valid)."""
     half = np.int64(1) << (k - 1)
@@ -480,7 +480,7 @@ def fuse_into(E, corr_accum, num, den, out):
                 o[g] = er[g]
             continue
         if shift:
-            a, b, bad = _fuse_row_shift(er, cr, o, k)
+            a, b, bad = fuse_row_shift(er, cr, o, k)
         else:
             a, b, bad = 0, 0, True
         if bad:  # not a 1/2**k ratio, or corr_accum outside the integer path's exact range

@@ -17,13 +17,13 @@ Exactness (tests/test_triton.py checks each against the numba kernels):
   float32 value rounded to nearest even (what ``w.to(torch.bfloat16)`` gives).
 
 Syncs: the ``*_into`` contract functions return counts as Python ints, so each costs one device-to-host
-transfer (a full stream sync). ``vote(mod, grad)`` launches all its kernels, which stop themselves on
-the device when the gradient holds NaN/inf (state untouched), and reads every count in one 40-byte
-transfer at the end: one sync per voted weight. ``vote_async`` skips even that and leaves the counts on
-the device.
+transfer (a full stream sync). The ``launch_*`` functions add their counts to an int64 device tensor
+(``new_counters``: [nonfinite, out_of_range, carries, saturations, flips]) and never sync; with
+``guarded=True`` a kernel leaves the state untouched once counts[0] or counts[1] is nonzero, so one
+counter tensor can serve every layer of a step (arbs.nn.cuda reads it once per step).
 
-Like arbs.kernels.cpu, nothing here validates dtypes or shapes except the module-level helpers
-``materialize(mod)`` and ``vote(mod, grad)``; every tensor must be C-contiguous and on one device.
+Tensors in, tensors out: like arbs.kernels.cpu, nothing here validates dtypes or shapes or knows an
+arbs module; every tensor must be C-contiguous and on one device.
 With ``TRITON_INTERPRET=1`` set before triton is imported, the same kernels run on CPU tensors
 (slowly): the tests use that to check the kernels' logic without a GPU.
 """
@@ -36,7 +36,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import formats as F
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # libdevice calls cannot run in the interpreter; there tl.exp2 is numpy's float64 exp2.
@@ -48,7 +47,7 @@ else:  # pragma: no cover - only in the interpreter
 
 _I64_MAX = (1 << 63) - 1
 # counters of one vote: nonfinite, out_of_range, carries, saturations, flips
-_N_COUNTERS = 5
+N_COUNTERS = 5
 
 
 # -- device helpers --------------------------------------------------------------------------------
@@ -185,7 +184,7 @@ def _apply_kernel(corr_ptr, e_ptr, delta_ptr, cnt_ptr, n, limit, GUARDED: tl.con
 
 @triton.jit
 def _mix64(x):
-    """splitmix64's finalizer on uint64 (formats.mix64, cpu._mix64)."""
+    """splitmix64's finalizer on uint64 (schedule.mix64, cpu._mix64)."""
     x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9
     x = (x ^ (x >> 27)) * 0x94D049BB133111EB
     return x ^ (x >> 31)
@@ -285,7 +284,7 @@ def _grid2(rows: int, n: int, br: int, bn: int) -> tuple[int, int]:
     return triton.cdiv(rows, br), triton.cdiv(n, bn)
 
 
-def _launch_materialize(T_packed, E, corr_accum, gs, num, den, out) -> None:
+def launch_materialize(T_packed, E, corr_accum, gs, num, den, out) -> None:
     rows, cols = out.shape
     nb, ng = T_packed.shape[1], E.shape[1]
     if rows == 0 or cols == 0:
@@ -297,7 +296,7 @@ def _launch_materialize(T_packed, E, corr_accum, gs, num, den, out) -> None:
     )
 
 
-def _launch_vote(grad, T_packed, gs, delta, counters, corr_accum=None) -> None:
+def launch_vote(grad, T_packed, gs, delta, counters, corr_accum=None) -> None:
     rows, cols = grad.shape
     nb, ng = T_packed.shape[1], delta.shape[1]
     if rows == 0 or ng == 0:
@@ -310,7 +309,7 @@ def _launch_vote(grad, T_packed, gs, delta, counters, corr_accum=None) -> None:
     )
 
 
-def _launch_apply(corr_accum, E, delta, carry_limit, counters, guarded) -> None:
+def launch_apply(corr_accum, E, delta, carry_limit, counters, guarded) -> None:
     n = corr_accum.numel()
     if n == 0:
         return
@@ -320,7 +319,7 @@ def _launch_apply(corr_accum, E, delta, carry_limit, counters, guarded) -> None:
     )
 
 
-def _launch_flip(grad, T_packed, flip_accum, theta, counters, guarded, sched=None, base=0, vote_max=1) -> None:
+def launch_flip(grad, T_packed, flip_accum, theta, counters, guarded, sched=None, base=0, vote_max=1) -> None:
     """sched None: sign votes. Else the float64 device tensor [step, gain_m] of the stochastic votes,
     with ``base`` = formats.vote_base(seed, tensor)."""
     rows, cols = grad.shape
@@ -348,7 +347,7 @@ def materialize_into(T_packed, E, corr_accum, gs, num, den, out) -> None:
     float16 (rows, cols) is overwritten (a non-float32 ``out`` gets the float32 product, rounded).
     No sync.
     """
-    _launch_materialize(T_packed, E, corr_accum, gs, num, den, out)
+    launch_materialize(T_packed, E, corr_accum, gs, num, den, out)
 
 
 def vote_delta_into(grad, T_packed, gs, delta) -> int:
@@ -357,8 +356,8 @@ def vote_delta_into(grad, T_packed, gs, delta) -> int:
     grad float32/bfloat16/float16/float64 (rows, cols); T_packed uint8 (rows, nb); ``delta`` int64
     (rows, ng) is overwritten. Returns the number of NaN/inf entries in ``grad`` (one sync).
     """
-    counters = torch.zeros(_N_COUNTERS, dtype=torch.int64, device=grad.device)
-    _launch_vote(grad, T_packed, gs, delta, counters)
+    counters = torch.zeros(N_COUNTERS, dtype=torch.int64, device=grad.device)
+    launch_vote(grad, T_packed, gs, delta, counters)
     return int(counters[0].item())
 
 
@@ -367,8 +366,8 @@ def apply_votes(corr_accum, E, delta, carry_limit) -> tuple[int, int]:
     cpu.apply_votes. corr_accum int64 and E int8 (rows, ng) are modified in place; delta int64.
     Returns (carries, saturations) (one sync).
     """
-    counters = torch.zeros(_N_COUNTERS, dtype=torch.int64, device=corr_accum.device)
-    _launch_apply(corr_accum, E, delta, carry_limit, counters, guarded=False)
+    counters = torch.zeros(N_COUNTERS, dtype=torch.int64, device=corr_accum.device)
+    launch_apply(corr_accum, E, delta, carry_limit, counters, guarded=False)
     c = counters.tolist()
     return c[2], c[3]
 
@@ -379,9 +378,9 @@ def flip_into(grad, T_packed, flip_accum, theta, gain_m=0.0, base=0, step=0, vot
     ``key = formats.mix64(base ^ step)``. The caller must have checked that grad (float (rows, cols)) is
     finite. Returns the number of flips (one sync).
     """
-    counters = torch.zeros(_N_COUNTERS, dtype=torch.int64, device=grad.device)
+    counters = torch.zeros(N_COUNTERS, dtype=torch.int64, device=grad.device)
     sched = None if gain_m == 0.0 else torch.tensor([float(step), float(gain_m)], dtype=torch.float64, device=grad.device)
-    _launch_flip(grad, T_packed, flip_accum, theta, counters, guarded=False, sched=sched, base=base, vote_max=vote_max)
+    launch_flip(grad, T_packed, flip_accum, theta, counters, guarded=False, sched=sched, base=base, vote_max=vote_max)
     return int(counters[4].item())
 
 
@@ -401,96 +400,7 @@ def fuse_into(E, corr_accum, num, den, out) -> tuple[int, int]:
     return c[0], c[1]
 
 
-# -- module-level helpers used by arbs.nn ----------------------------------------------------------
-def _out_dtype(device: torch.device, dtype) -> torch.dtype:
-    if dtype is not None:
-        return dtype
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return torch.float32
-
-
-def materialize(mod, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Ephemeral W_eff of E1TM module ``mod`` in its logical shape, on the device of its buffers.
-
-    dtype: float32 by default; inside an enabled ``torch.autocast`` on that device type, the autocast
-    dtype (bfloat16 usually), which halves the bytes written and skips the cast F.linear would make.
-    Pass ``dtype`` to choose explicitly. Launches one kernel, no sync.
-    """
-    scheme = mod.clock.scheme
-    rows, cols = F.tensor_view(mod.shape)
-    tp = mod.T_packed
-    out = torch.empty(mod.shape, dtype=_out_dtype(tp.device, dtype), device=tp.device)
-    num, den = scheme.xi_ratio(mod.clock.step_counter)
-    _launch_materialize(tp, mod.E, mod.corr_accum, scheme.gs, num, den, out.view(rows, cols))
-    return out
-
-
 def new_counters(device) -> torch.Tensor:
-    """Zeroed int64 device tensor for vote_async: [nonfinite, out_of_range, carries, saturations, flips]."""
-    return torch.zeros(_N_COUNTERS, dtype=torch.int64, device=device)
-
-
-def vote_async(mod, grad: torch.Tensor, counters: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch the whole vote of ``mod`` on ``grad`` (the gradient of W_eff) without any sync.
-
-    Returns the int64 device tensor of counts [nonfinite, out_of_range, carries, saturations, flips]
-    (``counters`` if given: the counts are added to it, so one tensor can serve every layer of a step).
-    The state changes only while counts[0] (nonfinite) and counts[1] (out_of_range) are 0, tested on
-    the device: with a shared tensor, once one layer's gradient holds NaN/inf no later layer votes,
-    as when the CPU path raises. The caller must read the counts before trusting that votes applied.
-    """
-    from ..errors import ConfigError
-
-    scheme = mod.clock.scheme
-    rows, cols = F.tensor_view(mod.shape)
-    if tuple(grad.shape) != tuple(mod.shape):
-        raise ValueError(f"gradient has shape {tuple(grad.shape)}; the weight's shape is {tuple(mod.shape)}")
-    if grad.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        raise TypeError(f"gradient has dtype {grad.dtype}; expected a floating-point dtype")
-    if grad.device != mod.T_packed.device:
-        raise ConfigError(f"gradient is on {grad.device} but the E1TM state is on {mod.T_packed.device}")
-    g2 = grad.detach().contiguous().view(rows, cols)
-    corr = mod.corr_accum
-    if counters is None:
-        counters = new_counters(corr.device)
-    delta = torch.empty(corr.shape, dtype=torch.int64, device=corr.device)
-    limit = scheme.carry_limit
-    _launch_vote(g2, mod.T_packed, scheme.gs, delta, counters, corr_accum=corr if limit == 0 else None)
-    clock = mod.clock
-    if not clock.freeze_scale:
-        _launch_apply(corr, mod.E, delta, limit, counters, guarded=True)
-    if "flip_accum" in scheme.arrays():
-        sched = clock.device_sched(corr.device) if scheme.params["gain"] else None
-        base = F.vote_base(clock.seed, mod.tensor_index)
-        _launch_flip(g2, mod.T_packed, mod.flip_accum, scheme.params["theta"], counters, guarded=True,
-                     sched=sched, base=base, vote_max=scheme.params["vote_max"])
-    return counters
-
-
-def read_counts(counters: torch.Tensor):
-    """The counts of vote_async (one sync, a 40-byte copy) as ops.VoteStats.
-
-    Raises NonFiniteError if a gradient held NaN/inf, IntegerRangeError if an average-rule corr_accum was
-    within gs of the int64 limit: in both cases the kernels changed no state from that vote on.
-    """
-    from ..errors import IntegerRangeError, NonFiniteError
-    from ..ops import VoteStats
-
-    nonfinite, oor, carries, sats, flips = counters.tolist()
-    if nonfinite:
-        raise NonFiniteError(f"a weight gradient holds {nonfinite} NaN/inf value(s); "
-                             "no vote was applied from that layer on")
-    if oor:
-        raise IntegerRangeError(f"{oor} corr_accum value(s) are within gs of the int64 limit; "
-                                "no vote was applied from that layer on")
-    return VoteStats(carries, sats, flips)
-
-
-def vote(mod, grad: torch.Tensor):
-    """The rule's integer update of ``mod`` from ``grad``, as arbs.ops.vote: returns ops.VoteStats.
-
-    A NaN/inf in ``grad`` raises NonFiniteError and leaves every buffer untouched; for the average rule
-    a corr_accum within gs of the int64 limit raises IntegerRangeError, also before any change (read_counts).
-    """
-    return read_counts(vote_async(mod, grad))
+    """Zeroed int64 device tensor for the ``launch_*`` functions: [nonfinite, out_of_range, carries,
+    saturations, flips]."""
+    return torch.zeros(N_COUNTERS, dtype=torch.int64, device=device)

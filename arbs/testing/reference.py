@@ -74,7 +74,7 @@ def trit_votes(grad, cols_p, gain_m=0.0, key=0, vote_max=1):
     """(rows, cols) int64 trit votes: -sign(grad), or with gain_m > 0 -sign(grad) * k, k the stochastic
     rounding of a = min(vote_max, gain_m*|g|/rms(row)): floor(a), plus one when the counter-based draw of
     formats.vote_key (pure Python ints) is below a - floor(a)."""
-    from ..formats import GOLDEN64, mix64
+    from ..schedule import GOLDEN64, mix64
 
     rows, cols = grad.shape
     r = -np.sign(grad).astype(np.int64)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 
-from .. import formats as F
+from .. import formats
 from ..ops import pack
 
 __all__ = [
@@ -22,9 +22,9 @@ __all__ = [
     "gradients", "random_state", "State",
 ]
 
-variants = st.sampled_from(list(F.VARIANTS))  # "E1TM4", ..., "E1TM96"
-gs_values = st.sampled_from(sorted(set(F.VARIANTS.values())))
-rules = st.sampled_from(list(F.RULES))
+variants = st.sampled_from(list(formats.VARIANTS))  # "E1TM4", ..., "E1TM96"
+gs_values = st.sampled_from(sorted(set(formats.VARIANTS.values())))
+rules = st.sampled_from(list(formats.RULES))
 seeds = st.integers(0, 2**32 - 1)
 
 # Row lengths that exercise the packing edges: 0, 1, 5k-1, 5k, 5k+1, and common group multiples.
@@ -62,17 +62,17 @@ def shapes(min_dims: int = 1, max_dims: int = 4, max_rows: int = 9, max_cols: in
 
 
 @st.composite
-def schemes(draw, rule=None, format=None, small: bool = True) -> F.Scheme:
+def schemes(draw, rule=None, format=None, small: bool = True) -> formats.Scheme:
     """A validated Scheme. ``small`` draws small K and theta so that carries, saturations and flips
     happen within a few votes."""
     fmt = format if format is not None else draw(variants)
     r = rule if rule is not None else draw(rules)
     params = {}
-    if "K" in F.RULES[r].params:
+    if "K" in formats.RULES[r].params:
         params["K"] = draw(st.integers(1, 4) if small else st.integers(1, 64))
-    if "theta" in F.RULES[r].params:
+    if "theta" in formats.RULES[r].params:
         params["theta"] = draw(st.integers(1, 3) if small else st.integers(1, 127))
-    return F.make_scheme(fmt, r, **params)
+    return formats.make_scheme(fmt, r, **params)
 
 
 @st.composite
@@ -100,7 +100,7 @@ class State:
 
     @property
     def rows_cols(self) -> tuple[int, int]:
-        return F.tensor_view(self.shape)
+        return formats.tensor_view(self.shape)
 
     def copy(self) -> "State":
         return State(self.scheme, self.shape, self.step, {k: v.copy() for k, v in self.arrays.items()}, self.T.copy())
@@ -109,20 +109,20 @@ class State:
         return f"State({self.scheme.format}, {self.scheme.rule}, {self.scheme.params}, shape={self.shape}, step={self.step})"
 
 
-def corr_bound(scheme: F.Scheme, step: int) -> int:
+def corr_bound(scheme: formats.Scheme, step: int) -> int:
     """Largest |corr_accum| the rule allows: gs*step (average) or K*gs - 1 (carry, flip)."""
     return scheme.gs * step if scheme.carry_limit == 0 else scheme.carry_limit - 1
 
 
-def random_state(rng: np.random.Generator, scheme: F.Scheme, shape, step: int = 0, *,
+def random_state(rng: np.random.Generator, scheme: formats.Scheme, shape, step: int = 0, *,
                  extremes: bool = True, zero_groups: bool = True) -> State:
     """A valid random state from a numpy Generator (used by the strategies and by benchmarks).
 
     ``extremes`` plants E = -128/127 and corr_accum at +-bound; ``zero_groups`` zeroes some groups' trits.
     """
-    rows, cols = F.tensor_view(shape)
+    rows, cols = formats.tensor_view(shape)
     gs = scheme.gs
-    ng = F.n_groups(cols, gs)
+    ng = formats.n_groups(cols, gs)
     T = rng.integers(-1, 2, (rows, cols), dtype=np.int8)
     if zero_groups and T.size:
         for r, g in zip(rng.integers(0, rows, 2), rng.integers(0, ng, 2)):
@@ -138,7 +138,7 @@ def random_state(rng: np.random.Generator, scheme: F.Scheme, shape, step: int = 
     arrays = {"T_packed": pack(T, gs), "E": E, "corr_accum": corr}
     if "flip_accum" in scheme.arrays():
         th = scheme.params["theta"]
-        fa = np.zeros((rows, F.padded_cols(cols, gs)), np.int8)
+        fa = np.zeros((rows, formats.padded_cols(cols, gs)), np.int8)
         fa[:, :cols] = rng.integers(-th, th + 1, (rows, cols), dtype=np.int8)
         arrays["flip_accum"] = fa
     return State(scheme, shape, step, arrays, T)

@@ -1,9 +1,9 @@
 """Two other ways to write fuse's inner loop, timed against the kernel's (prototype; one thread).
 
-    python -m arbs.prototype.fuse_variants
+    python experiments/fuse_variants.py
 
 On a 4096 x 128-group E1TM32 carry state (K 16: Xi = corr/512): the product's integer shift path
-(cpu._fuse_row_shift), float64 with a multiply by 2**-k, and an integer rounding that cannot overflow
+(cpu.fuse_row_shift), float64 with a multiply by 2**-k, and an integer rounding that cannot overflow
 (so it needs no range check). All three must give the same E_fused; prints ms per call (median of 300).
 """
 
@@ -19,7 +19,7 @@ _OPTS = dict(cache=False, nogil=True, error_model="numpy")
 
 @njit(**_OPTS)
 def shift(er, cr, o, k):
-    return cpu._fuse_row_shift(er, cr, o, k)
+    return cpu.fuse_row_shift(er, cr, o, k)
 
 
 @njit(**_OPTS)

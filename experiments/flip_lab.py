@@ -11,7 +11,7 @@ Vote variants for the trit counters (``--vote``):
 - ``stoch``: r = -sign(g) with probability min(1, lr(t) * |g| / (tau * rms(g))), rms over the tensor:
   small gradients rarely vote, so unimportant weights stop random-walking.
 
-    python -m arbs.prototype.flip_lab --steps 1000 --vote stoch --tau 1.0 --sched cos --out runs/lab/x.json
+    python experiments/flip_lab.py --steps 1000 --vote stoch --tau 1.0 --sched cos --out runs/lab/x.json
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from arbs import data as data_mod
-from arbs import formats as F
+from arbs import formats
 from arbs import ops
-from arbs.model import GPT, get_preset
+from arbs.models.gpt import GPT, get_preset
 
 
 FLOOR = {"cos": 0.1, "cos0": 0.0}
@@ -47,12 +47,12 @@ def lr_mult(sched: str, step: int, steps: int, warmup: int = 50) -> float:
 class IntWeight:
     """Unpacked integer state of one weight: T (rows, cols_p) int8, E/corr (rows, ng), fa (rows, cols_p)."""
 
-    def __init__(self, w: np.ndarray, scheme: F.Scheme, device):
+    def __init__(self, w: np.ndarray, scheme: formats.Scheme, device):
         state, _ = ops.convert(w, scheme)
         self.shape = w.shape
-        self.rows, self.cols = F.tensor_view(w.shape)
+        self.rows, self.cols = formats.tensor_view(w.shape)
         self.gs = scheme.gs
-        self.cols_p = F.n_groups(self.cols, self.gs) * self.gs
+        self.cols_p = formats.n_groups(self.cols, self.gs) * self.gs
         T = ops.unpack(state["T_packed"], self.cols_p)
         self.T = torch.from_numpy(T).to(device)
         self.E = torch.from_numpy(state["E"].astype(np.int64)).to(device)
@@ -157,7 +157,7 @@ class IntWeight:
 
 @torch.no_grad()
 def evaluate(model, val, context, device) -> float:
-    """Mean validation loss (nats/byte) on the windows arbs.train.evaluate uses (batch 16, 8 batches)."""
+    """Mean validation loss (nats/byte) on the windows arbs.training.evaluate.evaluate uses (batch 16, 8 batches)."""
     model.eval()
     total, n = 0.0, 0
     for x, y in data_mod.eval_batches(val, batch_size=16, context=context, max_batches=8):
@@ -180,10 +180,10 @@ def run(a) -> dict:
         tr, va = c.train, c.val
     model = GPT(cfg)
     if a.init:
-        from arbs.train import _load_float_init
+        from arbs.training.build import load_float_init
 
-        _load_float_init(model, a.init)
-    scheme = F.make_scheme("E1TM32", "flip", K=a.K, theta=a.theta)
+        load_float_init(model, a.init)
+    scheme = formats.make_scheme("E1TM32", "flip", K=a.K, theta=a.theta)
     params = {n: p for n, p in model.named_parameters()}
     def mult(n):
         return a.init_scale_emb if (n == "wte.weight" and a.init_scale_emb) else a.init_scale
@@ -284,7 +284,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--taus", type=float, default=0.125)
     p.add_argument("--sclamp", type=int, default=1, help="--svote stoch: largest scale vote, in units of gs")
     p.add_argument("--fuse-phase", type=float, default=0.25)
-    p.add_argument("--init-scale", type=float, default=1.0, help="multiply the float init (arbs.model's, already init_std(d_model)) before converting")
+    p.add_argument("--init-scale", type=float, default=1.0, help="multiply the float init (arbs.models.gpt's, already init_std(d_model)) before converting")
     p.add_argument("--init-scale-emb", type=float, default=0.0, help="the embedding's own --init-scale (0: same)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data", default=None, help="prefix of <prefix>.train.npy / <prefix>.val.npy")

@@ -28,15 +28,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F_
+import torch.nn.functional as F
 
-from . import formats as F
-from .errors import ConfigError
+from .. import formats
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 LSQ_QP = 1  # ternary: Qn = Qp = 1 in the LSQ paper's notation
-TRIT_BITS = 8 / F.TRITS_PER_BYTE  # base-3 packed trits, 5 per byte: the same 1.6 bits E1TM's bpw counts
+TRIT_BITS = 8 / formats.TRITS_PER_BYTE  # base-3 packed trits, 5 per byte: the same 1.6 bits E1TM's bpw counts
 SCALE_BITS = 16  # row / group scales and factorized magnitudes are stored as bf16
 
 
@@ -62,8 +62,8 @@ def _absmean_row(w2: torch.Tensor, gs: int, theta: float) -> torch.Tensor:
 
 def _absmax_group(w2: torch.Tensor, gs: int, theta: float) -> torch.Tensor:
     rows, cols = w2.shape
-    ng = F.n_groups(cols, gs)
-    a = F_.pad(w2.abs(), (0, F.padded_cols(cols, gs) - cols))  # (rows, cols_p); padding is 0: never the max
+    ng = formats.n_groups(cols, gs)
+    a = F.pad(w2.abs(), (0, formats.padded_cols(cols, gs) - cols))  # (rows, cols_p); padding is 0: never the max
     a = a.view(rows, ng, gs).amax(dim=2)  # (rows, ng)
     return a.repeat_interleave(gs, dim=1)[:, :cols]  # (rows, cols)
 
@@ -162,7 +162,7 @@ def scheme_spec(scheme: str) -> SchemeSpec:
     except (KeyError, TypeError):
         raise ConfigError(
             f"unknown baseline scheme {scheme!r}; valid schemes: {', '.join(SCHEMES)}."
-            f"{F.did_you_mean(str(scheme), SCHEMES)}"
+            f"{formats.did_you_mean(str(scheme), SCHEMES)}"
         ) from None
 
 
@@ -249,7 +249,7 @@ def make_quantizer(scheme: str, weight: torch.Tensor, *, gs: int = 32, theta: fl
 
 
 class QLinear(nn.Linear):
-    """``nn.Linear`` whose forward uses ``F.linear(x, quantizer(weight), bias)``; a bias stays float."""
+    """``nn.Linear`` whose forward uses ``formats.linear(x, quantizer(weight), bias)``; a bias stays float."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, scheme: str,
                  gs: int = 32, theta: float = 0.5, device=None, dtype=None):
@@ -257,7 +257,7 @@ class QLinear(nn.Linear):
         self.quantizer = make_quantizer(scheme, self.weight, gs=gs, theta=theta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F_.linear(x, self.quantizer(self.weight), self.bias)
+        return F.linear(x, self.quantizer(self.weight), self.bias)
 
 
 class QEmbedding(nn.Embedding):
@@ -269,10 +269,10 @@ class QEmbedding(nn.Embedding):
         self.quantizer = make_quantizer(scheme, self.weight, gs=gs, theta=theta)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return F_.embedding(idx, self.quantizer(self.weight), self.padding_idx, None, 2.0, self.scale_grad_by_freq)
+        return F.embedding(idx, self.quantizer(self.weight), self.padding_idx, None, 2.0, self.scale_grad_by_freq)
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
-        return F_.linear(x, self.quantizer(self.weight))  # (..., C) -> (..., V)
+        return F.linear(x, self.quantizer(self.weight))  # (..., C) -> (..., V)
 
 
 def quantize_(
@@ -417,7 +417,7 @@ def inference_bpw(scheme: str, *, cols: int, gs: int = 32) -> float:
 
 def _rows(w: torch.Tensor) -> torch.Tensor:
     """``w`` viewed as (rows, cols) by the format's rule (rows = d0, cols = the rest; 1-D is one row)."""
-    return w.reshape(F.tensor_view(w.shape))
+    return w.reshape(formats.tensor_view(w.shape))
 
 
 def _tiny(t: torch.Tensor) -> float:

@@ -19,14 +19,14 @@ from typing import Callable
 
 import numpy as np
 
-from . import formats as F
+from . import formats
 from . import ops, store
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 E_QUANTILES = (0.01, 0.25, 0.5, 0.75, 0.99)
-STEP_COUNTER_BYTES = F.STEP_COUNTER_DTYPE.itemsize
+STEP_COUNTER_BYTES = formats.STEP_COUNTER_DTYPE.itemsize
 
 
 def _nbytes(a) -> int:
@@ -51,7 +51,7 @@ def _stats_E(E: np.ndarray) -> dict | None:
         "max": int(e.max()),
         "mean": float(e.mean()),
         "quantiles": {f"p{round(q * 100)}": int(v) for q, v in zip(E_QUANTILES, qs)},
-        "at_limits": int(((e == F.E_MIN) | (e == F.E_MAX)).sum()),  # groups with E at -128 or 127
+        "at_limits": int(((e == formats.E_MIN) | (e == formats.E_MAX)).sum()),  # groups with E at -128 or 127
     }
 
 
@@ -73,7 +73,7 @@ def _stats_Xi(corr: np.ndarray, num: int, den: int) -> dict | None:
 
 def _sparsity(T_packed: np.ndarray, shape) -> tuple[int, int]:
     """(zero trits, real weights): padding trits are not counted."""
-    rows, cols = F.tensor_view(shape)
+    rows, cols = formats.tensor_view(shape)
     zeros = 0
     step = max(1, (1 << 22) // max(cols, 1))  # unpack a few MiB of trits at a time
     for r0 in range(0, rows, step):
@@ -86,15 +86,15 @@ def _sparsity(T_packed: np.ndarray, shape) -> tuple[int, int]:
 
 
 def _summarize_e1tm(ckpt, bpw: bool) -> dict:
-    gs = F.variant_gs(ckpt.format)
+    gs = formats.variant_gs(ckpt.format)
     fused = bool(ckpt.fused)
     training = not fused
     num = den = 0
     if training:
-        scheme = F.make_scheme(ckpt.format, ckpt.rule, **(ckpt.rule_params or {}))
+        scheme = formats.make_scheme(ckpt.format, ckpt.rule, **(ckpt.rule_params or {}))
         num, den = scheme.xi_ratio(int(ckpt.step_counter))
-    th_inf = F.theoretical_bpw(gs, fused=True)
-    th_train = F.theoretical_bpw(gs, ckpt.rule) if training else None
+    th_inf = formats.theoretical_bpw(gs, fused=True)
+    th_train = formats.theoretical_bpw(gs, ckpt.rule) if training else None
     rows_out = []
     tot = {"weights": 0, "inference_bytes": 0, "array_bytes": 0, "zeros": 0}
     for name, ts in ckpt.tensors.items():
@@ -188,7 +188,7 @@ def _summarize_float(ckpt, bpw: bool) -> dict:
 
 def _add_deadzone(ckpt, rows_out: list[dict]) -> None:
     """Per ternary-baseline weight: fractions at -1/0/+1 and near a rounding boundary (deadzone trapping)."""
-    from . import baselines
+    from .nn import baselines
 
     fmt = ckpt.meta.get("format")
     if fmt not in baselines.SCHEMES or baselines.scheme_spec(fmt).trits is None:
@@ -232,7 +232,7 @@ def summarize(ckpt, bpw: bool = False) -> dict:
     ``sparsity`` and ``bytes_on_disk`` (None for an unsaved checkpoint).
 
     Float checkpoints get dtypes/bytes per array instead and, for ternary baselines, a per-tensor ``deadzone``
-    (fractions at -1/0/+1 and near a trit boundary; arbs.baselines.deadzone_stats).
+    (fractions at -1/0/+1 and near a trit boundary; arbs.nn.baselines.deadzone_stats).
     """
     try:
         fn = SUMMARIZERS[ckpt.kind]

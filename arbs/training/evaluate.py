@@ -1,4 +1,5 @@
-"""``arbs eval`` and ``arbs generate`` on any arbs checkpoint: E1TM training, fused, or float baseline."""
+"""Validation loss and sampling: ``evaluate`` (used by the loop), ``arbs eval`` and ``arbs generate`` on any
+arbs checkpoint: E1TM training, fused, or float baseline."""
 
 from __future__ import annotations
 
@@ -6,14 +7,30 @@ import logging
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from . import data as data_mod
-from . import store
-from .errors import ConfigError
-from .train import build, evaluate, fused_model
+from .. import data as data_mod
+from .. import store
+from ..errors import ConfigError
+from .build import autocast, build, fused_model
 
 log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def evaluate(model, val: np.ndarray, *, batch_size: int, context: int, max_batches: int, device="cpu") -> float:
+    """Mean validation loss in nats/byte over fixed, evenly spaced windows."""
+    was = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for x, y in data_mod.eval_batches(val, batch_size=batch_size, context=context, max_batches=max_batches):
+        with autocast(device):
+            _, loss = model(x.to(device), y.to(device))
+        total += float(loss) * x.numel()
+        n += x.numel()
+    model.train(was)
+    return total / max(n, 1)
 
 
 def load_model(path, device: str = "cpu") -> tuple[torch.nn.Module, store.Checkpoint]:

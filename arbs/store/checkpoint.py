@@ -1,10 +1,4 @@
-"""Atomic, validated Zarr v3 checkpoints. The only arbs module that imports zarr.
-
-Layout
-------
-A *run directory* holds committed checkpoints ``step_<N>/`` (N = the step, decimal, no padding), a
-``LATEST`` text file naming the newest committed checkpoint directory (``step_200\\n``), and files other
-modules own (``metrics.jsonl``, plots, config) that this module leaves alone.
+"""One checkpoint directory: the Zarr v3 layout, its validation, atomic write and verified read.
 
 A checkpoint directory is a Zarr v3 group:
 
@@ -34,10 +28,9 @@ inverts it. ``"blocks.0.attn.qkv.weight"`` is its own key. Array names (float ch
 Atomicity
 ---------
 A checkpoint is written into a sibling ``.tmp-<name>-<pid>-<random>`` directory, every file and directory
-is fsynced, ``COMMIT`` is written and fsynced, the directory is renamed into place and the parent fsynced;
-only then is ``LATEST`` replaced (``LATEST.tmp`` + fsync + ``os.replace``). A crash at any moment leaves
-the previous checkpoint whole and ``LATEST`` naming a committed checkpoint. Leftover ``.tmp-*``
-directories of dead processes are removed when a run directory is opened or saved into.
+is fsynced, ``COMMIT`` is written and fsynced, the directory is renamed into place and the parent fsynced.
+A crash at any moment leaves no directory of that name, or a whole committed one (``run.py`` then moves
+``LATEST``).
 """
 
 from __future__ import annotations
@@ -52,10 +45,9 @@ import os
 import re
 import secrets
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Iterator, Mapping
 from urllib.parse import quote
 
 import numpy as np
@@ -63,36 +55,31 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.storage import LocalStore
 
-from . import formats as F
-from .errors import ArbsError, ConfigError, CorruptStoreError, FormatVersionError, StoreNotFoundError
+from .. import formats
+from ..errors import ArbsError, ConfigError, CorruptStoreError, FormatVersionError, StoreNotFoundError
+from . import durable
+from .encoding import canonical_json, is_int, plain_json, reject_json_constant, sha256_hex
+from .layout import COMMIT_FILE, TMP_PREFIX, parse_step_dir
 
 logger = logging.getLogger(__name__)
 
-COMMIT_FILE = "COMMIT"
-LATEST_FILE = "LATEST"
-METRICS_FILE = "metrics.jsonl"
-TMP_PREFIX = ".tmp-"
 KINDS = ("e1tm", "float")
 CHUNK_BYTES = 64 << 20  # arrays larger than this are chunked by rows
-_FSYNC_THREADS = 16
 
 _ATTR_KEYS = ("arbs_format_version", "kind", "format", "gs", "rule", "rule_params", "fused", "tensors", "meta")
 _COMMIT_KEYS = ("arbs_format_version", "step", "attrs_sha256", "arrays")
 _UNCOMPRESSED = frozenset({"T_packed"})  # uniformly distributed base-3 bytes: zstd only costs time
-_RESERVED_KEYS = frozenset({F.STEP_COUNTER.lower(), "zarr.json", COMMIT_FILE.lower()})
-_STEP_DIR = re.compile(r"step_(0|[1-9][0-9]*)")
-_TMP_PID = re.compile(r"\.tmp-.*-([0-9]+)-[0-9a-f]+")
+_RESERVED_KEYS = frozenset({formats.STEP_COUNTER.lower(), "zarr.json", COMMIT_FILE.lower()})
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _POW3 = np.array([1, 3, 9, 27, 81], np.int16)  # digit weights within a packed byte, first trit least significant
 
-_OPEN_ADVICE = (
+OPEN_ADVICE = (
     "The checkpoint is damaged or was altered: open an earlier one (arbs.store.list_checkpoints) "
     "or restore it from a copy."
 )
 _SAVE_ADVICE = "Nothing was written; fix the state before saving."
 
 
-# --------------------------------------------------------------------------------------------- data
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -186,7 +173,7 @@ class _Site:
 
 
 def _open_site(d: Path) -> _Site:
-    return _Site(f"'{d}'", CorruptStoreError, _OPEN_ADVICE)
+    return _Site(f"'{d}'", CorruptStoreError, OPEN_ADVICE)
 
 
 # ------------------------------------------------------------------------------------ small helpers
@@ -200,136 +187,11 @@ def node_key(name: str) -> str:
     return key
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
-def _sha256(a: np.ndarray) -> str:
-    """sha256 of the little-endian C-order bytes of ``a``."""
-    a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
-    return hashlib.sha256(a.reshape(-1).view(np.uint8)).hexdigest()
-
-
-def _canonical_json(obj) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _plain_json(x, where: str):
-    """``x`` with numpy scalars and tuples converted to plain JSON values; ConfigError on anything else."""
-    if x is None or isinstance(x, (bool, str)):
-        return x
-    if isinstance(x, np.bool_):
-        return bool(x)
-    if _is_int(x):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        if not math.isfinite(float(x)):
-            raise ConfigError(f"{where} is {float(x)}; JSON holds finite numbers only (store it as null or a string)")
-        return float(x)
-    if isinstance(x, Mapping):
-        out = {}
-        for k, v in x.items():
-            if not isinstance(k, str):
-                raise ConfigError(f"{where} has key {k!r} of type {type(k).__name__}; JSON keys must be str")
-            out[k] = _plain_json(v, f"{where}[{k!r}]")
-        return out
-    if isinstance(x, (list, tuple)):
-        return [_plain_json(v, f"{where}[{i}]") for i, v in enumerate(x)]
-    raise ConfigError(
-        f"{where} is a {type(x).__name__} ({str(x)[:60]}); only JSON values can be stored "
-        "(dict with str keys, list, str, int, finite float, bool, None); convert it first"
-    )
-
-
-def _fsync_path(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path) -> None:
-    if os.name != "nt":  # directories cannot be opened for fsync on Windows
-        _fsync_path(path)
-
-
-def _fsync_tree(root: Path) -> None:
-    """fsync every file, then every directory, under ``root``.
-
-    In parallel: fsync releases the GIL and concurrent fsyncs share journal commits (~10x faster
-    than one by one on ext4 for a checkpoint's many small files).
-    """
-    files, dirs = [], []
-    for dirpath, _, filenames in os.walk(root):
-        dirs.append(dirpath)
-        files.extend(os.path.join(dirpath, f) for f in filenames)
-    with ThreadPoolExecutor(max_workers=min(_FSYNC_THREADS, len(files) + 1)) as pool:
-        list(pool.map(_fsync_path, files))
-        list(pool.map(_fsync_dir, dirs))
-
-
-def _write_durable(path: Path, data: bytes, mode: str = "wb") -> None:
-    with open(path, mode) as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OverflowError, ValueError, OSError):
-        return False
-    return True
-
-
-def _remove_dir(path: Path) -> None:
-    """Remove a directory so that no half-deleted checkpoint is ever visible: rename away, then delete."""
-    doomed = path.parent / f"{TMP_PREFIX}del-{path.name}-{os.getpid()}-{secrets.token_hex(4)}"
-    os.rename(path, doomed)
-    _fsync_dir(path.parent)
-    shutil.rmtree(doomed)
-
-
-def _clean_temp(run: Path) -> None:
-    """Remove ``.tmp-*`` directories left in ``run`` by processes that no longer run."""
-    try:
-        entries = list(os.scandir(run))
-    except OSError:
-        return
-    for e in entries:
-        if not e.name.startswith(TMP_PREFIX):
-            continue
-        m = _TMP_PID.fullmatch(e.name)
-        if m and _pid_alive(int(m[1])):
-            continue  # another process may be writing it right now
-        try:
-            if e.is_dir(follow_symlinks=False):
-                shutil.rmtree(e.path)
-            else:
-                os.unlink(e.path)
-            logger.warning("removed leftover temporary %s (an interrupted save)", e.path)
-        except OSError as exc:
-            logger.warning("could not remove leftover temporary %s: %s", e.path, exc)
-
-
-# ------------------------------------------------------------------------------- shared validation
-
-
 def _check_header(site: _Site, *, kind, format, gs, rule, rule_params, fused) -> _Header:
     """Check the checkpoint-level fields (not step_counter) and return them as plain Python values."""
     subj = "the checkpoint header"
     if kind not in KINDS:
-        raise site.error(subj, f"has kind {kind!r}; expected one of {', '.join(KINDS)}.{F.did_you_mean(str(kind), KINDS)}")
+        raise site.error(subj, f"has kind {kind!r}; expected one of {', '.join(KINDS)}.{formats.did_you_mean(str(kind), KINDS)}")
     if not isinstance(fused, (bool, np.bool_)):
         raise site.error(subj, f"has fused={fused!r}; expected true or false")
     if not isinstance(rule_params, Mapping):
@@ -343,28 +205,28 @@ def _check_header(site: _Site, *, kind, format, gs, rule, rule_params, fused) ->
             )
         return _Header("float", None, None, None, {}, False)
     if not isinstance(format, str):
-        raise site.error(subj, f"has format={format!r}; expected one of {', '.join(F.VARIANTS)}")
+        raise site.error(subj, f"has format={format!r}; expected one of {', '.join(formats.VARIANTS)}")
     try:
-        want_gs = F.variant_gs(format)
+        want_gs = formats.variant_gs(format)
     except ConfigError as e:
         raise site.error(subj, f"has an unknown format: {e}") from None
-    if not _is_int(gs) or int(gs) != want_gs:
+    if not is_int(gs) or int(gs) != want_gs:
         raise site.error(subj, f"has gs={gs!r} with format {format!r}; expected gs={want_gs}")
     if fused:
         if rule is not None or rule_params:
             raise site.error(subj, f"is fused but has rule={rule!r}, rule_params={dict(rule_params)!r}; expected None and {{}}")
         return _Header("e1tm", format, want_gs, None, {}, True)
     if not isinstance(rule, str):
-        raise site.error(subj, f"has rule={rule!r}; expected one of {', '.join(F.RULES)}")
+        raise site.error(subj, f"has rule={rule!r}; expected one of {', '.join(formats.RULES)}")
     try:
-        spec = F.rule_spec(rule)
-        required = set(spec.params) - set(F.LATER_PARAMS)
+        spec = formats.rule_spec(rule)
+        required = {p for p in spec.params if formats.PARAMS[p].absent is None}
         if not required <= set(rule_params) <= set(spec.params):
             raise site.error(
                 subj, f"has rule_params with keys {sorted(rule_params)}; rule {rule!r} takes {sorted(spec.params)} "
                 f"({', '.join(sorted(set(spec.params) - required)) or 'none'} optional)"
             )
-        params = F.rule_params(rule, **rule_params)
+        params = formats.recorded_rule_params(rule, rule_params)
     except ConfigError as e:
         raise site.error(subj, f"has an invalid rule: {e}") from None
     return _Header("e1tm", format, want_gs, rule, params, False)
@@ -375,7 +237,7 @@ def _check_step(site: _Site, header: _Header, step) -> int | None:
         if step is not None:
             raise site.error("step_counter", f"is {step!r}; a fused checkpoint has no step_counter (expected None)")
         return None
-    if not _is_int(step) or int(step) < 0:
+    if not is_int(step) or int(step) < 0:
         raise site.error("step_counter", f"is {step!r}; expected an integer >= 0")
     return int(step)
 
@@ -383,12 +245,12 @@ def _check_step(site: _Site, header: _Header, step) -> int | None:
 def _e1tm_specs(site: _Site, header: _Header, name: str, shape) -> dict[str, tuple[np.dtype, tuple]]:
     """Expected (dtype, shape) of every array of an e1tm tensor, from the format table."""
     try:
-        rows, cols = F.tensor_view(shape)
+        rows, cols = formats.tensor_view(shape)
     except ConfigError as e:
         raise site.error(f"tensor {name!r}", f"has an invalid shape: {e}") from None
     return {
-        a: (F.ARRAYS[a].dtype, F.array_shape(a, rows, cols, header.gs))
-        for a in F.tensor_arrays(header.rule, header.fused)
+        a: (formats.ARRAYS[a].dtype, formats.array_shape(a, rows, cols, header.gs))
+        for a in formats.tensor_arrays(header.rule, header.fused)
     }
 
 
@@ -409,20 +271,20 @@ def _first(mask: np.ndarray) -> tuple[int, ...]:
 def _check_e1tm_values(site: _Site, header: _Header, step: int | None, name: str, shape, arrays) -> None:
     """Value invariants of an e1tm tensor whose arrays already have the right dtypes and shapes."""
     tp = arrays["T_packed"]  # (rows, nb)
-    bad = tp > F.MAX_PACKED_BYTE
+    bad = tp > formats.MAX_PACKED_BYTE
     if bad.any():
         r, c = _first(bad)
         raise site.error(
             f"array 'T_packed' of tensor {name!r}",
-            f"holds byte {int(tp[r, c])} at row {r}, column {c}; packed bytes must be 0..{F.MAX_PACKED_BYTE}",
+            f"holds byte {int(tp[r, c])} at row {r}, column {c}; packed bytes must be 0..{formats.MAX_PACKED_BYTE}",
         )
-    rows, cols = F.tensor_view(shape)
-    first_byte = cols // F.TRITS_PER_BYTE
+    rows, cols = formats.tensor_view(shape)
+    first_byte = cols // formats.TRITS_PER_BYTE
     if rows and first_byte < tp.shape[1]:
         # Trits past `cols` (group and byte padding) must be 0, i.e. base-3 digit 1.
         tail = tp[:, first_byte:].astype(np.int16)  # (rows, k)
         digits = (tail[:, :, None] // _POW3) % 3  # (rows, k, 5)
-        pad = digits.reshape(rows, -1)[:, cols - first_byte * F.TRITS_PER_BYTE:]
+        pad = digits.reshape(rows, -1)[:, cols - first_byte * formats.TRITS_PER_BYTE:]
         bad = pad != 1
         if bad.any():
             r, c = _first(bad)
@@ -430,12 +292,12 @@ def _check_e1tm_values(site: _Site, header: _Header, step: int | None, name: str
             raise site.error(
                 f"array 'T_packed' of tensor {name!r}",
                 f"holds a nonzero padding trit at row {r}, trit column {col} (byte column "
-                f"{col // F.TRITS_PER_BYTE}); trits past cols={cols} must be 0",
+                f"{col // formats.TRITS_PER_BYTE}); trits past cols={cols} must be 0",
             )
     if header.fused:
         return
     corr = arrays["corr_accum"]  # (rows, n_groups)
-    limit = F.carry_limit(header.rule, header.rule_params, header.gs)
+    limit = formats.carry_limit(header.rule, header.rule_params, header.gs)
     if limit == 0:  # average: |corr_accum| <= gs*step_counter
         hi = min(header.gs * step, np.iinfo(np.int64).max)
         bad, bound = (corr > hi) | (corr < -hi), f"|corr_accum| <= gs*step_counter = {header.gs}*{step} = {hi}"
@@ -538,15 +400,15 @@ def _plan(site: _Site, ckpt: Checkpoint, step: int | None):
         entries.append(entry)
         groups.append((tkey, arrays))
         for akey, a, _ in arrays:
-            shas[f"{tkey}/{akey}"] = _sha256(a)
+            shas[f"{tkey}/{akey}"] = sha256_hex(a)
     if not isinstance(ckpt.meta, Mapping):
         raise site.error("meta", f"is a {type(ckpt.meta).__name__}; expected a dict")
     step_array = None
     if step_counter is not None:
-        step_array = np.array(step_counter, F.STEP_COUNTER_DTYPE)
-        shas[F.STEP_COUNTER] = _sha256(step_array)
+        step_array = np.array(step_counter, formats.STEP_COUNTER_DTYPE)
+        shas[formats.STEP_COUNTER] = sha256_hex(step_array)
     attrs = {
-        "arbs_format_version": F.FORMAT_VERSION,
+        "arbs_format_version": formats.FORMAT_VERSION,
         "kind": header.kind,
         "format": header.format,
         "gs": header.gs,
@@ -554,12 +416,12 @@ def _plan(site: _Site, ckpt: Checkpoint, step: int | None):
         "rule_params": dict(header.rule_params),
         "fused": header.fused,
         "tensors": entries,
-        "meta": _plain_json(ckpt.meta, "meta"),
+        "meta": plain_json(ckpt.meta, "meta"),
     }
     commit = {
-        "arbs_format_version": F.FORMAT_VERSION,
+        "arbs_format_version": formats.FORMAT_VERSION,
         "step": step,
-        "attrs_sha256": hashlib.sha256(_canonical_json(attrs)).hexdigest(),
+        "attrs_sha256": hashlib.sha256(canonical_json(attrs)).hexdigest(),
         "arrays": shas,
     }
     return attrs, groups, step_array, commit
@@ -609,7 +471,7 @@ def write_checkpoint(path, ckpt: Checkpoint, *, step: int | None = None) -> Path
         step = ckpt.step_counter
     elif ckpt.step_counter is not None and step != ckpt.step_counter:
         raise ConfigError(f"step={step} disagrees with step_counter={ckpt.step_counter} of the checkpoint to be saved as '{dest}'")
-    if step is not None and (not _is_int(step) or step < 0):
+    if step is not None and (not is_int(step) or step < 0):
         raise ConfigError(f"step={step!r} for '{dest}' must be an integer >= 0")
     attrs, groups, step_array, commit = _plan(site, ckpt, None if step is None else int(step))
     if dest.exists() or dest.is_symlink():
@@ -629,15 +491,15 @@ def write_checkpoint(path, ckpt: Checkpoint, *, step: int | None = None) -> Path
             for akey, a, compress in arrays:
                 _write_array(g, akey, a, compress)
         if step_array is not None:
-            _write_array(root, F.STEP_COUNTER, step_array, False)
-        _fsync_tree(tmp)
-        _write_durable(tmp / COMMIT_FILE, json.dumps(commit, indent=1).encode() + b"\n", "xb")
-        _fsync_dir(tmp)
+            _write_array(root, formats.STEP_COUNTER, step_array, False)
+        durable.fsync_tree(tmp)
+        durable.write_durable(tmp / COMMIT_FILE, json.dumps(commit, indent=1).encode() + b"\n", "xb")
+        durable.fsync_dir(tmp)
         if dest.exists() or dest.is_symlink():
             raise ArbsError(f"'{dest}' appeared while it was being saved (another writer?); "
                             "arbs never writes into an existing checkpoint.")
         os.rename(tmp, dest)
-        _fsync_dir(parent)
+        durable.fsync_dir(parent)
     except BaseException as e:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -647,165 +509,6 @@ def write_checkpoint(path, ckpt: Checkpoint, *, step: int | None = None) -> Path
         raise
     logger.info("committed checkpoint %s", dest)
     return dest
-
-
-def save_checkpoint(run_dir, ckpt: Checkpoint, keep: int | None = None, *, step: int | None = None) -> Path:
-    """Atomically save ``ckpt`` as ``run_dir/step_<N>``, point LATEST at it, then apply retention.
-
-    Parameters
-    ----------
-    run_dir : str or os.PathLike
-        The run directory; created if missing.
-    ckpt : Checkpoint
-        Validated before anything is written (ConfigError); never modified.
-    keep : int, optional
-        Keep only the newest ``keep`` committed checkpoints (by step), never deleting the one LATEST
-        names. None keeps all.
-    step : int, optional
-        N of ``step_<N>``; defaults to ``ckpt.step_counter``. Required for fused checkpoints.
-
-    Returns
-    -------
-    pathlib.Path
-        The committed checkpoint directory.
-
-    Raises
-    ------
-    ConfigError
-        ``ckpt`` is not valid, or ``keep``/``step`` are not.
-    ArbsError
-        ``step_<N>`` already exists (checkpoints are never overwritten), or the file system refused
-        a write (the message says whether the checkpoint was committed).
-    """
-    run = Path(run_dir)
-    if keep is not None and (not _is_int(keep) or keep < 1):
-        raise ConfigError(f"keep={keep!r} must be None (keep all) or an integer >= 1")
-    n = ckpt.step_counter if step is None else step
-    if n is None:
-        raise ConfigError("a fused checkpoint has no step_counter; pass step= to name its step_<N> directory")
-    if not _is_int(n) or n < 0:
-        raise ConfigError(f"step {n!r} must be an integer >= 0")
-    try:
-        run.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ArbsError(f"cannot create run directory '{run}': {e}") from e
-    _clean_temp(run)
-    dest = run / f"step_{int(n)}"
-    if dest.exists():
-        latest = _latest_name(run)
-        raise ArbsError(
-            f"'{dest}' already exists (LATEST names {latest!r}); arbs never writes into an existing "
-            "checkpoint. If a save was interrupted after committing it, resume from it, or remove it first."
-        )
-    write_checkpoint(dest, ckpt, step=int(n))
-    try:
-        _write_durable(run / f"{LATEST_FILE}.tmp", f"{dest.name}\n".encode())
-        os.replace(run / f"{LATEST_FILE}.tmp", run / LATEST_FILE)
-        _fsync_dir(run)
-    except OSError as e:
-        raise ArbsError(f"checkpoint '{dest}' was committed, but '{run / LATEST_FILE}' could not be updated: {e}. "
-                        f"Open '{dest}' directly, or write '{dest.name}' into LATEST.") from e
-    if keep is not None:
-        for old in list_checkpoints(run)[:-keep]:
-            if old.name == dest.name:  # LATEST names it
-                continue
-            try:
-                _remove_dir(old)
-            except OSError as e:  # the new checkpoint is safe; an old one lingering is not worth failing for
-                logger.warning("could not remove old checkpoint %s (keep=%d): %s", old, keep, e)
-            else:
-                logger.info("removed old checkpoint %s (keep=%d)", old, keep)
-    return dest
-
-
-# -------------------------------------------------------------------------------------------- open
-
-
-def _latest_name(run: Path) -> str | None:
-    """The directory name LATEST holds, or None without LATEST; CorruptStoreError if unreadable."""
-    f = run / LATEST_FILE
-    try:
-        raw = f.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise CorruptStoreError(f"cannot read '{f}': {e}. Rewrite it with the name of a step_<N> directory.") from e
-    try:
-        name = raw.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        name = ""
-    if not name or name in (".", "..") or "/" in name or "\\" in name or "\n" in name:
-        raise CorruptStoreError(
-            f"'{f}' holds {raw[:80]!r}; expected the name of a checkpoint directory such as 'step_200'. "
-            "Rewrite it with the name of a committed step_<N> directory."
-        )
-    return name
-
-
-def list_checkpoints(run_dir) -> list[Path]:
-    """Committed checkpoints (``step_<N>`` directories with COMMIT) of ``run_dir``, sorted by step.
-
-    Raises StoreNotFoundError when ``run_dir`` is not a directory.
-    """
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise StoreNotFoundError(f"run directory '{run}' does not exist or is not a directory")
-    found = []
-    for e in os.scandir(run):
-        m = _STEP_DIR.fullmatch(e.name)
-        if m and e.is_dir() and os.path.isfile(os.path.join(e.path, COMMIT_FILE)):
-            found.append((int(m[1]), run / e.name))
-    return [p for _, p in sorted(found)]
-
-
-def resolve_checkpoint(path) -> Path:
-    """The checkpoint directory ``path`` designates: itself, or for a run directory the one LATEST names.
-
-    A run directory without LATEST (a crash before the first LATEST was written) resolves to its newest
-    committed checkpoint, with a warning.
-
-    Raises
-    ------
-    StoreNotFoundError
-        ``path`` is missing, holds no committed checkpoint, or LATEST names a missing/uncommitted one.
-    CorruptStoreError
-        LATEST is unreadable.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise StoreNotFoundError(f"'{p}' does not exist; pass a run directory or a step_<N> checkpoint directory")
-    if not p.is_dir():
-        raise StoreNotFoundError(f"'{p}' is a file; pass a run directory or a step_<N> checkpoint directory")
-    if (p / COMMIT_FILE).exists():
-        return p
-    latest = _latest_name(p)
-    if latest is not None:
-        target = p / latest
-        if not (target / COMMIT_FILE).is_file():
-            have = [c.name for c in list_checkpoints(p)]
-            raise StoreNotFoundError(
-                f"'{p / LATEST_FILE}' names {latest!r}, which is not a committed checkpoint "
-                f"({'missing' if not target.exists() else 'no COMMIT file'}); committed checkpoints here: "
-                f"{have or 'none'}. Point LATEST at one of them or open a step_<N> directory directly."
-            )
-        m = _STEP_DIR.fullmatch(latest)
-        newer = [c.name for c in list_checkpoints(p) if m and int(c.name[5:]) > int(m[1])]
-        if newer:
-            logger.warning("%s: LATEST names %s but newer committed checkpoints exist: %s (an interrupted save?)",
-                           p, latest, newer)
-        return target
-    if (p / "zarr.json").exists():
-        raise StoreNotFoundError(
-            f"'{p}' has no {COMMIT_FILE} file, so it is not a committed checkpoint (an interrupted save "
-            "leaves such a directory); open the run directory or another step_<N> directory"
-        )
-    ckpts = list_checkpoints(p)
-    if not ckpts:
-        raise StoreNotFoundError(
-            f"'{p}' holds no committed checkpoint (no {LATEST_FILE} and no step_<N> directory with {COMMIT_FILE})"
-        )
-    logger.warning("%s has no %s; using the newest committed checkpoint %s", p, LATEST_FILE, ckpts[-1].name)
-    return ckpts[-1]
 
 
 @contextlib.contextmanager
@@ -829,33 +532,33 @@ def _read_commit(site: _Site, d: Path) -> dict:
             "leaves such a directory); open the run directory or another step_<N> directory"
         ) from None
     with _translated(site, COMMIT_FILE):
-        c = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        c = json.loads(raw.decode("utf-8"), parse_constant=reject_json_constant)
     if not isinstance(c, dict):
         raise site.error(COMMIT_FILE, f"holds a JSON {type(c).__name__}; expected an object")
     _check_version(d, COMMIT_FILE, c.get("arbs_format_version"))
     if set(c) != set(_COMMIT_KEYS):
         raise site.error(COMMIT_FILE, f"has keys {sorted(c)}; expected {sorted(_COMMIT_KEYS)}")
-    if c["step"] is not None and (not _is_int(c["step"]) or c["step"] < 0):
+    if c["step"] is not None and (not is_int(c["step"]) or c["step"] < 0):
         raise site.error(COMMIT_FILE, f"has step={c['step']!r}; expected null or an integer >= 0")
     if not isinstance(c["arrays"], dict):
         raise site.error(COMMIT_FILE, f"has arrays of type {type(c['arrays']).__name__}; expected an object")
     shas = [c["attrs_sha256"], *c["arrays"].values()]
     if not all(isinstance(s, str) and _SHA256.fullmatch(s) for s in shas):
         raise site.error(COMMIT_FILE, "has a malformed checksum; expected 64 lowercase hex digits per entry")
-    m = _STEP_DIR.fullmatch(d.name)
-    if m and c["step"] is not None and int(m[1]) != c["step"]:
+    n = parse_step_dir(d.name)
+    if n is not None and c["step"] is not None and n != c["step"]:
         raise site.error(COMMIT_FILE, f"records step {c['step']}, but the directory is named {d.name!r}")
     return c
 
 
 def _check_version(d: Path, subject: str, v) -> None:
-    if not _is_int(v):
-        raise CorruptStoreError(f"{subject} in '{d}' has arbs_format_version={v!r}; expected an integer. {_OPEN_ADVICE}")
-    if v != F.FORMAT_VERSION:
-        todo = ("upgrade arbs to open it" if v > F.FORMAT_VERSION
+    if not is_int(v):
+        raise CorruptStoreError(f"{subject} in '{d}' has arbs_format_version={v!r}; expected an integer. {OPEN_ADVICE}")
+    if v != formats.FORMAT_VERSION:
+        todo = ("upgrade arbs to open it" if v > formats.FORMAT_VERSION
                 else "this arbs cannot read that version; use the arbs release that wrote it")
         raise FormatVersionError(
-            f"'{d}' was written in arbs format version {v}; this arbs reads version {F.FORMAT_VERSION}: {todo}"
+            f"'{d}' was written in arbs format version {v}; this arbs reads version {formats.FORMAT_VERSION}: {todo}"
         )
 
 
@@ -904,7 +607,7 @@ def _read_array(site: _Site, group, key: str, subject: str, dtype: np.dtype, sha
                              "a missing chunk would read as the fill value")
         data = np.asarray(z[()] if z.ndim == 0 else z[...])
     _check_dtype_shape(site, subject, data.dtype, data.shape, dtype, shape, e1tm)
-    if want_sha is not None and _sha256(data) != want_sha:
+    if want_sha is not None and sha256_hex(data) != want_sha:
         raise site.error(subject, "does not match its sha256 in COMMIT (changed after it was committed)")
     return data
 
@@ -923,7 +626,7 @@ def _parse_tensors(site: _Site, header: _Header, tensors) -> list[tuple[str, tup
         if not isinstance(name, str) or not name or node_key(name).lower() in seen:
             raise site.error(subj, f"has name {name!r}; expected a non-empty, unique str")
         seen.add(node_key(name).lower())
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
             raise site.error(f"tensor {name!r}", f"has shape {shape!r}; expected a list of ints >= 0")
         if header.kind == "e1tm":
             specs = _e1tm_specs(site, header, name, shape)
@@ -935,7 +638,7 @@ def _parse_tensors(site: _Site, header: _Header, tensors) -> list[tuple[str, tup
             for aname, s in arrays.items():
                 subj = f"array {aname!r} of tensor {name!r}"
                 if not aname or not isinstance(s, dict) or set(s) != {"dtype", "shape"} or not isinstance(s["shape"], list) \
-                        or not all(_is_int(d) and d >= 0 for d in s["shape"]):
+                        or not all(is_int(d) and d >= 0 for d in s["shape"]):
                     raise site.error(subj, f"is described as {str(s)[:100]}; expected {{dtype, shape}}")
                 with _translated(site, subj):
                     dtype = np.dtype(s["dtype"])
@@ -944,14 +647,15 @@ def _parse_tensors(site: _Site, header: _Header, tensors) -> list[tuple[str, tup
     return out
 
 
-def open_checkpoint(path, *, verify: bool = True, kind: str | None = None) -> Checkpoint:
-    """Open and validate a checkpoint, reading every array fully into memory.
+def read_checkpoint(d: Path, *, verify: bool = True, kind: str | None = None) -> Checkpoint:
+    """Read and validate the checkpoint directory ``d``, reading every array fully into memory.
+
+    ``arbs.store.open_checkpoint`` is the usual entry point (it also accepts a run directory).
 
     Parameters
     ----------
-    path : str or os.PathLike
-        A run directory (LATEST is followed; leftover ``.tmp-*`` directories of dead processes are
-        removed) or a checkpoint directory.
+    d : pathlib.Path
+        A committed checkpoint directory (``step_<N>`` or any directory holding COMMIT).
     verify : bool
         Compare the sha256 of every array and of the root attributes with COMMIT. Structural and value
         checks (dtypes, shapes, packed bytes, bounds) always run.
@@ -976,11 +680,7 @@ def open_checkpoint(path, *, verify: bool = True, kind: str | None = None) -> Ch
         Anything else: the message names the path, the tensor and array, expected vs got.
     """
     if kind is not None and kind not in KINDS:
-        raise ConfigError(f"kind={kind!r}; expected one of {', '.join(KINDS)} or None.{F.did_you_mean(str(kind), KINDS)}")
-    p = Path(path)
-    d = resolve_checkpoint(p)
-    if d != p:
-        _clean_temp(p)
+        raise ConfigError(f"kind={kind!r}; expected one of {', '.join(KINDS)} or None.{formats.did_you_mean(str(kind), KINDS)}")
     site = _open_site(d)
     commit = _read_commit(site, d)
     with _translated(site, "the root group"):
@@ -991,7 +691,7 @@ def open_checkpoint(path, *, verify: bool = True, kind: str | None = None) -> Ch
         raise site.error("the root attributes", f"have keys {sorted(attrs)}; expected {sorted(_ATTR_KEYS)}")
     if verify:
         with _translated(site, "the root attributes"):
-            sha = hashlib.sha256(_canonical_json(attrs)).hexdigest()
+            sha = hashlib.sha256(canonical_json(attrs)).hexdigest()
         if sha != commit["attrs_sha256"]:
             raise site.error("the root attributes", "do not match attrs_sha256 in COMMIT (edited after commit)")
     header = _check_header(
@@ -1015,16 +715,16 @@ def open_checkpoint(path, *, verify: bool = True, kind: str | None = None) -> Ch
 
     expected_root = {node_key(name): f"tensor {name!r}" for name, _, _ in tensors}
     if not header.fused:
-        expected_root[F.STEP_COUNTER] = "array 'step_counter'"
+        expected_root[formats.STEP_COUNTER] = "array 'step_counter'"
     _check_children(site, d, expected_root, "the checkpoint root", e1tm)
     step = None
     if not header.fused:
-        s = _read_array(site, root, F.STEP_COUNTER, "array 'step_counter'", F.STEP_COUNTER_DTYPE, (), e1tm,
-                        want(F.STEP_COUNTER))
+        s = _read_array(site, root, formats.STEP_COUNTER, "array 'step_counter'", formats.STEP_COUNTER_DTYPE, (), e1tm,
+                        want(formats.STEP_COUNTER))
         step = _check_step(site, header, int(s))
         if commit["step"] is not None and commit["step"] != step:
             raise site.error("array 'step_counter'", f"holds {step}, but COMMIT records step {commit['step']}")
-    read_keys = {F.STEP_COUNTER} if step is not None else set()
+    read_keys = {formats.STEP_COUNTER} if step is not None else set()
     out: dict[str, TensorState] = {}
     for name, shape, specs in tensors:
         tkey = node_key(name)
@@ -1056,68 +756,10 @@ def open_checkpoint(path, *, verify: bool = True, kind: str | None = None) -> Ch
 # ------------------------------------------------------------------------------------------- sizes
 
 
-def bytes_on_disk(path) -> int:
-    """Total size in bytes of the files under ``path`` (or of the file ``path``)."""
-    p = Path(path)
-    if not p.exists():
-        raise StoreNotFoundError(f"'{p}' does not exist")
-    if p.is_file():
-        return p.stat().st_size
-    return sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(p) for f in fs)
-
-
 def array_nbytes(obj: Checkpoint | TensorState) -> int:
     """Raw (uncompressed) bytes of the arrays of a checkpoint (step_counter included) or of one tensor."""
     if isinstance(obj, TensorState):
         return sum(a.nbytes for a in obj.arrays.values())
     total = sum(array_nbytes(t) for t in obj.tensors.values())
-    return total + (F.STEP_COUNTER_DTYPE.itemsize if obj.step_counter is not None else 0)
+    return total + (formats.STEP_COUNTER_DTYPE.itemsize if obj.step_counter is not None else 0)
 
-
-# ----------------------------------------------------------------------------------------- metrics
-
-
-def append_metrics(run_dir, record: Mapping[str, Any]) -> None:
-    """Append ``record`` as one JSON line to ``run_dir/metrics.jsonl`` (flushed and fsynced).
-
-    numpy scalars are converted; NaN/inf and non-JSON values raise ConfigError. ``run_dir`` is created
-    if missing.
-    """
-    if not isinstance(record, Mapping):
-        raise ConfigError(f"a metrics record must be a dict, got {type(record).__name__}")
-    line = json.dumps(_plain_json(record, "metrics record"), allow_nan=False, ensure_ascii=True) + "\n"
-    run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    _write_durable(run / METRICS_FILE, line.encode(), "ab")
-
-
-def read_metrics(run_dir) -> list[dict]:
-    """All records of ``run_dir/metrics.jsonl`` in order; [] if the file does not exist.
-
-    A final line cut short by a crash is skipped with a warning; any other bad line raises
-    CorruptStoreError naming its line number.
-    """
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise StoreNotFoundError(f"run directory '{run}' does not exist or is not a directory")
-    f = run / METRICS_FILE
-    try:
-        raw = f.read_bytes()
-    except FileNotFoundError:
-        return []
-    lines = raw.split(b"\n")
-    out = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
-            if not isinstance(rec, dict):
-                raise ValueError(f"a JSON {type(rec).__name__}, not an object")
-        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            if i == len(lines):  # no trailing newline: an append cut short
-                logger.warning("%s: skipping incomplete last line %d (%s)", f, i, e)
-                continue
-            raise CorruptStoreError(f"line {i} of '{f}' is not a JSON object ({e}); fix or delete that line") from e
-        out.append(rec)
-    return out

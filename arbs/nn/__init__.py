@@ -1,0 +1,24 @@
+"""Torch glue for E1TM: layers whose only state is integer buffers, and whole-model operations.
+
+- :mod:`.layers` E1TMLinear / E1TMEmbedding, their autograd Functions and the shared Clock
+- :mod:`.ternarize` ternarize_, step, accumulate, the fuse phase, state in and out
+- :mod:`.cuda` what the Triton kernels need from a layer; :mod:`.cuda_graph` GraphedStep
+- :mod:`.baselines` float-latent ternary baselines (absmean STE, LSQ, ...) for comparison
+"""
+
+from .cuda_graph import GraphedStep, graphable
+from .layers import Clock, E1TMEmbedding, E1TMLinear, E1TMWeight, e1tm_modules, model_clock
+from .ternarize import (
+    accumulate,
+    enter_fuse_phase_,
+    load_tensor_states,
+    step,
+    tensor_states,
+    ternarize_,
+)
+
+__all__ = [
+    "Clock", "E1TMEmbedding", "E1TMLinear", "E1TMWeight", "GraphedStep",
+    "accumulate", "e1tm_modules", "enter_fuse_phase_", "graphable", "load_tensor_states", "model_clock",
+    "step", "tensor_states", "ternarize_",
+]

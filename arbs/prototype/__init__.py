@@ -1,1 +1,0 @@
-"""Experimental update rules and kernels, kept here until a benchmark earns them a place."""

@@ -1,0 +1,56 @@
+"""Options declared once and shared by commands: the rule parameters (from formats.PARAMS) and the
+training options of ``train`` and ``compare`` (defaults from TrainConfig)."""
+
+from __future__ import annotations
+
+import click
+
+from arbs import formats
+from arbs.training.config import TrainConfig
+
+_D = TrainConfig()
+
+
+def _apply(f, decorators):
+    for d in reversed(decorators):
+        f = d(f)
+    return f
+
+
+def rule_param_options(names=tuple(formats.PARAMS)):
+    """One ``--<name>`` option per rule parameter of ``formats.PARAMS`` (default: the table's)."""
+    def flag(n):
+        return "--K" if n == "K" else "--" + n.replace("_", "-")
+
+    def deco(f):
+        return _apply(f, [
+            click.option(flag(n), n, type=int, default=None,
+                         help=f"{formats.PARAMS[n].summary} [default {formats.PARAMS[n].default}"
+                              + ("; arbs train: --steps, on --resume the run's own]" if n == "horizon" else "]"))
+            for n in names
+        ])
+    return deco
+
+
+_TRAINING = [
+    click.option("--preset", default=_D.preset, show_default=True, help="Built-in model size: tiny (CPU), small, base (GPU)."),
+    click.option("--data", default=None, help="Text file, directory of text files, or uint8 .npy. Default: the Python standard library's *.py sources."),
+    click.option("--steps", type=int, default=_D.steps, show_default=True, help="Total optimizer steps (a resumed run trains up to this)."),
+    click.option("--batch-size", type=int, default=_D.batch_size, show_default=True, help="Sequences per step."),
+    click.option("--context", type=int, default=None, help="Bytes per sequence (default: the preset's)."),
+    click.option("--seed", type=int, default=_D.seed, show_default=True, help="Seed of init, data order and every random choice."),
+    click.option("--eval-every", type=int, default=_D.eval_every, show_default=True, help="Steps between validation evaluations."),
+    click.option("--eval-batches", type=int, default=_D.eval_batches, show_default=True, help="Validation batches per evaluation."),
+    click.option("--device", type=click.Choice(["cpu", "cuda"]), default=_D.device, show_default=True, help="Where to train."),
+    click.option("--lr", type=float, default=_D.lr, show_default=True, help="Float baselines: AdamW peak learning rate (cosine to 10%)."),
+    click.option("--weight-decay", type=float, default=_D.weight_decay, show_default=True, help="Float baselines: AdamW weight decay."),
+    click.option("--warmup", type=int, default=_D.warmup, show_default=True, help="Float baselines: linear warmup steps."),
+    click.option("--baseline-theta", type=float, default=_D.baseline_theta, show_default=True,
+                 help="learned-s/factorized threshold, as a multiple of the tensor's mean|W|."),
+    click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)."),
+]
+
+
+def training_options(f):
+    """The options a training run and a compare share, defaults from TrainConfig."""
+    return _apply(f, _TRAINING)
