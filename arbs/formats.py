@@ -120,23 +120,24 @@ def did_you_mean(word: str, choices) -> str:
     return f" Did you mean {folded[close[0]]!r}?" if close else ""
 
 
-def lookup(table, name, what: str):
-    """``table[name]``, or ConfigError naming ``what``, the valid names and the closest one."""
+def lookup(table, name, what: str, valid: str | None = None):
+    """``table[name]``, or ConfigError: ``unknown <what> 'x'; valid <valid>: a, b, c. Did you mean 'b'?``
+    (``valid`` defaults to ``what`` + "s"). The one lookup-or-suggest of formats, rules, presets, baselines."""
     try:
         return table[name]
     except (KeyError, TypeError):
         raise ConfigError(
-            f"unknown {what} {name!r}; valid: {', '.join(table)}.{did_you_mean(str(name), table)}"
+            f"unknown {what} {name!r}; valid {valid or what + 's'}: {', '.join(table)}.{did_you_mean(str(name), table)}"
         ) from None
 
 
 def variant_gs(name: str) -> int:
     """Group size of an E1TM variant name, e.g. ``variant_gs("E1TM32") == 32``."""
-    return lookup(VARIANTS, name, "format")
+    return lookup(VARIANTS, name, "format", "E1TM formats")
 
 
 def rule_spec(name: str) -> RuleSpec:
-    return lookup(RULES, name, "update rule")
+    return lookup(RULES, name, "update rule", "rules")
 
 
 def is_e1tm(fmt: str) -> bool:

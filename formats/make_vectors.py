@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
-from arbs import formats as F  # noqa: E402
+from arbs import formats, schedule  # noqa: E402
 from arbs.testing import reference as ref  # noqa: E402
 
 VECTORS = HERE / "vectors.json"
@@ -78,7 +78,7 @@ def trits_and_packed(lcg: Lcg, rows: int, cols: int, gs: int, zero_group: bool =
     T = lcg.ints(-1, 1, (rows, cols), np.int8)
     if zero_group and rows and cols:
         T[rows - 1, : min(gs, cols)] = 0  # an all-zero group
-    nb = F.packed_cols(F.padded_cols(cols, gs))
+    nb = formats.packed_cols(formats.padded_cols(cols, gs))
     return T, ref.pack(T, nb)
 
 
@@ -88,7 +88,15 @@ def materialize_ref(Tp, E, corr, scheme, step, cols):
     return S, ref.materialize(Tp, E, corr, scheme.gs, num, den, cols)
 
 
-def scheme_dict(scheme: F.Scheme) -> dict:
+# The vectors were made with flip's plain sign votes; its parameters are pinned, not the table's defaults.
+PLAIN_FLIP = {"gain": 0, "horizon": 0, "vote_max": 1}
+
+
+def make_scheme(fmt: str, rule: str, **params) -> formats.Scheme:
+    return formats.make_scheme(fmt, rule, **((PLAIN_FLIP | params) if rule == "flip" else params))
+
+
+def scheme_dict(scheme: formats.Scheme) -> dict:
     return {"format": scheme.format, "gs": scheme.gs, "rule": scheme.rule, "rule_params": dict(scheme.params)}
 
 
@@ -99,16 +107,16 @@ def pack_cases() -> list[dict]:
     """Trits -> bytes for several lengths (0, 1, 5k+-1, gs+-1) and every variant's padding."""
     lcg = Lcg(1)
     out = []
-    for name, gs in F.VARIANTS.items():
+    for name, gs in formats.VARIANTS.items():
         for cols in sorted({0, 1, 4, 5, 6, gs - 1, gs, gs + 1, 2 * gs + 3}):
             T, Tp = trits_and_packed(lcg, 2, cols, gs, zero_group=False)
-            out.append({"format": name, "gs": gs, "cols": cols, "cols_p": F.padded_cols(cols, gs),
+            out.append({"format": name, "gs": gs, "cols": cols, "cols_p": formats.padded_cols(cols, gs),
                         "trits": tolist(T), "T_packed": tolist(Tp)})
     # every byte value once: trits of 0..242 in order (first trit least significant)
     b = np.arange(243)
     T = (np.stack([(b // 3**i) % 3 for i in range(5)], axis=1).reshape(1, -1) - 1).astype(np.int8)
     out.append({"format": "E1TM96", "gs": 96, "cols": 1215, "cols_p": 1248, "trits": tolist(T),
-                "T_packed": tolist(ref.pack(T, F.packed_cols(1248)))})
+                "T_packed": tolist(ref.pack(T, formats.packed_cols(1248)))})
     return out
 
 
@@ -126,9 +134,9 @@ def state_cases() -> list[dict]:
     out = []
     for i, (fmt, rule, params, step, shape) in enumerate(specs):
         lcg = Lcg(100 + i)
-        scheme = F.make_scheme(fmt, rule, **params)
-        rows, cols = F.tensor_view(shape)
-        ng = F.n_groups(cols, scheme.gs)
+        scheme = make_scheme(fmt, rule, **params)
+        rows, cols = formats.tensor_view(shape)
+        ng = formats.n_groups(cols, scheme.gs)
         T, Tp = trits_and_packed(lcg, rows, cols, scheme.gs)
         E = lcg.ints(-6, 6, (rows, ng), np.int8)
         bound = scheme.gs * step if rule == "average" else scheme.carry_limit - 1
@@ -143,7 +151,7 @@ def state_cases() -> list[dict]:
                 "xi_num_den": list(scheme.xi_ratio(step)), "S_bits": bits(S), "W_eff_bits": bits(W.reshape(shape))}
         if rule == "flip":
             th = scheme.params["theta"]
-            fa = np.zeros((rows, F.padded_cols(cols, scheme.gs)), np.int8)
+            fa = np.zeros((rows, formats.padded_cols(cols, scheme.gs)), np.int8)
             fa[:, :cols] = lcg.ints(-th, th, (rows, cols), np.int8)
             case["flip_accum"] = tolist(fa)
         out.append(case)
@@ -168,10 +176,10 @@ def vote_cases() -> list[dict]:
     out = []
     for i, (fmt, rule, params, step, shape, nvotes) in enumerate(specs):
         lcg = Lcg(200 + i)
-        scheme = F.make_scheme(fmt, rule, **params)
+        scheme = make_scheme(fmt, rule, **params)
         gs, L = scheme.gs, scheme.carry_limit
-        rows, cols = F.tensor_view(shape)
-        ng = F.n_groups(cols, gs)
+        rows, cols = formats.tensor_view(shape)
+        ng = formats.n_groups(cols, gs)
         _, Tp = trits_and_packed(lcg, rows, cols, gs)
         E = lcg.ints(-3, 3, (rows, ng), np.int8)
         bound = gs * step if rule == "average" else L - 1
@@ -181,7 +189,7 @@ def vote_cases() -> list[dict]:
         arrays = {"T_packed": Tp, "E": E, "corr_accum": corr}
         if rule == "flip":
             th = scheme.params["theta"]
-            fa = np.zeros((rows, F.padded_cols(cols, gs)), np.int8)
+            fa = np.zeros((rows, formats.padded_cols(cols, gs)), np.int8)
             fa[:, :cols] = lcg.ints(-th, th, (rows, cols), np.int8)
             arrays["flip_accum"] = fa
         before = {k: tolist(v) for k, v in arrays.items()}
@@ -196,7 +204,7 @@ def vote_cases() -> list[dict]:
             if rule == "flip":
                 p = scheme.params
                 tp, fa, flips = ref.flip(g2, arrays["T_packed"], arrays["flip_accum"], p["theta"],
-                                         F.trit_vote_gain(p, 0), F.vote_key(0, 0, 0), p["vote_max"])
+                                         schedule.trit_vote_gain(p, 0), schedule.vote_key(0, 0, 0), p["vote_max"])
                 arrays = dict(arrays, T_packed=tp, flip_accum=fa)
             grads.append(bits(g))
             steps.append({"delta": tolist(delta), "carries": carries, "saturations": sats, "flips": flips,
@@ -213,7 +221,7 @@ def fuse_cases() -> list[dict]:
     E = np.array([[1, 2, -1, -2, 0, 3, 3, 127, -128, 126, -127, 5]], np.int8)
     frac = np.array([0.5, 0.5, -0.5, -0.5, 0.5, 0.25, 0.75, 0.75, -0.75, 0.5, -0.5, 0.0])
     for rule, params, step, scale in [("carry", {"K": 16}, 8, 512), ("average", {}, 8, 64), ("flip", {"K": 16, "theta": 8}, 8, 512)]:
-        scheme = F.make_scheme("E1TM32", rule, **params)
+        scheme = make_scheme("E1TM32", rule, **params)
         corr = (frac * scale).astype(np.int64).reshape(1, -1)
         num, den = scheme.xi_ratio(step)
         E_fused, clipped, changed = ref.fuse(E, corr, num, den)
@@ -224,9 +232,9 @@ def fuse_cases() -> list[dict]:
                                                             ("E1TM6", "average", {}, 1000, (3, 20)),
                                                             ("E1TM4", "carry", {"K": 3}, 2, (4, 17))]):
         lcg = Lcg(300 + i)
-        scheme = F.make_scheme(fmt, rule, **params)
-        rows, cols = F.tensor_view(shape)
-        ng = F.n_groups(cols, scheme.gs)
+        scheme = make_scheme(fmt, rule, **params)
+        rows, cols = formats.tensor_view(shape)
+        ng = formats.n_groups(cols, scheme.gs)
         E = lcg.ints(-128, 127, (rows, ng), np.int8)
         bound = scheme.gs * step if rule == "average" else scheme.carry_limit - 1
         corr = lcg.ints(-bound, bound, (rows, ng), np.int64)
@@ -239,11 +247,11 @@ def fuse_cases() -> list[dict]:
     return out
 
 
-def convert_rule(w: np.ndarray, scheme: F.Scheme) -> dict[str, np.ndarray]:
+def convert_rule(w: np.ndarray, scheme: formats.Scheme) -> dict[str, np.ndarray]:
     """The convert rule of SPEC.md, one group at a time (an independent twin of ops.convert)."""
-    rows, cols = F.tensor_view(w.shape)
+    rows, cols = formats.tensor_view(w.shape)
     gs, L = scheme.gs, scheme.carry_limit
-    cols_p = F.padded_cols(cols, gs)
+    cols_p = formats.padded_cols(cols, gs)
     ng = cols_p // gs
     w2 = w.reshape(rows, cols).astype(np.float64)
     T = np.zeros((rows, cols_p), np.int8)
@@ -259,12 +267,12 @@ def convert_rule(w: np.ndarray, scheme: F.Scheme) -> dict[str, np.ndarray]:
             t = np.clip(np.rint(x / a), -1, 1)
             s = np.abs(x[t != 0]).sum() / np.count_nonzero(t)
             l2 = np.log2(s)
-            e = float(np.clip(np.rint(l2), F.E_MIN, F.E_MAX))
+            e = float(np.clip(np.rint(l2), formats.E_MIN, formats.E_MAX))
             T[r, lo:hi] = t
             E[r, g] = e
             if L:
                 corr[r, g] = int(np.clip(np.rint((l2 - e) * L), -(L - 1), L - 1))
-    arrays = {"T_packed": ref.pack(T, F.packed_cols(cols_p)), "E": E, "corr_accum": corr}
+    arrays = {"T_packed": ref.pack(T, formats.packed_cols(cols_p)), "E": E, "corr_accum": corr}
     if "flip_accum" in scheme.arrays():
         arrays["flip_accum"] = np.zeros((rows, cols_p), np.int8)
     return arrays
@@ -282,12 +290,12 @@ def convert_cases() -> list[dict]:
     w[2, 0:8] = np.float32(2.0**-140) * np.array([1, 0, -1, 1, 1, 0, 0, -1], np.float32)  # subnormal: E clips
     out = []
     for fmt, rule, params in [("E1TM8", "carry", {"K": 16}), ("E1TM8", "average", {}), ("E1TM6", "flip", {"K": 4, "theta": 8})]:
-        scheme = F.make_scheme(fmt, rule, **params)
+        scheme = make_scheme(fmt, rule, **params)
         arrays = convert_rule(w, scheme)
         out.append({**scheme_dict(scheme), "shape": list(w.shape), "w_bits": bits(w), "w": tolist(w.astype(np.float64)),
                     **{k: tolist(v) for k, v in arrays.items()}})
     w1 = lcg.choice(values, (11,), np.float32)  # a 1-D tensor: one row
-    scheme = F.make_scheme("E1TM4", "carry", K=3)
+    scheme = formats.make_scheme("E1TM4", "carry", K=3)
     out.append({**scheme_dict(scheme), "shape": [11], "w_bits": bits(w1), "w": tolist(w1.astype(np.float64)),
                 **{k: tolist(v) for k, v in convert_rule(w1, scheme).items()}})
     return out
@@ -295,12 +303,12 @@ def convert_cases() -> list[dict]:
 
 def golden_checkpoint_state() -> dict:
     """The tensors of the golden checkpoint (carry, E1TM8, K=16, step 7), with W_eff expected."""
-    scheme = F.make_scheme("E1TM8", "carry", K=16)
+    scheme = formats.make_scheme("E1TM8", "carry", K=16)
     lcg = Lcg(500)
     tensors = {}
     for name, shape in [("blocks.0.attn.qkv.weight", (3, 13)), ("tok_emb.weight", (5, 2, 4)), ("head.weight", (9,))]:
-        rows, cols = F.tensor_view(shape)
-        ng = F.n_groups(cols, scheme.gs)
+        rows, cols = formats.tensor_view(shape)
+        ng = formats.n_groups(cols, scheme.gs)
         _, Tp = trits_and_packed(lcg, rows, cols, scheme.gs)
         E = lcg.ints(-9, 2, (rows, ng), np.int8)
         corr = lcg.ints(-(scheme.carry_limit - 1), scheme.carry_limit - 1, (rows, ng), np.int64)
@@ -314,7 +322,7 @@ def golden_checkpoint_state() -> dict:
 
 def build() -> dict:
     return {
-        "arbs_format_version": F.FORMAT_VERSION,
+        "arbs_format_version": formats.FORMAT_VERSION,
         "generator": "formats/make_vectors.py (numpy reference: arbs.testing.reference)",
         "float32": "IEEE-754 bit patterns, 8 lowercase hex digits",
         "pack": pack_cases(),
@@ -338,7 +346,7 @@ def write_golden_store(vectors: dict, run: Path) -> Path:
     g = vectors["golden_checkpoint"]
     tensors = {}
     for name, t in g["tensors"].items():
-        arrays = {k: np.array(t[k], F.ARRAYS[k].dtype) for k in F.tensor_arrays(g["rule"])}
+        arrays = {k: np.array(t[k], formats.ARRAYS[k].dtype) for k in formats.tensor_arrays(g["rule"])}
         tensors[name] = TensorState(name=name, shape=tuple(t["shape"]), arrays=arrays)
     ckpt = Checkpoint(kind="e1tm", format=g["format"], gs=g["gs"], rule=g["rule"], rule_params=g["rule_params"],
                       fused=False, step_counter=g["step_counter"], tensors=tensors, meta=g["meta"])

@@ -48,3 +48,8 @@ def build_e1tm(shapes, *, format="E1TM32", rule="carry", fused=False, step=7, se
 def make_e1tm():
     """The ``build_e1tm`` factory, for tests that prefer a fixture."""
     return build_e1tm
+
+
+def scheme_for(format: str, rule: str, **params) -> formats.Scheme:
+    """make_scheme with the parameters of ``params`` that ``rule`` takes (tests parametrized over rules)."""
+    return formats.make_scheme(format, rule, **{k: v for k, v in params.items() if k in formats.rule_spec(rule).params})

@@ -70,7 +70,7 @@ def test_json_outputs_are_single_documents(tmp_path, float_file):
     r = invoke("-v", "convert", float_file, "--out", run, "--json")
     doc = one_json(r)
     assert "INFO" in r.stderr and "INFO" not in r.stdout  # -v logs go to stderr only
-    assert doc["path"] and len(doc["tensors"]) == 3 and doc["rule"] == "carry"
+    assert doc["path"] and len(doc["tensors"]) == 3 and doc["rule"] == "flip"  # formats.DEFAULT_RULE
     doc = one_json(invoke("-vv", "fuse", run, "--json", "--out", tmp_path / "f"))
     assert doc["mode"] == "fused" and doc["groups"] > 0
     doc = one_json(invoke("fuse", run, "--keep-accum", "--json"))

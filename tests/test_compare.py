@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from arbs import store
+from arbs.plots import plot_compare
 from arbs.compare import CompareConfig, compare, parse_entry
 from arbs.errors import ConfigError
 from arbs.formats import FLOAT_FORMATS
@@ -67,6 +68,7 @@ def test_compare_writes_table_and_plots_and_resumes(tmp_path, text):
     cfg = CompareConfig(entries=("absmean", "E1TM32:flip", "E1TM32:carry@init"), out=str(out), data=text, steps=2,
                         context=16, batch_size=2, eval_every=1, eval_batches=1)
     rows = compare(cfg)
+    plot_compare(rows, out)  # the CLI draws them; the library writes only the table
     labels = [r.label for r in rows]
     # fp32 is added (the @init entry needs it) and comes first; every E1TM entry also has a fused row
     assert labels == ["fp32", "absmean", "E1TM32:flip", "E1TM32:flip fused", "E1TM32:carry@init",
@@ -92,6 +94,7 @@ def test_compare_cli(tmp_path, text):
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)
     assert [r["label"] for r in doc] == ["fp32", "E1TM32:average", "E1TM32:average fused"]
+    assert (out / "val_curves.png").stat().st_size > 100 and (out / "final_loss.png").stat().st_size > 100
     res = CliRunner().invoke(main, ["compare", "E1TM32:flop", "--out", str(out)])
     assert res.exit_code == 1 and "valid rules" in res.stderr
 

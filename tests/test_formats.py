@@ -123,8 +123,14 @@ def test_theoretical_bpw_examples():
 def test_rule_params():
     assert formats.rule_params("average") == {}
     assert formats.rule_params("carry") == {"K": 16}
-    assert formats.rule_params("flip") == {"K": 16, "theta": 8, "gain": 0, "horizon": 0, "vote_max": 1}
-    assert formats.rule_params("flip", K=3, theta=None) == {"K": 3, "theta": 8, "gain": 0, "horizon": 0, "vote_max": 1}
+    assert formats.rule_params("flip") == {"K": 16, "theta": 16, "gain": 4, "horizon": 0, "vote_max": 3}
+    assert formats.rule_params("flip", K=3, theta=None) == {"K": 3, "theta": 16, "gain": 4, "horizon": 0, "vote_max": 3}
+    with pytest.raises(ConfigError, match="rule 'carry' takes no parameter theta"):
+        formats.rule_params("carry", theta=3)
+    assert formats.recorded_rule_params("flip", {"K": 2, "theta": 3, "gain": 0, "horizon": 0}) == \
+        {"K": 2, "theta": 3, "gain": 0, "horizon": 0, "vote_max": 1}  # written before vote_max existed
+    with pytest.raises(ConfigError, match="rule_params has keys"):
+        formats.recorded_rule_params("flip", {"K": 2})
     assert formats.rule_params("carry", K=np.int64(5)) == {"K": 5} and type(formats.rule_params("carry", K=np.int64(5))["K"]) is int
     for bad in [dict(K=0), dict(K=(1 << 20) + 1), dict(K=True), dict(K=2.0), dict(K="16")]:
         with pytest.raises(ConfigError, match="K"):
@@ -150,8 +156,9 @@ def test_xi_ratio_and_carry_limit():
 
 
 def test_make_scheme():
-    s = formats.make_scheme()
+    s = formats.make_scheme(rule="carry")
     assert (s.format, s.rule, s.params, s.gs, s.carry_limit) == ("E1TM32", "carry", {"K": 16}, 32, 512)
+    assert formats.make_scheme().rule == "flip"
     assert s.xi_ratio(3) == (1, 512) and s.arrays() == ("T_packed", "E", "corr_accum")
     a = formats.make_scheme("E1TM96", "average")
     assert a.xi_ratio(0) == (4, 0) and a.xi_ratio(2) == (4, 192) and a.carry_limit == 0

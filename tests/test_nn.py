@@ -168,7 +168,7 @@ def test_ternarize_rejects_a_parameter_the_rule_does_not_take():
     with pytest.raises(ConfigError, match="rule 'carry' takes no parameter gain"):
         anx.ternarize_(model, "E1TM8", "carry", gain=4)
     clock = anx.ternarize_(model, "E1TM8", "flip", gain=4, horizon=10, seed=3)
-    assert clock.scheme.params == {"K": 16, "theta": 8, "gain": 4, "horizon": 10, "vote_max": 1} and clock.seed == 3
+    assert clock.scheme.params == {"K": 16, "theta": 16, "gain": 4, "horizon": 10, "vote_max": 3} and clock.seed == 3
 
 
 def test_state_arrays_follow_a_replaced_buffer():

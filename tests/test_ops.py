@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from arbs import formats, schedule
 from arbs import ops
+from conftest import scheme_for
 from arbs.errors import ArbsError, ConfigError, NonFiniteError
 from arbs.testing import reference as ref
 from arbs.testing.reference import assert_same
@@ -102,7 +103,7 @@ def test_sign_of_w_eff_is_T_and_magnitude_is_S(st_):
 
 
 def test_materialize_out_and_fused():
-    scheme = formats.make_scheme("E1TM8", "carry", K=2)
+    scheme = scheme_for("E1TM8", "carry", K=2)
     w = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
     state, _ = ops.convert(w, scheme)
     out = np.empty((4, 3, 5), np.float32)
@@ -175,7 +176,7 @@ def test_carry_bounds_and_continuity(st_, data):
 @pytest.mark.parametrize("rule", ["carry", "flip"])
 def test_carry_saturation_holds_and_counts(rule):
     """At E = 127 a positive carry is refused: E stays, corr_accum held at K*gs-1, counted; mirror at -128."""
-    scheme = formats.make_scheme("E1TM4", rule, K=1)
+    scheme = scheme_for("E1TM4", rule, K=1)
     L = scheme.carry_limit  # 4
     T = np.array([[1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1]], np.int8)
     state = {"T_packed": ops.pack(T, 4), "E": np.array([[127, -128, 0]], np.int8),
@@ -255,7 +256,7 @@ def test_fuse_never_modifies_and_stays_in_range(st_):
                                            (3, 0.25, 3), (3, 0.75, 4), (127, 0.75, 127), (-128, -0.75, -128)])
 @pytest.mark.parametrize("rule", ["carry", "average"])
 def test_fuse_rounds_half_to_even_and_clips(E, frac, want, rule):
-    scheme = formats.make_scheme("E1TM32", rule, K=16)
+    scheme = scheme_for("E1TM32", rule, K=16)
     step = 8
     # carry: Xi = corr/(K*gs) with K*gs = 512; average: Xi = 4*corr/(step*gs) = corr/64
     corr = int(frac * 512) if rule == "carry" else int(frac * 64)
@@ -271,7 +272,7 @@ def test_fuse_rounds_half_to_even_and_clips(E, frac, want, rule):
 
 @pytest.mark.parametrize("rule", ["average", "carry", "flip"])
 def test_convert_zero_groups_clip_and_name(rule):
-    scheme = formats.make_scheme("E1TM8", rule)
+    scheme = scheme_for("E1TM8", rule)
     w = np.ones((3, 20), np.float64)
     w[0, :8] = 0.0  # an all-zero group
     w[1, :] = 1e-300  # log2 ~ -997: E clips to -128
@@ -296,7 +297,7 @@ def test_convert_zero_groups_clip_and_name(rule):
 @given(shape=S.shapes(allow_empty=False, max_cols=120), seed=S.seeds, fmt=S.variants, K_=st.sampled_from([1, 4, 16, 1024]))
 def test_convert_carry_keeps_the_fraction(rule, shape, seed, fmt, K_):
     """|log2 s - (E + Xi)| <= 1/(2*K*gs) for every non-zero group whose E did not clip."""
-    scheme = formats.make_scheme(fmt, rule, K=K_)
+    scheme = scheme_for(fmt, rule, K=K_)
     w = np.random.default_rng(seed).standard_normal(shape) * 3.0
     state, _ = ops.convert(w, scheme)
     rows, cols = formats.tensor_view(shape)
@@ -315,7 +316,7 @@ def test_convert_carry_keeps_the_fraction(rule, shape, seed, fmt, K_):
 
 
 def test_convert_average_and_scalar():
-    scheme = formats.make_scheme("E1TM32", "average")
+    scheme = scheme_for("E1TM32", "average")
     state, stats = ops.convert(np.full((2, 32), -0.75, np.float32), scheme)
     assert not state["corr_accum"].any()  # average: the fraction is dropped, Xi = 0 at step 0
     assert (ops.unpack(state["T_packed"], 32) == -1).all() and (state["E"] == 0).all()  # rint(log2 0.75) = 0
@@ -330,7 +331,7 @@ def test_convert_average_and_scalar():
 @pytest.mark.parametrize("shape", [(7,), (1,), (3, 2, 5, 4), (2, 1, 1, 33), (5, 0)])
 @pytest.mark.parametrize("rule", ["average", "carry", "flip"])
 def test_1d_and_4d_tensors(shape, rule):
-    scheme = formats.make_scheme("E1TM6", rule, K=1, theta=1)
+    scheme = scheme_for("E1TM6", rule, K=1, theta=1)
     w = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     state, _ = ops.convert(w, scheme)
     rows, cols = formats.tensor_view(shape)
@@ -349,7 +350,7 @@ def test_1d_and_4d_tensors(shape, rule):
 
 
 def _state(rule="carry", shape=(3, 10), fmt="E1TM8"):
-    scheme = formats.make_scheme(fmt, rule)
+    scheme = scheme_for(fmt, rule)
     state, _ = ops.convert(np.random.default_rng(0).standard_normal(shape).astype(np.float32), scheme)
     return scheme, state
 
@@ -406,7 +407,7 @@ def test_validation_misc():
 def test_stochastic_flip_votes_are_keyed_and_scheduled():
     """gain > 0: the same (seed, tensor, step) gives the same trits, another step other ones; past the
     horizon nothing moves; scales=False moves trits but leaves E and corr_accum."""
-    scheme = formats.make_scheme("E1TM8", "flip", K=4, theta=1, gain=1, horizon=40)
+    scheme = scheme_for("E1TM8", "flip", K=4, theta=1, gain=1, horizon=40)
     rng = np.random.default_rng(0)
     w = rng.standard_normal((16, 64)).astype(np.float32)
     g = rng.standard_normal((16, 64)).astype(np.float32)

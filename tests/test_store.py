@@ -162,7 +162,7 @@ def test_tensor_names_are_escaped_reversibly(tmp_path):
 
 
 def test_large_arrays_are_chunked_by_rows(tmp_path, monkeypatch):
-    monkeypatch.setattr(store, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(store.checkpoint, "CHUNK_BYTES", 1000)
     ck = build_e1tm([(50, 640)], rule="flip")  # flip_accum: 50 rows x 640 bytes -> 1 row per chunk
     path = store.save_checkpoint(tmp_path, ck)
     chunks = list((path / "blocks.0.attn.qkv.weight" / "flip_accum" / "c").rglob("*"))
@@ -312,8 +312,8 @@ def _bad_states():
     arr(c, "corr_accum")[1, 0] = -65
     yield "corr average", c, "64"
     c = ck(rule="flip")
-    arr(c, "flip_accum")[0, 3] = 9
-    yield "flip theta", c, "theta = 8"
+    arr(c, "flip_accum")[0, 3] = formats.PARAMS["theta"].default + 1
+    yield "flip theta", c, f"theta = {formats.PARAMS['theta'].default}"
     c = build_e1tm([(4, 42)])  # cols_p = 64 -> 13 bytes; trits 42..64 are padding
     arr(c, "T_packed")[1, -1] = 2 * 3  # byte 12 = trits 60..64: digits (0, 2, 0, 0, 0) -> nonzero padding
     yield "padding", c, "padding trit at row 1"
@@ -378,7 +378,7 @@ def test_write_failures_are_typed_and_leave_nothing(tmp_path, monkeypatch):
     def disk_full(_):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(store, "_fsync_tree", disk_full)
+    monkeypatch.setattr(store.durable, "fsync_tree", disk_full)
     with pytest.raises(ArbsError, match="No space left.*Nothing was committed"):
         store.save_checkpoint(run, build_e1tm([(4, 8)], step=2))
     assert sorted(p.name for p in run.iterdir()) == ["LATEST", "step_1"]

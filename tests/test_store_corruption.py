@@ -299,9 +299,9 @@ def test_corr_accum_int64_extremes_do_not_wrap(saved):
 def test_flip_accum_out_of_bounds(tmp_path):
     d = store.save_checkpoint(tmp_path, build_e1tm([(3, 20)], rule="flip"))
     fa = read_array(d, f"{T0}/flip_accum").copy()
-    fa[0, 5] = -9
+    fa[0, 5] = -17
     put_array(d, T0, "flip_accum", fa)
-    expect(CorruptStoreError, d, "'flip_accum'", "-9 at row 0, column 5", "theta = 8")
+    expect(CorruptStoreError, d, "'flip_accum'", "-17 at row 0, column 5", "theta = 16")
 
 
 def test_negative_step_counter(saved):

@@ -91,4 +91,4 @@ DEFAULT_PRESET = "tiny"
 
 def get_preset(name: str) -> GPTConfig:
     """The GPTConfig of a preset name; ConfigError listing the presets for an unknown one."""
-    return formats.lookup(PRESETS, name, "model preset")
+    return formats.lookup(PRESETS, name, "model preset", "presets")
