@@ -76,7 +76,7 @@ class ParamSpec:
     summary: str
 
 
-# The one parameter table. Defaults measured in docs/training.md. gain = 0: every weight votes -sign(g)
+# The one parameter table; the defaults were measured in docs/research/training.md. gain = 0: every weight votes -sign(g)
 # each step (the plain flip rule); gain > 0: magnitude-aware stochastic votes (schedule.trit_vote_gain)
 # of up to vote_max counter steps; horizon > 0 adds a warmup + cosine schedule ending at that step
 # (arbs train sets it to --steps).

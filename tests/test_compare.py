@@ -63,6 +63,7 @@ def test_entry_syntax():
         parse_entry("E1TM32:carry:x")
 
 
+@pytest.mark.slow  # a multi-entry compare, trained twice: run by .ci/run's second step (python -m pytest -m slow)
 def test_compare_writes_table_and_plots_and_resumes(tmp_path, text):
     out = tmp_path / "cmp"
     cfg = CompareConfig(entries=("absmean", "E1TM32:flip", "E1TM32:carry@init"), out=str(out), data=text, steps=2,

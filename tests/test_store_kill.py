@@ -76,6 +76,7 @@ def assert_is_state(ck: Checkpoint) -> None:
             assert got.dtype == a.dtype and np.array_equal(got, a), (ck.path, name, k)
 
 
+@pytest.mark.slow  # kill -9 trials: run by .ci/run's second step (python -m pytest -m slow)
 def test_sigkill_during_saves_never_breaks_the_run_dir(tmp_path):
     run = tmp_path / "run"
     store.save_checkpoint(run, state_for(0))

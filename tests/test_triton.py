@@ -477,6 +477,7 @@ def run_interpreter_checks() -> int:
     return n + 3
 
 
+@pytest.mark.slow  # Triton interpreter subprocess: run by .ci/run's second step (python -m pytest -m slow)
 def test_interpreter_matches_numba():
     """The kernels' logic, checked on CPU in a child process with TRITON_INTERPRET=1 (< 30 s)."""
     root = Path(__file__).resolve().parents[1]

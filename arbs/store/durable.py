@@ -29,8 +29,8 @@ def fsync_dir(path) -> None:
 def fsync_tree(root: Path) -> None:
     """fsync every file, then every directory, under ``root``.
 
-    In parallel: fsync releases the GIL and concurrent fsyncs share journal commits (~10x faster
-    than one by one on ext4 for a checkpoint's many small files).
+    In parallel: fsync releases the GIL and concurrent fsyncs share journal commits, which a
+    checkpoint's many small files need.
     """
     files, dirs = [], []
     for dirpath, _, filenames in os.walk(root):
