@@ -78,7 +78,7 @@ class CompareConfig:
     lr: float = TrainConfig.lr
     weight_decay: float = TrainConfig.weight_decay
     warmup: int = TrainConfig.warmup
-    baseline_theta: float = TrainConfig.baseline_theta
+    baseline_threshold: float = TrainConfig.baseline_threshold
     threads: int | None = None
 
     def parsed(self) -> list[Entry]:
@@ -97,7 +97,7 @@ class CompareConfig:
             batch_size=self.batch_size, context=self.context, seed=self.seed, eval_every=self.eval_every,
             eval_batches=self.eval_batches, save_every=self.steps, keep=1, out=str(Path(self.out) / e.slug),
             resume=resume, init=init, device=self.device, lr=self.lr, weight_decay=self.weight_decay,
-            warmup=self.warmup, baseline_theta=self.baseline_theta, threads=self.threads,
+            warmup=self.warmup, baseline_threshold=self.baseline_threshold, threads=self.threads,
         )
 
 
@@ -172,7 +172,7 @@ def _state_bpw(ckpt: store.Checkpoint) -> tuple[float, float]:
     weights = sum(math.prod(t.shape) for t in ckpt.tensors.values())
     if ckpt.kind == "e1tm":
         train_bytes = store.array_nbytes(ckpt)
-        infer_bytes = sum(t.arrays[n].nbytes for t in ckpt.tensors.values() for n in formats.INFERENCE_ARRAYS)
+        infer_bytes = store.array_nbytes(ckpt, formats.INFERENCE_ARRAYS)
         return 8 * train_bytes / weights, 8 * infer_bytes / weights
     train_bytes = store.array_nbytes(ckpt)
     fmt = ckpt.meta["format"]

@@ -26,7 +26,6 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 E_QUANTILES = (0.01, 0.25, 0.5, 0.75, 0.99)
-STEP_COUNTER_BYTES = formats.STEP_COUNTER_DTYPE.itemsize
 
 
 def _nbytes(a) -> int:
@@ -101,8 +100,8 @@ def _summarize_e1tm(ckpt, bpw: bool) -> dict:
         shape = tuple(int(d) for d in ts.shape)
         n = _weights(shape)
         arrays = ts.arrays
-        inf_bytes = _nbytes(arrays["T_packed"]) + _nbytes(arrays["E"])
-        all_bytes = sum(_nbytes(a) for a in arrays.values())
+        inf_bytes = store.array_nbytes(ts, formats.INFERENCE_ARRAYS)
+        all_bytes = store.array_nbytes(ts)
         zeros, real = _sparsity(arrays["T_packed"], shape)
         row = {
             "name": name,
@@ -135,11 +134,11 @@ def _summarize_e1tm(ckpt, bpw: bool) -> dict:
         "tensors": len(rows_out),
         "weights": W,
         "bpw_inference": _bpw(tot["inference_bytes"], W),
-        "bpw_training": _bpw(tot["array_bytes"] + STEP_COUNTER_BYTES, W) if training else None,
+        "bpw_training": _bpw(store.array_nbytes(ckpt), W) if training else None,
         "bpw_theoretical_inference": th_inf,
         "bpw_theoretical_training": th_train,
         "sparsity": tot["zeros"] / W if W else 0.0,
-        "array_bytes": tot["array_bytes"] + (STEP_COUNTER_BYTES if training else 0),
+        "array_bytes": store.array_nbytes(ckpt),
         "bytes_on_disk": _bytes_on_disk(ckpt),
     }
     return {"tensors": rows_out, "total": total}
@@ -158,8 +157,8 @@ def _summarize_float(ckpt, bpw: bool) -> dict:
         shape = tuple(int(d) for d in ts.shape)
         n = _weights(shape)
         arrays = ts.arrays
-        wb = _nbytes(arrays["weight"]) if "weight" in arrays else 0
-        ab = sum(_nbytes(a) for a in arrays.values())
+        wb = store.array_nbytes(ts, ("weight",))
+        ab = store.array_nbytes(ts)
         row = {
             "name": name,
             "shape": list(shape),
@@ -191,9 +190,10 @@ def _add_deadzone(ckpt, rows_out: list[dict]) -> None:
     from .nn import baselines
 
     fmt = ckpt.meta.get("format")
-    if fmt not in baselines.SCHEMES or baselines.scheme_spec(fmt).trits is None:
+    if fmt not in baselines.BASELINES or baselines.baseline_spec(fmt).trits is None:
         return
-    gs, theta = ckpt.meta.get("gs", 32), ckpt.meta.get("baseline_theta", 0.5)
+    gs = ckpt.meta.get("gs", 32)
+    threshold = ckpt.meta.get("baseline_threshold", ckpt.meta.get("baseline_theta", 0.5))
     for row in rows_out:
         name = row["name"]
         if not name.endswith(".weight") or len(row["shape"]) < 2:
@@ -201,7 +201,7 @@ def _add_deadzone(ckpt, rows_out: list[dict]) -> None:
         prefix = name[: -len("weight")] + "quantizer."
         qstate = {n[len(prefix):]: t.arrays["weight"] for n, t in ckpt.tensors.items() if n.startswith(prefix)}
         row["deadzone"] = baselines.deadzone_stats(fmt, ckpt.tensors[name].arrays["weight"], qstate or None,
-                                                   gs=gs, theta=theta)
+                                                   gs=gs, threshold=threshold)
 
 
 # ------------------------------------------------------------------------------------------ public

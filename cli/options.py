@@ -45,7 +45,7 @@ _TRAINING = [
     click.option("--lr", type=float, default=_D.lr, show_default=True, help="Float baselines: AdamW peak learning rate (cosine to 10%)."),
     click.option("--weight-decay", type=float, default=_D.weight_decay, show_default=True, help="Float baselines: AdamW weight decay."),
     click.option("--warmup", type=int, default=_D.warmup, show_default=True, help="Float baselines: linear warmup steps."),
-    click.option("--baseline-theta", type=float, default=_D.baseline_theta, show_default=True,
+    click.option("--baseline-threshold", type=float, default=_D.baseline_threshold, show_default=True,
                  help="learned-s/factorized threshold, as a multiple of the tensor's mean|W|."),
     click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)."),
 ]

@@ -10,10 +10,15 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from arbs import formats
 from arbs.nn import baselines as B
 from arbs.errors import ConfigError
 
-TERNARY = [s for s, spec in B.SCHEMES.items() if spec.trits is not None]
+TERNARY = [s for s, spec in B.BASELINES.items() if spec.trits is not None]
+
+
+def test_baselines_implement_exactly_the_float_formats():
+    assert tuple(B.BASELINES) == formats.FLOAT_FORMATS
 
 
 def _weight(shape=(6, 40), seed=0):
@@ -63,18 +68,18 @@ def _param(q):
     return next(iter(ps.values())).item() if ps else None
 
 
-@pytest.mark.parametrize("scheme", list(B.SCHEMES))
+@pytest.mark.parametrize("scheme", list(B.BASELINES))
 @pytest.mark.parametrize("shape", [(6, 40), (3, 7), (5, 2, 9)])
 def test_forward_values_match_definition(scheme, shape):
     w = _weight(shape)
-    q = B.make_quantizer(scheme, w, gs=8, theta=0.5)
+    q = B.make_quantizer(scheme, w, gs=8, threshold=0.5)
     wq = q(w)
     assert wq.shape == w.shape and wq.dtype == w.dtype
     w2 = w.detach().numpy().reshape(shape[0], -1)
     want, a = np_forward(scheme, w2, gs=8, theta=0.5, param=_param(q))
     got = wq.detach().numpy().reshape(w2.shape)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
-    if B.SCHEMES[scheme].trits is not None and scheme != "factorized":
+    if B.BASELINES[scheme].trits is not None and scheme != "factorized":
         ratio = np.round(got / a, 9)  # a is numpy's mean, which may differ from torch's in the last bit
         assert set(np.unique(ratio)) <= {-1.0, 0.0, 1.0}
         assert (ratio == 0).any() and (np.abs(ratio) == 1).any()  # a real ternary split, not all one trit
@@ -90,7 +95,7 @@ def test_initial_learned_parameters():
     assert list(B.make_quantizer("absmean", w).parameters()) == []
 
 
-@pytest.mark.parametrize("scheme", list(B.SCHEMES))
+@pytest.mark.parametrize("scheme", list(B.BASELINES))
 def test_all_zero_weight_stays_finite(scheme):
     w = torch.zeros(4, 10, requires_grad=True)
     wq = B.make_quantizer(scheme, w)(w)
@@ -118,7 +123,7 @@ def test_ste_passes_gradient_unchanged(scheme):
 
 def test_factorized_gradient_is_masked():
     w = _weight()
-    _, g = _backward("factorized", w, theta=0.7)
+    _, g = _backward("factorized", w, threshold=0.7)
     th = 0.7 * w.detach().abs().mean()
     dead = w.detach().abs() <= th
     assert dead.any() and (~dead).any()
@@ -200,7 +205,7 @@ def test_quantize_replaces_layers_and_trains(scheme):
     assert not torch.allclose(out, ref)  # the forward really uses W_q
 
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    own = B.SCHEMES[scheme].param
+    own = B.BASELINES[scheme].param
     want = [] if own is None else [f"{m}.quantizer.{own}" for m in ("wte", "mlp.0", "mlp.2")]
     assert [n for n in params if "quantizer" in n] == want
     opt = torch.optim.AdamW(
@@ -229,8 +234,8 @@ def test_quantize_errors():
         B.make_quantizer("lsqq", torch.zeros(2, 2))
     with pytest.raises(ConfigError, match="gs"):
         B.quantize_(_tiny(), "absmax-group", gs=0)
-    with pytest.raises(ConfigError, match="theta"):
-        B.quantize_(_tiny(), "learned-s", theta=-1.0)
+    with pytest.raises(ConfigError, match="threshold"):
+        B.quantize_(_tiny(), "learned-s", threshold=-1.0)
     model = B.quantize_(_tiny(), "absmean")
     with pytest.raises(ConfigError, match="already quantized"):
         B.quantize_(model, "lsq")
@@ -251,8 +256,8 @@ W_HAND = np.array([[3.0, -2.0, 0.515625, -0.484375, 0.25, 0.0, -1.0, 0.75]])
         # x = W/1: +1 {3, .516, .75}, -1 {-2, -1}; near 0.5: {.516, -.484}
         ("absmean", None, {}, (2, 3, 3, 2)),
         ("learned-s", None, {}, (2, 3, 3, 2)),
-        # theta_abs = 0.25: |W| > .25 excludes 0.25 itself (on the boundary -> 0, and near)
-        ("factorized", None, {"theta": 0.25}, (3, 2, 3, 1)),
+        # threshold_abs = 0.25: |W| > .25 excludes 0.25 itself (on the boundary -> 0, and near)
+        ("factorized", None, {"threshold": 0.25}, (3, 2, 3, 1)),
         # x = W/2: 1.5, -1, .26, -.24, .125, 0, -.5 (half to even -> 0, near), .375
         ("lsq", {"alpha": torch.tensor(2.0)}, {}, (1, 6, 1, 1)),
         # groups of 4: a = 3 then 1: x = 1, -.67, .17, -.16 | .25, 0, -1, .75
@@ -310,7 +315,7 @@ def test_deadzone_stats_errors():
 
 
 def test_inference_bpw():
-    bpw = {s: B.inference_bpw(s, cols=64, gs=32) for s in B.SCHEMES}
+    bpw = {s: B.inference_bpw(s, cols=64, gs=32) for s in B.BASELINES}
     assert bpw == {
         "fp32": 32.0,
         "learned-s": 1.6,

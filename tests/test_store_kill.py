@@ -15,12 +15,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
 
-from arbs import formats as F  # noqa: E402
+from arbs import formats  # noqa: E402
 from arbs import store  # noqa: E402
 from arbs.store import Checkpoint, TensorState  # noqa: E402
 
@@ -32,20 +33,20 @@ FORMAT, RULE = "E1TM32", "flip"
 
 def state_for(step: int) -> Checkpoint:
     """A valid flip-rule state that is a pure function of ``step``."""
-    gs = F.variant_gs(FORMAT)
-    params = F.rule_params(RULE)
+    gs = formats.variant_gs(FORMAT)
+    params = formats.rule_params(RULE)
     lim = params["K"] * gs - 1
     tensors = {}
     for i, shape in enumerate(SHAPES):
-        rows, cols = F.tensor_view(shape)
+        rows, cols = formats.tensor_view(shape)
         name = f"layers.{i}.weight"
 
         def ramp(array, mul, mod, offset):
-            shp = F.array_shape(array, rows, cols, gs)
+            shp = formats.array_shape(array, rows, cols, gs)
             return ((np.arange(np.prod(shp), dtype=np.int64) * mul + step * (i + 1)) % mod + offset).reshape(shp)
 
         tensors[name] = TensorState(name=name, shape=shape, arrays={
-            "T_packed": ramp("T_packed", 7, F.MAX_PACKED_BYTE + 1, 0).astype(np.uint8),
+            "T_packed": ramp("T_packed", 7, formats.MAX_PACKED_BYTE + 1, 0).astype(np.uint8),
             "E": ramp("E", 1, 256, -128).astype(np.int8),
             "corr_accum": ramp("corr_accum", 31, 2 * lim + 1, -lim),
             "flip_accum": ramp("flip_accum", 3, 2 * params["theta"] + 1, -params["theta"]).astype(np.int8),

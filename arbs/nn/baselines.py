@@ -1,14 +1,14 @@
 """Float-latent ternary baselines: straight-through quantizers that arbs compares E1TM against.
 
-Every scheme keeps a float latent weight ``W`` (an ordinary Parameter, trained by the caller's AdamW) and
-uses ``W_q = quantizer(W)`` in the forward pass. All ternary schemes build ``W_q = s * T`` with trits
+Every baseline keeps a float latent weight ``W`` (an ordinary Parameter, trained by the caller's AdamW) and
+uses ``W_q = quantizer(W)`` in the forward pass. All ternary baselines build ``W_q = s * T`` with trits
 ``T`` in {-1, 0, +1}; they differ in the scale ``s``, the trit rule and the gradient ``W`` receives:
 
 * trit rule "round":     ``T = clamp(round(W / a), -1, 1)``  (T != 0 iff |W| > a/2; round half to even)
-* trit rule "threshold": ``T = sign(W) * [|W| > theta_abs]``, ``theta_abs = theta * mean|W|``
+* trit rule "threshold": ``T = sign(W) * [|W| > threshold_abs]``, ``threshold_abs = threshold * mean|W|``
 
-``a`` and ``theta_abs`` are recomputed from the detached ``W`` at every forward; ``theta`` is a multiple of
-the tensor's current mean|W| (default 0.5). ``SCHEMES`` is the one table of schemes; ``ste`` is the one
+``a`` and ``threshold_abs`` are recomputed from the detached ``W`` at every forward; ``threshold`` is a multiple of
+the tensor's current mean|W| (default 0.5). ``BASELINES`` is the one table of baselines; ``ste`` is the one
 straight-through helper every gradient path is built from.
 
 Usage::
@@ -52,15 +52,15 @@ def ste(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 # -- detached scales (w2 is the weight viewed as (rows, cols), detached) --------------------------------
 
 
-def _absmean(w2: torch.Tensor, gs: int, theta: float) -> torch.Tensor:
+def _absmean(w2: torch.Tensor, gs: int, threshold: float) -> torch.Tensor:
     return w2.abs().mean()  # ()
 
 
-def _absmean_row(w2: torch.Tensor, gs: int, theta: float) -> torch.Tensor:
+def _absmean_row(w2: torch.Tensor, gs: int, threshold: float) -> torch.Tensor:
     return w2.abs().mean(dim=1, keepdim=True)  # (rows, 1)
 
 
-def _absmax_group(w2: torch.Tensor, gs: int, theta: float) -> torch.Tensor:
+def _absmax_group(w2: torch.Tensor, gs: int, threshold: float) -> torch.Tensor:
     rows, cols = w2.shape
     ng = formats.n_groups(cols, gs)
     a = F.pad(w2.abs(), (0, formats.padded_cols(cols, gs) - cols))  # (rows, cols_p); padding is 0: never the max
@@ -68,18 +68,18 @@ def _absmax_group(w2: torch.Tensor, gs: int, theta: float) -> torch.Tensor:
     return a.repeat_interleave(gs, dim=1)[:, :cols]  # (rows, cols)
 
 
-def _threshold(w2: torch.Tensor, gs: int, theta: float) -> torch.Tensor:
-    return theta * w2.abs().mean()  # () theta_abs
+def _threshold_abs(w2: torch.Tensor, gs: int, threshold: float) -> torch.Tensor:
+    return threshold * w2.abs().mean()  # () threshold_abs
 
 
-def _lsq_alpha0(w2: torch.Tensor, theta: float) -> torch.Tensor:
+def _lsq_alpha0(w2: torch.Tensor, threshold: float) -> torch.Tensor:
     return 2 * w2.abs().mean() / math.sqrt(LSQ_QP)  # the LSQ paper's step init
 
 
-def _support_mean(w2: torch.Tensor, theta: float) -> torch.Tensor:
-    """Least-squares S for the initial trits: mean|W| over |W| > theta_abs (mean|W| if that set is empty)."""
+def _support_mean(w2: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Least-squares S for the initial trits: mean|W| over |W| > threshold_abs (mean|W| if that set is empty)."""
     a = w2.abs()
-    on = (a > _threshold(w2, 0, theta)).to(a.dtype)
+    on = (a > _threshold_abs(w2, 0, threshold)).to(a.dtype)
     n = on.sum()
     return torch.where(n > 0, (a * on).sum() / n.clamp_min(1), a.mean())
 
@@ -88,7 +88,7 @@ def _support_mean(w2: torch.Tensor, theta: float) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class SchemeSpec:
+class BaselineSpec:
     """One float-latent baseline.
 
     Attributes
@@ -98,11 +98,11 @@ class SchemeSpec:
     grad : what the latent W receives: "exact" (plain float), "ste" (upstream gradient unchanged),
         "mask" (upstream gradient where T != 0, exactly 0 elsewhere), "lsq" (upstream gradient inside the
         clip range |W/alpha| <= 1, 0 outside).
-    scale : detached scale ``a`` (round) or ``theta_abs`` (threshold) from (w2, gs, theta); None when the
+    scale : detached scale ``a`` (round) or ``threshold_abs`` (threshold) from (w2, gs, threshold); None when the
         scale is the learned ``alpha``.
     param : name of the quantizer's own learned Parameter (trained with W), or None.
-    param_init : (w2, theta) -> initial value of ``param``.
-    uses_gs, uses_theta : whether the ``gs`` / ``theta`` options change this scheme.
+    param_init : (w2, threshold) -> initial value of ``param``.
+    uses_gs, uses_threshold : whether the ``gs`` / ``threshold`` options change this baseline.
     bpw : (cols, gs) -> honest inference bits per weight; per-tensor scalars are not counted.
     """
 
@@ -113,41 +113,41 @@ class SchemeSpec:
     param: str | None
     param_init: Callable[[torch.Tensor, float], torch.Tensor] | None
     uses_gs: bool
-    uses_theta: bool
+    uses_threshold: bool
     bpw: Callable[[int, int], float]
 
 
-SCHEMES: dict[str, SchemeSpec] = {
-    "fp32": SchemeSpec(
+BASELINES: dict[str, BaselineSpec] = {
+    "fp32": BaselineSpec(
         "plain float weights, W_q = W", None, "exact", None, None, None, False, False,
         lambda cols, gs: 32.0,
     ),
-    "learned-s": SchemeSpec(
-        "T = sign(W)*[|W| > theta*mean|W|], W_q = S*T with one learned S per tensor; STE to W",
-        "threshold", "ste", _threshold, "S", _support_mean, False, True,
+    "learned-s": BaselineSpec(
+        "T = sign(W)*[|W| > threshold*mean|W|], W_q = S*T with one learned S per tensor; STE to W",
+        "threshold", "ste", _threshold_abs, "S", _support_mean, False, True,
         lambda cols, gs: TRIT_BITS,
     ),
-    "absmean": SchemeSpec(
+    "absmean": BaselineSpec(
         "BitNet b1.58: a = mean|W| per tensor, W_q = a*clamp(round(W/a), -1, 1); STE to W",
         "round", "ste", _absmean, None, None, False, False,
         lambda cols, gs: TRIT_BITS,
     ),
-    "absmean-row": SchemeSpec(
+    "absmean-row": BaselineSpec(
         "absmean with one a = mean|W| per output row (dim 0); STE to W",
         "round", "ste", _absmean_row, None, None, False, False,
         lambda cols, gs: TRIT_BITS + SCALE_BITS / cols,
     ),
-    "lsq": SchemeSpec(
+    "lsq": BaselineSpec(
         "LSQ: learned step alpha per tensor, W_q = alpha*clamp(round(W/alpha), -1, 1); LSQ gradients",
         "round", "lsq", None, "alpha", _lsq_alpha0, False, False,
         lambda cols, gs: TRIT_BITS,
     ),
-    "factorized": SchemeSpec(
-        "W_eff = W*[|W| > theta*mean|W|]; weights in the deadzone get zero gradient (deadzone trapping)",
-        "threshold", "mask", _threshold, None, None, False, True,
+    "factorized": BaselineSpec(
+        "W_eff = W*[|W| > threshold*mean|W|]; weights in the deadzone get zero gradient (deadzone trapping)",
+        "threshold", "mask", _threshold_abs, None, None, False, True,
         lambda cols, gs: float(SCALE_BITS),  # W_eff in bf16: its sign bit and zeros already hold T
     ),
-    "absmax-group": SchemeSpec(
+    "absmax-group": BaselineSpec(
         "a_g = max|W| over gs consecutive weights of a row, W_q = a_g*clamp(round(W/a_g), -1, 1); STE to W",
         "round", "ste", _absmax_group, None, None, True, False,
         lambda cols, gs: TRIT_BITS + SCALE_BITS / gs,
@@ -155,64 +155,58 @@ SCHEMES: dict[str, SchemeSpec] = {
 }
 
 
-def scheme_spec(scheme: str) -> SchemeSpec:
-    """The SchemeSpec of ``scheme``; ConfigError with the valid names and a suggestion otherwise."""
-    try:
-        return SCHEMES[scheme]
-    except (KeyError, TypeError):
-        raise ConfigError(
-            f"unknown baseline scheme {scheme!r}; valid schemes: {', '.join(SCHEMES)}."
-            f"{formats.did_you_mean(str(scheme), SCHEMES)}"
-        ) from None
+def baseline_spec(baseline: str) -> BaselineSpec:
+    """The BaselineSpec of ``baseline``; ConfigError with the valid names and a suggestion otherwise."""
+    return formats.lookup(BASELINES, baseline, "baseline")
 
 
-def _check_options(gs, theta) -> None:
+def _check_options(gs, threshold) -> None:
     if isinstance(gs, bool) or not isinstance(gs, (int, np.integer)) or gs < 1:
         raise ConfigError(f"baseline option gs must be an integer >= 1, got {gs!r}")
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (math.isfinite(theta) and theta >= 0):
-        raise ConfigError(f"baseline option theta (a multiple of mean|W|) must be a finite number >= 0, got {theta!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (math.isfinite(threshold) and threshold >= 0):
+        raise ConfigError(f"baseline option threshold (a multiple of mean|W|) must be a finite number >= 0, got {threshold!r}")
 
 
 # -- modules -----------------------------------------------------------------------------------------------
 
 
 class Quantizer(nn.Module):
-    """``forward(W) -> W_q`` for one scheme: differentiable in W and in this module's own Parameter.
+    """``forward(W) -> W_q`` for one baseline: differentiable in W and in this module's own Parameter.
 
     Holds ``S`` (learned-s) or ``alpha`` (lsq) as a 0-d Parameter initialised from the weight it was made
-    for; other schemes hold no state. Build with :func:`make_quantizer`.
+    for; other baselines hold no state. Build with :func:`make_quantizer`.
     """
 
-    def __init__(self, scheme: str, weight: torch.Tensor, *, gs: int = 32, theta: float = 0.5):
+    def __init__(self, baseline: str, weight: torch.Tensor, *, gs: int = 32, threshold: float = 0.5):
         super().__init__()
-        spec = scheme_spec(scheme)
-        _check_options(gs, theta)
-        self.scheme, self.gs, self.theta = scheme, int(gs), float(theta)
+        spec = baseline_spec(baseline)
+        _check_options(gs, threshold)
+        self.baseline, self.gs, self.threshold = baseline, int(gs), float(threshold)
         if spec.param is not None:
             with torch.no_grad():
-                init = spec.param_init(_rows(weight.detach()), self.theta)
+                init = spec.param_init(_rows(weight.detach()), self.threshold)
             self.register_parameter(spec.param, nn.Parameter(init.clamp_min(_tiny(init))))
 
     def extra_repr(self) -> str:
-        spec = SCHEMES[self.scheme]
-        opts = [f"{self.scheme!r}"] + [f"gs={self.gs}"] * spec.uses_gs + [f"theta={self.theta}"] * spec.uses_theta
+        spec = BASELINES[self.baseline]
+        opts = [f"{self.baseline!r}"] + [f"gs={self.gs}"] * spec.uses_gs + [f"threshold={self.threshold}"] * spec.uses_threshold
         return ", ".join(opts)
 
     def scale(self, w2: torch.Tensor) -> torch.Tensor:
-        """Detached ``a`` (round) or ``theta_abs`` (threshold) for ``w2`` (rows, cols), broadcastable to it."""
-        spec = SCHEMES[self.scheme]
-        a = getattr(self, spec.param).detach() if spec.scale is None else spec.scale(w2.detach(), self.gs, self.theta)
+        """Detached ``a`` (round) or ``threshold_abs`` (threshold) for ``w2`` (rows, cols), broadcastable to it."""
+        spec = BASELINES[self.baseline]
+        a = getattr(self, spec.param).detach() if spec.scale is None else spec.scale(w2.detach(), self.gs, self.threshold)
         return a.clamp_min(_tiny(a))  # an all-zero tensor or group gives T = 0, not NaN
 
     def trits(self, w2: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """T in {-1, 0, +1} (w2's dtype) by the scheme's trit rule, given its scale ``a``."""
+        """T in {-1, 0, +1} (w2's dtype) by the baseline's trit rule, given its scale ``a``."""
         w2 = w2.detach()
-        if SCHEMES[self.scheme].trits == "round":
+        if BASELINES[self.baseline].trits == "round":
             return torch.clamp(torch.round(w2 / a), -1, 1)
         return torch.sign(w2) * (w2.abs() > a)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        spec = SCHEMES[self.scheme]
+        spec = BASELINES[self.baseline]
         if spec.grad == "exact":
             return w
         w2 = _rows(w)  # (rows, cols)
@@ -230,31 +224,31 @@ class Quantizer(nn.Module):
         return wq.reshape(w.shape)
 
 
-def make_quantizer(scheme: str, weight: torch.Tensor, *, gs: int = 32, theta: float = 0.5) -> Quantizer:
-    """The quantizer module of ``scheme`` for ``weight``.
+def make_quantizer(baseline: str, weight: torch.Tensor, *, gs: int = 32, threshold: float = 0.5) -> Quantizer:
+    """The quantizer module of ``baseline`` for ``weight``.
 
     Parameters
     ----------
-    scheme : a key of ``SCHEMES``; ConfigError with a suggestion otherwise.
+    baseline : a key of ``BASELINES``; ConfigError with a suggestion otherwise.
     weight : float tensor of any shape with at least one dimension, viewed as (rows = d0, cols = the rest);
         read only, to initialise ``S`` / ``alpha``.
     gs : group size of absmax-group (weights along a row that share one scale; rows are zero padded).
-    theta : threshold of learned-s / factorized as a multiple of the tensor's current mean|W|.
+    threshold : threshold of learned-s / factorized as a multiple of the tensor's current mean|W|.
 
     Returns
     -------
     Quantizer whose ``forward(W)`` gives ``W_q`` of W's shape and dtype.
     """
-    return Quantizer(scheme, weight, gs=gs, theta=theta)
+    return Quantizer(baseline, weight, gs=gs, threshold=threshold)
 
 
 class QLinear(nn.Linear):
     """``nn.Linear`` whose forward uses ``formats.linear(x, quantizer(weight), bias)``; a bias stays float."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, scheme: str,
-                 gs: int = 32, theta: float = 0.5, device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, baseline: str,
+                 gs: int = 32, threshold: float = 0.5, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self.quantizer = make_quantizer(scheme, self.weight, gs=gs, theta=theta)
+        self.quantizer = make_quantizer(baseline, self.weight, gs=gs, threshold=threshold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantizer(self.weight), self.bias)
@@ -263,10 +257,10 @@ class QLinear(nn.Linear):
 class QEmbedding(nn.Embedding):
     """``nn.Embedding`` looking rows up in ``quantizer(weight)``; ``attend(x) = x @ W_q.T`` is the tied head."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *, scheme: str,
-                 gs: int = 32, theta: float = 0.5, device=None, dtype=None):
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *, baseline: str,
+                 gs: int = 32, threshold: float = 0.5, device=None, dtype=None):
         super().__init__(num_embeddings, embedding_dim, padding_idx, device=device, dtype=dtype)
-        self.quantizer = make_quantizer(scheme, self.weight, gs=gs, theta=theta)
+        self.quantizer = make_quantizer(baseline, self.weight, gs=gs, threshold=threshold)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return F.embedding(idx, self.quantizer(self.weight), self.padding_idx, None, 2.0, self.scale_grad_by_freq)
@@ -277,10 +271,10 @@ class QEmbedding(nn.Embedding):
 
 def quantize_(
     model: nn.Module,
-    scheme: str,
+    baseline: str,
     *,
     gs: int = 32,
-    theta: float = 0.5,
+    threshold: float = 0.5,
     include: Callable[[str, nn.Module], bool] = lambda name, module: True,
 ) -> nn.Module:
     """Replace the nn.Linear and nn.Embedding layers of ``model`` by QLinear / QEmbedding, in place.
@@ -292,15 +286,15 @@ def quantize_(
     Parameters
     ----------
     model : the module to change in place; it must not itself be a Linear/Embedding to replace.
-    scheme, gs, theta : see :func:`make_quantizer`.
+    baseline, gs, threshold : see :func:`make_quantizer`.
     include : callable(name, module) -> bool selecting the layers to quantize.
 
     Returns
     -------
     ``model``.
     """
-    spec = scheme_spec(scheme)
-    _check_options(gs, theta)
+    spec = baseline_spec(baseline)
+    _check_options(gs, threshold)
     done = [n for n, m in model.named_modules() if isinstance(m, (QLinear, QEmbedding))]
     if done:
         raise ConfigError(f"model is already quantized (layer {done[0]!r}); build a fresh float model to requantize")
@@ -312,21 +306,21 @@ def quantize_(
     for name, m in targets:
         if not name:
             raise ConfigError(f"quantize_ replaces submodules; wrap the {type(m).__name__} in a container module")
-        opts = dict(scheme=scheme, gs=gs, theta=theta, device="meta")  # meta: no throwaway allocation
+        opts = dict(baseline=baseline, gs=gs, threshold=threshold, device="meta")  # meta: no throwaway allocation
         if isinstance(m, nn.Embedding):
             if m.max_norm is not None or m.sparse:
-                raise ConfigError(f"embedding {name!r}: max_norm and sparse gradients are not supported by {scheme!r}")
+                raise ConfigError(f"embedding {name!r}: max_norm and sparse gradients are not supported by {baseline!r}")
             new = QEmbedding(m.num_embeddings, m.embedding_dim, m.padding_idx, **opts)
             new.scale_grad_by_freq = m.scale_grad_by_freq
         else:
             new = QLinear(m.in_features, m.out_features, m.bias is not None, **opts)
             new.bias = m.bias
         new.weight = m.weight
-        new.quantizer = make_quantizer(scheme, m.weight, gs=gs, theta=theta)
+        new.quantizer = make_quantizer(baseline, m.weight, gs=gs, threshold=threshold)
         new.train(m.training)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-    log.debug("quantize_: %d layers -> %s", len(targets), scheme)
+    log.debug("quantize_: %d layers -> %s", len(targets), baseline)
     return model
 
 
@@ -345,46 +339,46 @@ def latent_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def deadzone_stats(
-    scheme: str,
+    baseline: str,
     weight: torch.Tensor | np.ndarray,
     quantizer_state: dict | None = None,
     *,
     band: float = 0.05,
     gs: int = 32,
-    theta: float = 0.5,
+    threshold: float = 0.5,
 ) -> dict:
-    """Trit fractions of ``weight`` under ``scheme`` and the fraction of weights near a trit boundary.
+    """Trit fractions of ``weight`` under ``baseline`` and the fraction of weights near a trit boundary.
 
     Near means ``||W| - b| < band * a``: for the round rule ``b = a/2`` (|W/a| within ``band`` of 0.5, a the
-    scale or alpha), for the threshold rule ``b = a = theta_abs``.
+    scale or alpha), for the threshold rule ``b = a = threshold_abs``.
 
     Parameters
     ----------
-    scheme : a ternary scheme (not "fp32").
+    baseline : a ternary baseline (not "fp32").
     weight : float tensor or array of any shape with at least one dimension and one element.
     quantizer_state : ``quantizer.state_dict()`` (keys "S" / "alpha"); None: the values the quantizer would
         be initialised with (for lsq, alpha = 2*mean|W|).
     band : non-negative width, relative to the scale.
-    gs, theta : as in :func:`make_quantizer`.
+    gs, threshold : as in :func:`make_quantizer`.
 
     Returns
     -------
     dict with float "frac_neg", "frac_zero", "frac_pos", "frac_near_boundary" and "band".
     """
-    spec = scheme_spec(scheme)
+    spec = baseline_spec(baseline)
     if spec.trits is None:
-        raise ConfigError(f"scheme {scheme!r} has no trits; deadzone_stats applies to ternary schemes only")
+        raise ConfigError(f"baseline {baseline!r} has no trits; deadzone_stats applies to ternary baselines only")
     if not (isinstance(band, (int, float)) and math.isfinite(band) and band >= 0):
         raise ConfigError(f"band must be a finite number >= 0, got {band!r}")
     w = torch.as_tensor(weight).detach()
     if not w.is_floating_point() or w.numel() == 0:
         raise ConfigError(f"deadzone_stats needs a non-empty float weight, got dtype {w.dtype} shape {tuple(w.shape)}")
-    q = make_quantizer(scheme, w, gs=gs, theta=theta)
+    q = make_quantizer(baseline, w, gs=gs, threshold=threshold)
     own = dict(q.named_parameters())
     with torch.no_grad():
         for k, v in (quantizer_state or {}).items():
             if k not in own:
-                raise ConfigError(f"quantizer_state key {k!r} is not a parameter of {scheme!r} (has: {list(own)})")
+                raise ConfigError(f"quantizer_state key {k!r} is not a parameter of {baseline!r} (has: {list(own)})")
             own[k].copy_(torch.as_tensor(v).reshape(()))
         w2 = _rows(w)
         a = q.scale(w2)
@@ -401,14 +395,14 @@ def deadzone_stats(
     }
 
 
-def inference_bpw(scheme: str, *, cols: int, gs: int = 32) -> float:
-    """Honest inference bits per weight of ``scheme`` for a weight with ``cols`` columns.
+def inference_bpw(baseline: str, *, cols: int, gs: int = 32) -> float:
+    """Honest inference bits per weight of ``baseline`` for a weight with ``cols`` columns.
 
     Trits count 8/5 bits (base-3 packed, as E1TM's ``formats.theoretical_bpw``); row and group scales and
     factorized's W_eff are bf16; fp32 is as trained. Per-tensor scalars (S, alpha, a) and row padding are
     not counted.
     """
-    spec = scheme_spec(scheme)
+    spec = baseline_spec(baseline)
     _check_options(gs, 0.0)
     if isinstance(cols, bool) or not isinstance(cols, (int, np.integer)) or cols < 1:
         raise ConfigError(f"cols must be an integer >= 1, got {cols!r}")

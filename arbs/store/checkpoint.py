@@ -756,10 +756,15 @@ def read_checkpoint(d: Path, *, verify: bool = True, kind: str | None = None) ->
 # ------------------------------------------------------------------------------------------- sizes
 
 
-def array_nbytes(obj: Checkpoint | TensorState) -> int:
-    """Raw (uncompressed) bytes of the arrays of a checkpoint (step_counter included) or of one tensor."""
+def array_nbytes(obj: Checkpoint | TensorState, names=None) -> int:
+    """Raw (uncompressed) bytes of the arrays of a checkpoint or of one tensor: the one measure of
+    bits per weight (``arbs inspect``, ``arbs compare``).
+
+    ``names``: count only these arrays (e.g. ``formats.INFERENCE_ARRAYS``); None counts every array
+    and, for a checkpoint, its step_counter.
+    """
     if isinstance(obj, TensorState):
-        return sum(a.nbytes for a in obj.arrays.values())
-    total = sum(array_nbytes(t) for t in obj.tensors.values())
-    return total + (formats.STEP_COUNTER_DTYPE.itemsize if obj.step_counter is not None else 0)
+        return sum(a.nbytes for k, a in obj.arrays.items() if names is None or k in names)
+    total = sum(array_nbytes(t, names) for t in obj.tensors.values())
+    return total + (formats.STEP_COUNTER_DTYPE.itemsize if obj.step_counter is not None and names is None else 0)
 

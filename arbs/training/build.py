@@ -35,7 +35,7 @@ def build(meta: dict, ckpt: store.Checkpoint | None = None, *, device: str = "cp
             arbs_nn.load_tensor_states(model, {n: t.arrays for n, t in ckpt.tensors.items()}, ckpt.step_counter)
         model.to(device)
     else:
-        baselines.quantize_(model, fmt, gs=meta.get("gs", 32), theta=meta.get("baseline_theta", 0.5))
+        baselines.quantize_(model, fmt, gs=meta.get("gs", 32), threshold=meta.get("baseline_threshold", meta.get("baseline_theta", 0.5)))
         model.to(device)
         groups = [{"params": baselines.latent_parameters(model), "weight_decay": meta["weight_decay"]},
                   {"params": baselines.quantizer_parameters(model), "weight_decay": 0.0}]

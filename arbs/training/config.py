@@ -55,7 +55,7 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 0.0
     warmup: int = 50
-    baseline_theta: float = 0.5  # threshold of learned-s/factorized, as a multiple of mean|W|
+    baseline_threshold: float = 0.5  # learned-s/factorized: trits are 0 below this multiple of mean|W|
     threads: int | None = None
 
     def __post_init__(self):
@@ -139,7 +139,7 @@ def run_meta(cfg: TrainConfig, corpus_info: dict) -> dict:
         m["rule_params"] = cfg.rule_params()
     else:
         m.update(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup, steps=cfg.steps,
-                 baseline_theta=cfg.baseline_theta, gs=32)
+                 baseline_threshold=cfg.baseline_threshold, gs=32)
     return m
 
 
