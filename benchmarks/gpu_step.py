@@ -227,7 +227,7 @@ def try_row(method, layers, d, batch, ctx, device, warmup, iters, amp_on=True) -
         free(device)
 
 
-# -- kernel breakdown (evidence for the nn.py proposals) -------------------------------------------
+# -- kernel breakdown (evidence for the arbs.nn GPU path) -------------------------------------------
 
 
 def kernel_bandwidth(device, shapes=((16384, 4096), (4096, 4096), (3072, 768))):

@@ -16,6 +16,7 @@ from arbs.convert import convert_file, convert_state_dict, load_float_state
 from arbs.errors import ConfigError, CorruptStoreError, NonFiniteError, StoreNotFoundError
 from arbs.fuse import fuse_checkpoint, fuse_path, checkpoint_weights
 from arbs.inspect import render_text, summarize, summarize_path
+from arbs.testing.states import pack_trits
 
 SHAPES = {
     "embed.weight": (40, 24),
@@ -226,7 +227,7 @@ def test_fuse_option_b(training_run):
 def test_fuse_counts_changed_and_clipped(make_e1tm, rule):
     src = make_e1tm([(8, 96), (5, 40)], rule=rule, step=7, seed=3)
     first = next(iter(src.tensors.values())).arrays
-    lim = int(np.abs(first["corr_accum"]).max())  # conftest puts +-bound into the first two groups
+    lim = int(np.abs(first["corr_accum"]).max())  # random_checkpoint plants +-bound
     first["E"].flat[:2] = [127, -128]
     first["corr_accum"].flat[:2] = [lim, -lim]  # Xi near +1 / -1 (carry, flip), +-4 (average): both clip
     fused, report = fuse_checkpoint(src)
@@ -301,7 +302,7 @@ def test_fuse_out_rules(training_run, tmp_path):
 def test_fuse_changed_counts_real_moves_on_ties():
     # carry K=16, gs=4: Xi = corr/64; Xi = +1/2 rounds half to even: E=2 stays, E=3 -> 4
     T = np.ones((1, 16), np.int8)
-    arrays = {"T_packed": ops.pack(T, 4), "E": np.array([[2, 3, 127, 0]], np.int8),
+    arrays = {"T_packed": pack_trits(T, 4), "E": np.array([[2, 3, 127, 0]], np.int8),
               "corr_accum": np.array([[32, 32, 63, 0]], np.int64)}
     ck = store.Checkpoint(kind="e1tm", format="E1TM4", gs=4, rule="carry", rule_params={"K": 16}, fused=False,
                           step_counter=1, tensors={"w": store.TensorState(name="w", shape=(1, 16), arrays=arrays)},
@@ -359,7 +360,7 @@ def _synthetic(rows: int, cols: int, fmt: str, rule: str | None, fused: bool = F
     if T is None:
         packed = np.full(formats.array_shape("T_packed", rows, cols, gs), 121, np.uint8)  # 121 = five zero trits
     else:
-        packed = ops.pack(T, gs)
+        packed = pack_trits(T, gs)
     arrays = {"T_packed": packed, "E": np.zeros(formats.array_shape("E", rows, cols, gs), np.int8)}
     if not fused:
         arrays["corr_accum"] = corr if corr is not None else np.zeros(arrays["E"].shape, np.int64)

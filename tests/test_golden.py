@@ -17,7 +17,7 @@ import pytest
 from arbs import formats
 from arbs import ops
 from arbs.kernels import cpu
-from arbs.testing.reference import assert_same
+from arbs.testing.states import assert_same
 
 FORMATS = Path(__file__).resolve().parents[1] / "formats"
 VECTORS = json.loads((FORMATS / "vectors.json").read_text())

@@ -14,10 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from arbs import formats, schedule
-from arbs import ops
 from arbs.kernels import cpu
 from arbs.testing import reference as ref
 from arbs.testing import strategies as S
+from arbs.testing.states import assert_same, pack_trits, random_state, random_trits
 
 # hypothesis imports libcst to print a falsifying example, and libcst's import warns (mypy_extensions
 # TypedDict): without this, any failure would surface as an INTERNALERROR under filterwarnings=error.
@@ -32,44 +32,21 @@ def K(name: str, impl: str):
     return getattr(cpu, name) if impl == "parallel" else cpu.kernel(name, 0)
 
 
-def assert_same(got, want, what: str) -> None:
-    """Exact equality of dtype, shape and values; floats compared as bit patterns (NaN matches NaN)."""
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-    if got.dtype.kind == "f":
-        nan = np.isnan(got) & np.isnan(want)
-        bits = {4: np.uint32, 8: np.uint64}[got.dtype.itemsize]
-        bad = (got.view(bits) != want.view(bits)) & ~nan
-    else:
-        bad = got != want
-    if bad.any():
-        first = tuple(int(i[0]) for i in np.nonzero(bad))
-        raise AssertionError(
-            f"{what}: {int(bad.sum())} of {bad.size} entries differ; first at {first}: got {got[first]!r}, want {want[first]!r}"
-        )
-
-
 def dims(rows: int, cols: int, gs: int) -> tuple[int, int, int]:
     """(cols_p, ng, nb)."""
     cols_p = formats.padded_cols(cols, gs)
     return cols_p, cols_p // gs, formats.packed_cols(cols_p)
 
 
-def state_for(seed: int, rows: int, cols: int, gs: int, bound: int):
-    """(T, T_packed, E, corr_accum) with E extremes and corr_accum up to +-bound planted."""
-    rng = np.random.default_rng(seed)
-    _, ng, nb = dims(rows, cols, gs)
-    T = rng.integers(-1, 2, (rows, cols), dtype=np.int8)
-    if rows and cols:
-        T[rng.integers(0, rows), : min(gs, cols)] = 0  # an all-zero group
-    Tp = ref.pack(T, nb)
-    E = rng.integers(-128, 128, (rows, ng), dtype=np.int8)
-    corr = rng.integers(-bound, bound + 1, (rows, ng), dtype=np.int64)
-    if E.size:
-        E.flat[rng.integers(0, E.size, 2)] = [127, -128]
-        corr.flat[rng.integers(0, corr.size, 2)] = [bound, -bound]
-    return T, Tp, E, corr
+def state_for(seed: int, variant: str, rows: int, cols: int, corr_max: int = 0, **options) -> dict:
+    """``random_state`` of a carry-rule ``variant`` tensor (rows, cols) from ``seed``, |corr_accum| <= corr_max:
+    E = 127/-128 and corr_accum = +-corr_max planted, some trit groups zeroed (unless ``options`` say otherwise)."""
+    scheme = formats.make_scheme(variant, "carry")
+    return random_state(np.random.default_rng(seed), scheme, (rows, cols), corr_max=corr_max, **options)
+
+
+def variant_of(gs: int) -> str:
+    return next(v for v, g in formats.VARIANTS.items() if g == gs)
 
 
 rows_st = st.integers(0, 7)
@@ -88,7 +65,7 @@ def test_pack_matches_reference(impl, variant, T):
     _, _, nb = dims(*T.shape, gs)
     out = np.full((T.shape[0], nb), 255, np.uint8)  # garbage: every byte must be overwritten
     K("pack_into", impl)(T, out)
-    assert_same(out, ref.pack(T, nb), f"pack {variant} {T.shape}")
+    assert_same(out, pack_trits(T, gs), f"pack {variant} {T.shape}")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -141,12 +118,13 @@ def _ratios(gs: int, step: int, K_: int) -> list[tuple[str, int, int, int]]:
 def test_materialize_matches_reference(impl, variant, rows, cols, seed, step, K_):
     gs = formats.variant_gs(variant)
     for label, num, den, bound in _ratios(gs, step, K_):
-        _, Tp, E, corr = state_for(seed, rows, cols, gs, bound)
+        s = state_for(seed, variant, rows, cols, bound)
+        Tp, E, corr = s["T_packed"], s["E"], s["corr_accum"]
         out = np.full((rows, cols), np.nan, np.float32)
         K("materialize_into", impl)(Tp, E, corr, gs, num, den, out)
         with np.errstate(over="ignore", invalid="ignore"):  # E = 127 with Xi > 0 overflows float32 to inf
             want = ref.materialize(Tp, E, corr, gs, num, den, cols)
-        assert_same(out, want, f"materialize {variant} {label} ({rows}, {cols})")
+        assert_same(out, want, f"materialize {variant} {label} ({rows}, {cols})", any_nan=True)
 
 
 # --------------------------------------------------------------------------------------------- vote
@@ -159,7 +137,7 @@ def test_materialize_matches_reference(impl, variant, rows, cols, seed, step, K_
 def test_vote_delta_matches_reference(impl, variant, rows, cols, seed, dtype):
     gs = formats.variant_gs(variant)
     _, ng, _ = dims(rows, cols, gs)
-    T, Tp, _, _ = state_for(seed, rows, cols, gs, 0)
+    Tp = state_for(seed, variant, rows, cols)["T_packed"]
     rng = np.random.default_rng(seed + 1)
     grad = rng.standard_normal((rows, cols)).astype(dtype)
     if grad.size:
@@ -177,7 +155,7 @@ def test_vote_delta_matches_reference(impl, variant, rows, cols, seed, dtype):
 def test_vote_delta_counts_nonfinite(impl, dtype, value):
     gs, rows, cols = 8, 3, 21
     _, ng, _ = dims(rows, cols, gs)
-    _, Tp, _, _ = state_for(0, rows, cols, gs, 0)
+    Tp = state_for(0, "E1TM8", rows, cols)["T_packed"]
     grad = np.ones((rows, cols), dtype)
     grad[1, 20] = value
     grad[2, 0] = value
@@ -218,11 +196,9 @@ def test_apply_votes_matches_reference(impl, rows, ng, seed, limit, scale):
        key=st.integers(0, 2**64 - 1))
 def test_flip_matches_reference(impl, variant, rows, cols, seed, theta, gain_m, vote_max, key):
     gs = formats.variant_gs(variant)
-    cols_p, _, _ = dims(rows, cols, gs)
-    _, Tp, _, _ = state_for(seed, rows, cols, gs, 0)
+    s = random_state(np.random.default_rng(seed), formats.make_scheme(variant, "flip", theta=theta), (rows, cols))
+    Tp, fa = s["T_packed"], s["flip_accum"]  # flip_accum within +-theta (planted), 0 on padding
     rng = np.random.default_rng(seed + 2)
-    fa = np.zeros((rows, cols_p), np.int8)
-    fa[:, :cols] = rng.integers(-theta, theta + 1, (rows, cols), dtype=np.int8)
     grad = rng.standard_normal((rows, cols)).astype(np.float32)
     if grad.size:
         grad.flat[rng.integers(0, grad.size, max(1, grad.size // 5))] = 0.0
@@ -244,7 +220,8 @@ def test_flip_matches_reference(impl, variant, rows, cols, seed, theta, gain_m, 
 def test_fuse_matches_reference(impl, variant, rows, cols, seed, step, K_):
     gs = formats.variant_gs(variant)
     for label, num, den, bound in _ratios(gs, step, K_):
-        _, _, E, corr = state_for(seed, rows, cols, gs, bound)
+        s = state_for(seed, variant, rows, cols, bound)
+        E, corr = s["E"], s["corr_accum"]
         out = np.full(E.shape, 77, np.int8)
         clipped, changed = K("fuse_into", impl)(E, corr, num, den, out)
         want, want_clipped, want_changed = ref.fuse(E, corr, num, den)
@@ -306,13 +283,14 @@ def test_all_kernels_many_rows(variant, rows, cols):
     import numba
 
     gs = formats.variant_gs(variant)
-    cols_p, ng, nb = dims(rows, cols, gs)
-    L = 2 * gs
-    T, Tp, E, corr = state_for(rows * 1000 + cols, rows, cols, gs, L - 1)
-    rng = np.random.default_rng(cols)
-    grad = rng.standard_normal((rows, cols)).astype(np.float32)
-    fa = np.zeros((rows, cols_p), np.int8)
-    fa[:, :cols] = rng.integers(-2, 3, (rows, cols), dtype=np.int8)
+    _, ng, _ = dims(rows, cols, gs)
+    scheme = formats.make_scheme(variant, "flip", K=2, theta=2)
+    L = scheme.carry_limit  # 2*gs
+    rng = np.random.default_rng(rows * 1000 + cols)
+    T = random_trits(rng, rows, cols, gs)
+    s = random_state(rng, scheme, (rows, cols), T=T)  # |corr_accum| <= L - 1, |flip_accum| <= 2
+    Tp, E, corr, fa = s["T_packed"], s["E"], s["corr_accum"], s["flip_accum"]
+    grad = np.random.default_rng(cols).standard_normal((rows, cols)).astype(np.float32)
     want_W = ref.materialize(Tp, E, corr, gs, 1, L, cols)
     want_d = ref.vote_delta(grad, Tp, gs, ng)
     want_av = ref.apply_votes(corr, E, 40 * want_d, L)
@@ -330,7 +308,7 @@ def test_all_kernels_many_rows(variant, rows, cols):
             assert_same(t, T, "unpack")
             W = np.empty((rows, cols), np.float32)
             K("materialize_into", impl)(Tp, E, corr, gs, 1, L, W)
-            assert_same(W, want_W, "materialize")
+            assert_same(W, want_W, "materialize", any_nan=True)
             d = np.empty((rows, ng), np.int64)
             assert K("vote_delta_into", impl)(grad, Tp, gs, d) == 0
             assert_same(d, want_d, "vote_delta")
@@ -361,19 +339,16 @@ def test_all_kernels_many_rows(variant, rows, cols):
 def test_materialize_large_tensors(impl, gs, num, den, E_range, corr_bound, table):
     """Tensors with many groups, where materialize may look S up in a table of exact exp2 values."""
     rows, cols = 2048, 40 * gs + 3
-    _, Tp, _, _ = state_for(gs, rows, cols, gs, 0)
-    rng = np.random.default_rng(den)
-    ng = formats.n_groups(cols, gs)
-    E = rng.integers(E_range[0], E_range[1] + 1, (rows, ng), dtype=np.int8)
-    corr = rng.integers(-corr_bound, corr_bound + 1, (rows, ng), dtype=np.int64)
-    corr.flat[:2] = [corr_bound, -corr_bound]
+    s = state_for(den, variant_of(gs), rows, cols, corr_bound, E_range=E_range, extremes=0)
+    Tp, E, corr = s["T_packed"], s["E"], s["corr_accum"]
+    corr.flat[:2] = [corr_bound, -corr_bound]  # E stays inside E_range: the table's case
     if hasattr(cpu, "_scale_table"):  # the case covers the path it is meant to
         assert (cpu._scale_table(E, corr, num, den)[0].size > 0) == table
     out = np.empty((rows, cols), np.float32)
     K("materialize_into", impl)(Tp, E, corr, gs, num, den, out)
     with np.errstate(over="ignore", invalid="ignore"):
         want = ref.materialize(Tp, E, corr, gs, num, den, cols)
-    assert_same(out, want, f"materialize gs={gs} num={num} den={den}")
+    assert_same(out, want, f"materialize gs={gs} num={num} den={den}", any_nan=True)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -382,7 +357,7 @@ def test_stochastic_votes_keep_the_probability(impl):
     so a vote is a flip): 0.3 of 100,000 within 4 standard deviations."""
     rows, cols = 100, 1000
     grad = np.where(np.random.default_rng(1).random((rows, cols)) < 0.5, -1.0, 1.0).astype(np.float32)
-    tp = ops.pack(np.zeros((rows, cols), np.int8), 8)
+    tp = pack_trits(np.zeros((rows, cols), np.int8), 8)
     fa = np.zeros((rows, cols), np.int8)
     n = K("flip_into", impl)(grad, tp, fa, 1, 0.3, 1, np.uint64(schedule.vote_key(0, 0, 0)))
     assert abs(n - 30_000) < 4 * (100_000 * 0.3 * 0.7) ** 0.5
@@ -396,7 +371,7 @@ def test_stochastic_votes_round_the_magnitude(impl):
     rows, cols = 100, 1000
     grad = np.where(np.random.default_rng(2).random((rows, cols)) < 0.5, -1.0, 1.0).astype(np.float32)
     for gain_m, lo, hi in ((1.7, 1, 2), (5.0, 3, 3)):
-        tp = ops.pack(np.zeros((rows, cols), np.int8), 8)
+        tp = pack_trits(np.zeros((rows, cols), np.int8), 8)
         fa = np.zeros((rows, cols), np.int8)
         assert K("flip_into", impl)(grad, tp, fa, 127, gain_m, 3, np.uint64(schedule.vote_key(0, 0, 1))) == 0
         steps = -fa.astype(np.int64) * np.sign(grad).astype(np.int64)

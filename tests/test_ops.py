@@ -15,8 +15,8 @@ from arbs import ops
 from conftest import scheme_for
 from arbs.errors import ArbsError, ConfigError, NonFiniteError
 from arbs.testing import reference as ref
-from arbs.testing.reference import assert_same
 from arbs.testing import strategies as S
+from arbs.testing.states import assert_same, pack_trits, random_state
 
 # hypothesis imports libcst to print a falsifying example, and libcst's import warns (mypy_extensions
 # TypedDict): without this, any failure would surface as an INTERNALERROR under filterwarnings=error.
@@ -143,10 +143,10 @@ def test_average_two_votes_equal_summed_delta(st_, data):
 @given(scheme=S.schemes(rule="average"), shape=S.shapes(), n=st.integers(1, 6), data=st.data())
 def test_average_corr_bounded_by_step_gs(scheme, shape, n, data):
     """Starting from step 0, after n votes |corr_accum| <= n*gs."""
-    st_ = S.random_state(np.random.default_rng(data.draw(S.seeds)), scheme, shape, 0)
+    arrays = random_state(np.random.default_rng(data.draw(S.seeds)), scheme, shape, 0)
     for _ in range(n):
-        ops.vote(st_.arrays, data.draw(S.gradients(shape)), shape, scheme)
-    assert (np.abs(st_.arrays["corr_accum"]) <= n * scheme.gs).all()
+        ops.vote(arrays, data.draw(S.gradients(shape)), shape, scheme)
+    assert (np.abs(arrays["corr_accum"]) <= n * scheme.gs).all()
 
 
 @FAST
@@ -179,7 +179,7 @@ def test_carry_saturation_holds_and_counts(rule):
     scheme = scheme_for("E1TM4", rule, K=1)
     L = scheme.carry_limit  # 4
     T = np.array([[1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1]], np.int8)
-    state = {"T_packed": ops.pack(T, 4), "E": np.array([[127, -128, 0]], np.int8),
+    state = {"T_packed": pack_trits(T, 4), "E": np.array([[127, -128, 0]], np.int8),
              "corr_accum": np.array([[L - 1, -(L - 1), L - 1]], np.int64)}
     if rule == "flip":
         state["flip_accum"] = np.zeros((1, 12), np.int8)
@@ -260,7 +260,7 @@ def test_fuse_rounds_half_to_even_and_clips(E, frac, want, rule):
     step = 8
     # carry: Xi = corr/(K*gs) with K*gs = 512; average: Xi = 4*corr/(step*gs) = corr/64
     corr = int(frac * 512) if rule == "carry" else int(frac * 64)
-    state = {"T_packed": ops.pack(np.zeros((1, 32), np.int8), 32), "E": np.array([[E]], np.int8),
+    state = {"T_packed": pack_trits(np.zeros((1, 32), np.int8), 32), "E": np.array([[E]], np.int8),
              "corr_accum": np.array([[corr]], np.int64)}
     E_fused, stats = ops.fuse(state, (1, 32), scheme, step)
     assert E_fused.tolist() == [[want]]

@@ -15,22 +15,7 @@ from arbs import store
 from arbs.errors import ArbsError, ConfigError, CorruptStoreError, StoreNotFoundError
 from arbs.store import Checkpoint, TensorState
 
-from conftest import build_e1tm, pack_trits
-
-
-def assert_same(a: Checkpoint, b: Checkpoint) -> None:
-    """Every field equal, every array bit-identical with the same dtype."""
-    for f in ("kind", "format", "gs", "rule", "rule_params", "fused", "step_counter", "meta"):
-        assert getattr(a, f) == getattr(b, f), f
-    assert list(a.tensors) == list(b.tensors)
-    for name, ta in a.tensors.items():
-        tb = b.tensors[name]
-        assert ta.name == tb.name and ta.shape == tb.shape
-        assert list(ta.arrays) == list(tb.arrays), name
-        for k, x in ta.arrays.items():
-            y = tb.arrays[k]
-            assert x.dtype == y.dtype and x.shape == y.shape, (name, k, x.dtype, y.dtype, x.shape, y.shape)
-            assert np.array_equal(x, y), (name, k)
+from arbs.testing.states import assert_same, assert_same_checkpoint, pack_trits, random_checkpoint
 
 
 def zarr_jsons(path: Path):
@@ -67,7 +52,7 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['format']}-{'fused' if c['fused'] else c['rule']}")
 def test_round_trip_bit_identical(tmp_path, case):
-    ck = build_e1tm(case["shapes"], format=case["format"], rule=case["rule"], fused=case["fused"],
+    ck = random_checkpoint(case["shapes"], format=case["format"], rule=case["rule"], fused=case["fused"],
                     step=case["step"] or 0, meta={"model": {"d": 64, "names": ["a", "b"]}, "hash": "abc"})
     if case["fused"]:
         path = store.save_checkpoint(tmp_path, ck, step=17)
@@ -77,7 +62,7 @@ def test_round_trip_bit_identical(tmp_path, case):
         assert path.name == f"step_{case['step']}"
     assert (tmp_path / "LATEST").read_text() == f"{path.name}\n"
     for opened in (store.open_checkpoint(tmp_path), store.open_checkpoint(path), store.open_checkpoint(path, verify=False)):
-        assert_same(ck, opened)
+        assert_same_checkpoint(opened, ck)
         assert opened.path == path
     assert store.list_checkpoints(tmp_path) == [path]
 
@@ -90,12 +75,12 @@ def test_round_trip_with_real_packer(tmp_path):
         packed = ops.pack(T, 32)
     except (AttributeError, ImportError) as e:  # arbs.ops is written concurrently; its own tests own it
         pytest.skip(f"arbs.ops.pack unavailable: {e}")
-    assert np.array_equal(packed, pack_trits(T, 32))
-    ck = build_e1tm([(9, 53)], rule="carry")
+    assert_same(packed, pack_trits(T, 32), "ops.pack vs the test packer")
+    ck = random_checkpoint([(9, 53)], rule="carry")
     ck.tensors["blocks.0.attn.qkv.weight"].arrays["T_packed"][...] = packed
     store.save_checkpoint(tmp_path, ck)
     got = store.open_checkpoint(tmp_path).tensors["blocks.0.attn.qkv.weight"].arrays["T_packed"]
-    assert np.array_equal(ops.unpack(got, 53), T)
+    assert_same(ops.unpack(got, 53), T, "T after a round trip")
 
 
 def test_float_kind_round_trip(tmp_path):
@@ -113,14 +98,14 @@ def test_float_checkpoint_is_never_taken_for_e1tm(tmp_path):
     store.save_checkpoint(tmp_path, float_checkpoint())
     with pytest.raises(ConfigError, match="float.*E1TM checkpoint is required"):
         store.open_checkpoint(tmp_path, kind="e1tm")
-    store.save_checkpoint(tmp_path / "e", build_e1tm([(4, 8)]))
+    store.save_checkpoint(tmp_path / "e", random_checkpoint([(4, 8)]))
     with pytest.raises(ConfigError, match="E1TM checkpoint, but a float"):
         store.open_checkpoint(tmp_path / "e", kind="float")
 
 
 @pytest.mark.parametrize("rule,fused", [("average", False), ("carry", False), ("flip", False), (None, True)])
 def test_e1tm_store_holds_no_float_array(tmp_path, rule, fused):
-    ck = build_e1tm([(8, 40), (13,)], rule=rule or "carry", fused=fused, step=3)
+    ck = random_checkpoint([(8, 40), (13,)], rule=rule or "carry", fused=fused, step=3)
     path = store.save_checkpoint(tmp_path, ck, step=3 if fused else None)
     arrays = {p.parent.name: m for p, m in zarr_jsons(path) if m["node_type"] == "array"}
     want = set(formats.tensor_arrays(rule, fused)) | ({formats.STEP_COUNTER} if not fused else set())
@@ -141,16 +126,16 @@ def test_e1tm_store_holds_no_float_array(tmp_path, rule, fused):
     seed=st.integers(0, 2**32 - 1),
 )
 def test_round_trip_property(tmp_path_factory, fmt, rule, shape, seed):
-    ck = build_e1tm([shape], format=fmt, rule=rule or "carry", fused=rule is None, step=seed % 1000, seed=seed)
+    ck = random_checkpoint([shape], format=fmt, rule=rule or "carry", fused=rule is None, step=seed % 1000, seed=seed)
     path = store.write_checkpoint(tmp_path_factory.mktemp("p") / "ck", ck)
     got = store.open_checkpoint(path)
-    assert_same(ck, got)
+    assert_same_checkpoint(got, ck)
     assert all(a.dtype.kind in "ui" for t in got.tensors.values() for a in t.arrays.values())
 
 
 def test_tensor_names_are_escaped_reversibly(tmp_path):
     names = ["step_counter", "COMMIT", "zarr.json", "_private", ".hidden", "..", "a/b", "dir%2Fx", "ü.w", "x y", "plain.name-1"]
-    ck0 = build_e1tm([(2, 5)] * len(names))
+    ck0 = random_checkpoint([(2, 5)] * len(names))
     tensors = {n: TensorState(name=n, shape=t.shape, arrays=t.arrays) for n, t in zip(names, ck0.tensors.values())}
     ck = Checkpoint(**{**ck0.__dict__, "tensors": tensors})
     path = store.save_checkpoint(tmp_path, ck)
@@ -158,20 +143,20 @@ def test_tensor_names_are_escaped_reversibly(tmp_path):
     assert keys == {store.node_key(n) for n in names}
     assert store.node_key("blocks.0.attn.qkv.weight") == "blocks.0.attn.qkv.weight"
     assert all(unquote(store.node_key(n)) == n for n in names)
-    assert_same(ck, store.open_checkpoint(tmp_path))
+    assert_same_checkpoint(store.open_checkpoint(tmp_path), ck)
 
 
 def test_large_arrays_are_chunked_by_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(store.checkpoint, "CHUNK_BYTES", 1000)
-    ck = build_e1tm([(50, 640)], rule="flip")  # flip_accum: 50 rows x 640 bytes -> 1 row per chunk
+    ck = random_checkpoint([(50, 640)], rule="flip")  # flip_accum: 50 rows x 640 bytes -> 1 row per chunk
     path = store.save_checkpoint(tmp_path, ck)
     chunks = list((path / "blocks.0.attn.qkv.weight" / "flip_accum" / "c").rglob("*"))
     assert sum(p.is_file() for p in chunks) == 50
-    assert_same(ck, store.open_checkpoint(tmp_path))
+    assert_same_checkpoint(store.open_checkpoint(tmp_path), ck)
 
 
 def test_sizes(tmp_path):
-    ck = build_e1tm([(8, 40)], rule="carry")
+    ck = random_checkpoint([(8, 40)], rule="carry")
     path = store.save_checkpoint(tmp_path, ck)
     # cols_p = 64: T_packed 8 x 13 bytes + E 8 x 2 + corr_accum 8 x 2 x 8 + step_counter 8
     assert store.array_nbytes(ck) == 104 + 16 + 128 + 8
@@ -186,7 +171,7 @@ def test_sizes(tmp_path):
 
 def test_latest_and_step_resolution(tmp_path):
     for s in (9, 10, 2):
-        store.save_checkpoint(tmp_path, build_e1tm([(4, 8)], step=s, seed=s))
+        store.save_checkpoint(tmp_path, random_checkpoint([(4, 8)], step=s, seed=s))
     assert [p.name for p in store.list_checkpoints(tmp_path)] == ["step_2", "step_9", "step_10"]
     assert (tmp_path / "LATEST").read_text() == "step_2\n"
     assert store.resolve_checkpoint(tmp_path) == tmp_path / "step_2"
@@ -197,7 +182,7 @@ def test_latest_and_step_resolution(tmp_path):
 
 def test_missing_latest_falls_back_to_newest(tmp_path):
     for s in (1, 3):
-        store.save_checkpoint(tmp_path, build_e1tm([(4, 8)], step=s))
+        store.save_checkpoint(tmp_path, random_checkpoint([(4, 8)], step=s))
     (tmp_path / "LATEST").unlink()
     assert store.open_checkpoint(tmp_path).step_counter == 3
 
@@ -216,15 +201,15 @@ def test_not_found_errors(tmp_path):
 
 def test_retention_keeps_newest(tmp_path):
     for s in range(1, 6):
-        store.save_checkpoint(tmp_path, build_e1tm([(4, 8)], step=s), keep=2)
+        store.save_checkpoint(tmp_path, random_checkpoint([(4, 8)], step=s), keep=2)
     assert [p.name for p in store.list_checkpoints(tmp_path)] == ["step_4", "step_5"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
     # Saving an older step: it is LATEST, so it survives even though two newer ones exist.
-    store.save_checkpoint(tmp_path, build_e1tm([(4, 8)], step=2), keep=1)
+    store.save_checkpoint(tmp_path, random_checkpoint([(4, 8)], step=2), keep=1)
     assert [p.name for p in store.list_checkpoints(tmp_path)] == ["step_2", "step_5"]
     assert store.open_checkpoint(tmp_path).step_counter == 2
     with pytest.raises(ConfigError, match="keep"):
-        store.save_checkpoint(tmp_path, build_e1tm([(4, 8)], step=9), keep=0)
+        store.save_checkpoint(tmp_path, random_checkpoint([(4, 8)], step=9), keep=0)
 
 
 def test_other_files_are_left_alone(tmp_path):
@@ -232,26 +217,26 @@ def test_other_files_are_left_alone(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "step_x").mkdir()
     for s in range(3):
-        store.save_checkpoint(tmp_path, build_e1tm([(4, 8)], step=s), keep=1)
+        store.save_checkpoint(tmp_path, random_checkpoint([(4, 8)], step=s), keep=1)
     assert (tmp_path / "config.json").exists() and (tmp_path / "step_x").exists()
     assert (tmp_path / "metrics.jsonl").read_text() == "{}\n"
 
 
 def test_refuses_to_overwrite(tmp_path):
-    path = store.save_checkpoint(tmp_path, build_e1tm([(4, 8)], step=3, seed=1))
+    path = store.save_checkpoint(tmp_path, random_checkpoint([(4, 8)], step=3, seed=1))
     before = (path / "COMMIT").read_text()
     with pytest.raises(ArbsError, match="already exists"):
-        store.save_checkpoint(tmp_path, build_e1tm([(4, 8)], step=3, seed=2))
+        store.save_checkpoint(tmp_path, random_checkpoint([(4, 8)], step=3, seed=2))
     assert (path / "COMMIT").read_text() == before
     (tmp_path / "empty").mkdir()
     with pytest.raises(ArbsError, match="already exists"):
-        store.write_checkpoint(tmp_path / "empty", build_e1tm([(4, 8)]))
+        store.write_checkpoint(tmp_path / "empty", random_checkpoint([(4, 8)]))
     assert not any((tmp_path / "empty").iterdir())
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
 
 def test_leftover_temp_dirs_ignored_and_cleaned(tmp_path):
-    store.save_checkpoint(tmp_path, build_e1tm([(4, 8)], step=1))
+    store.save_checkpoint(tmp_path, random_checkpoint([(4, 8)], step=1))
     dead = tmp_path / ".tmp-step_2-999999999-abcd"  # no such pid
     (dead / "x").mkdir(parents=True)
     (dead / "zarr.json").write_text("garbage")
@@ -266,7 +251,7 @@ def test_leftover_temp_dirs_ignored_and_cleaned(tmp_path):
 
 
 def test_fused_save_needs_a_step(tmp_path):
-    ck = build_e1tm([(4, 8)], fused=True)
+    ck = random_checkpoint([(4, 8)], fused=True)
     with pytest.raises(ConfigError, match="step="):
         store.save_checkpoint(tmp_path, ck)
     path = store.write_checkpoint(tmp_path / "model.fused", ck)
@@ -285,7 +270,7 @@ def _replace_array(ck, name, value):
 
 def _bad_states():
     def ck(**kw):
-        return build_e1tm([(4, 40)], **kw)
+        return random_checkpoint([(4, 40)], **kw)
 
     def arr(c, name):
         return next(iter(c.tensors.values())).arrays[name]
@@ -314,7 +299,7 @@ def _bad_states():
     c = ck(rule="flip")
     arr(c, "flip_accum")[0, 3] = formats.PARAMS["theta"].default + 1
     yield "flip theta", c, f"theta = {formats.PARAMS['theta'].default}"
-    c = build_e1tm([(4, 42)])  # cols_p = 64 -> 13 bytes; trits 42..64 are padding
+    c = random_checkpoint([(4, 42)])  # cols_p = 64 -> 13 bytes; trits 42..64 are padding
     arr(c, "T_packed")[1, -1] = 2 * 3  # byte 12 = trits 60..64: digits (0, 2, 0, 0, 0) -> nonzero padding
     yield "padding", c, "padding trit at row 1"
     yield "fused with rule", Checkpoint(**{**ck(fused=True).__dict__, "rule": "carry"}), "fused"
@@ -371,15 +356,15 @@ def test_metrics_truncated_last_line_is_skipped_bad_middle_line_raises(tmp_path)
 def test_write_failures_are_typed_and_leave_nothing(tmp_path, monkeypatch):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ArbsError, match="cannot create run directory"):
-        store.save_checkpoint(tmp_path / "afile", build_e1tm([(4, 8)]))
+        store.save_checkpoint(tmp_path / "afile", random_checkpoint([(4, 8)]))
     run = tmp_path / "run"
-    store.save_checkpoint(run, build_e1tm([(4, 8)], step=1))
+    store.save_checkpoint(run, random_checkpoint([(4, 8)], step=1))
 
     def disk_full(_):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(store.durable, "fsync_tree", disk_full)
     with pytest.raises(ArbsError, match="No space left.*Nothing was committed"):
-        store.save_checkpoint(run, build_e1tm([(4, 8)], step=2))
+        store.save_checkpoint(run, random_checkpoint([(4, 8)], step=2))
     assert sorted(p.name for p in run.iterdir()) == ["LATEST", "step_1"]
     assert store.open_checkpoint(run).step_counter == 1

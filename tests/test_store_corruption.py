@@ -17,8 +17,7 @@ from zarr.codecs import Crc32cCodec
 
 from arbs import store
 from arbs.errors import ArbsError, CorruptStoreError, FormatVersionError, StoreNotFoundError
-
-from conftest import build_e1tm
+from arbs.testing.states import random_checkpoint
 
 T0, T1 = "blocks.0.attn.qkv.weight", "blocks.1.attn.qkv.weight"
 
@@ -90,7 +89,7 @@ def expect(exc_type, d, *patterns, verify=True, path=None):
 @pytest.fixture
 def saved(tmp_path):
     """(run dir, step dir) of a carry-rule E1TM32 checkpoint at step 7; tensor 1 has cols % gs != 0."""
-    ck = build_e1tm([(6, 40), (5, 37)], rule="carry", step=7)
+    ck = random_checkpoint([(6, 40), (5, 37)], rule="carry", step=7)
     d = store.save_checkpoint(tmp_path / "run", ck)
     store.open_checkpoint(d)  # sanity: the untouched checkpoint opens
     return tmp_path / "run", d
@@ -271,9 +270,9 @@ def test_unknown_format_version(saved, where, version):
 
 
 def test_corr_accum_out_of_bounds_average(tmp_path):
-    ck = build_e1tm([(4, 64)], rule="average", step=4)  # |corr_accum| <= 32*4 = 128
+    ck = random_checkpoint([(4, 64)], rule="average", step=4)  # |corr_accum| <= 32*4 = 128
     d = store.save_checkpoint(tmp_path, ck)
-    store.open_checkpoint(d)  # the builder puts +-128 in: the bound itself is valid
+    store.open_checkpoint(d)  # random_checkpoint plants +-128: the bound itself is valid
     corr = read_array(d, f"{T0}/corr_accum").copy()
     corr[2, 1] = -129
     put_array(d, T0, "corr_accum", corr)
@@ -297,7 +296,7 @@ def test_corr_accum_int64_extremes_do_not_wrap(saved):
 
 
 def test_flip_accum_out_of_bounds(tmp_path):
-    d = store.save_checkpoint(tmp_path, build_e1tm([(3, 20)], rule="flip"))
+    d = store.save_checkpoint(tmp_path, random_checkpoint([(3, 20)], rule="flip"))
     fa = read_array(d, f"{T0}/flip_accum").copy()
     fa[0, 5] = -17
     put_array(d, T0, "flip_accum", fa)
@@ -388,11 +387,11 @@ def test_every_file_damaged_raises_a_typed_error(saved):
 def test_flip_checkpoint_from_before_vote_max_reads_as_vote_max_1(tmp_path):
     """vote_max was added to the flip rule later: a checkpoint without it is the rule it was trained with
     (vote_max 1); a checkpoint missing a parameter that always existed is still corrupt."""
-    d = store.save_checkpoint(tmp_path / "a", build_e1tm([(3, 20)], rule="flip"))
+    d = store.save_checkpoint(tmp_path / "a", random_checkpoint([(3, 20)], rule="flip"))
     edit_json(d / "zarr.json", _attrs(lambda a: a["rule_params"].pop("vote_max")))
     recommit(d)
     assert store.open_checkpoint(d).rule_params["vote_max"] == 1
-    d = store.save_checkpoint(tmp_path / "b", build_e1tm([(3, 20)], rule="flip"))
+    d = store.save_checkpoint(tmp_path / "b", random_checkpoint([(3, 20)], rule="flip"))
     edit_json(d / "zarr.json", _attrs(lambda a: a["rule_params"].pop("theta")))
     recommit(d)
     expect(CorruptStoreError, d, "rule_params", "theta")

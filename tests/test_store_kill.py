@@ -21,38 +21,20 @@ ROOT = Path(__file__).resolve().parents[1]
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
 
-from arbs import formats  # noqa: E402
 from arbs import store  # noqa: E402
-from arbs.store import Checkpoint, TensorState  # noqa: E402
+from arbs.store import Checkpoint  # noqa: E402
+from arbs.testing.states import assert_same_checkpoint, random_checkpoint  # noqa: E402
 
 KEEP = 2
 TRIALS = 30
-SHAPES = [(64, 640), (32, 320), (160,)]  # cols multiples of lcm(gs, 5) = 160: no padding trits
+SHAPES = [(64, 640), (32, 320), (160,)]
 FORMAT, RULE = "E1TM32", "flip"
 
 
 def state_for(step: int) -> Checkpoint:
     """A valid flip-rule state that is a pure function of ``step``."""
-    gs = formats.variant_gs(FORMAT)
-    params = formats.rule_params(RULE)
-    lim = params["K"] * gs - 1
-    tensors = {}
-    for i, shape in enumerate(SHAPES):
-        rows, cols = formats.tensor_view(shape)
-        name = f"layers.{i}.weight"
-
-        def ramp(array, mul, mod, offset):
-            shp = formats.array_shape(array, rows, cols, gs)
-            return ((np.arange(np.prod(shp), dtype=np.int64) * mul + step * (i + 1)) % mod + offset).reshape(shp)
-
-        tensors[name] = TensorState(name=name, shape=shape, arrays={
-            "T_packed": ramp("T_packed", 7, formats.MAX_PACKED_BYTE + 1, 0).astype(np.uint8),
-            "E": ramp("E", 1, 256, -128).astype(np.int8),
-            "corr_accum": ramp("corr_accum", 31, 2 * lim + 1, -lim),
-            "flip_accum": ramp("flip_accum", 3, 2 * params["theta"] + 1, -params["theta"]).astype(np.int8),
-        })
-    return Checkpoint(kind="e1tm", format=FORMAT, gs=gs, rule=RULE, rule_params=params, fused=False,
-                      step_counter=step, tensors=tensors, meta={"writer": "kill-test", "step": step})
+    return random_checkpoint(SHAPES, format=FORMAT, rule=RULE, step=step, seed=step,
+                             meta={"writer": "kill-test", "step": step})
 
 
 def child(run: Path) -> None:
@@ -69,12 +51,7 @@ def child(run: Path) -> None:
 
 
 def assert_is_state(ck: Checkpoint) -> None:
-    want = state_for(ck.step_counter)
-    assert ck.meta == want.meta and list(ck.tensors) == list(want.tensors)
-    for name, t in want.tensors.items():
-        for k, a in t.arrays.items():
-            got = ck.tensors[name].arrays[k]
-            assert got.dtype == a.dtype and np.array_equal(got, a), (ck.path, name, k)
+    assert_same_checkpoint(ck, state_for(ck.step_counter), str(ck.path))
 
 
 @pytest.mark.slow  # kill -9 trials: run by .ci/run's second step (python -m pytest -m slow)

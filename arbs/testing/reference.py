@@ -119,13 +119,3 @@ def fuse(E, corr_accum, num, den):
     clipped = int(((v > 127) | (v < -128)).sum())
     return np.clip(v, -128, 127).astype(np.int8), clipped, int((np.abs(x) >= 0.5).sum())
 
-
-def assert_same(got, want, what: str) -> None:
-    """Exact equality of dtype, shape and values (float32 compared bit for bit); on a mismatch the
-    message gives the count and the first differing index."""
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.dtype == want.dtype and got.shape == want.shape, f"{what}: {got.dtype}{got.shape} vs {want.dtype}{want.shape}"
-    bad = got.view(np.uint32) != want.view(np.uint32) if got.dtype == np.float32 else got != want
-    if bad.any():
-        first = tuple(int(i[0]) for i in np.nonzero(bad))
-        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.size} differ; first at {first}: {got[first]!r} vs {want[first]!r}")

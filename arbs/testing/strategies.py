@@ -6,7 +6,8 @@ reproducible from the printed falsifying example); shapes, parameters, seeds and
 planted into arrays (bounds, zeros, NaN) are drawn by hypothesis directly so that they shrink.
 
 Everything here is valid by construction unless a strategy says otherwise: trits in {-1, 0, +1},
-padding trits 0, corr_accum inside the rule's bounds, flip_accum inside +-theta.
+padding trits 0, corr_accum inside the rule's bounds, flip_accum inside +-theta. The arrays come from
+``arbs.testing.states`` (the one generator that tests and benchmarks share).
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import numpy as np
 from hypothesis import strategies as st
 
 from .. import formats
-from ..ops import pack
+from .states import random_state, random_trits
 
 __all__ = [
     "variants", "gs_values", "rules", "lengths", "shapes", "seeds", "schemes", "trits", "e1tm_states",
-    "gradients", "random_state", "State",
+    "gradients", "State",
 ]
 
 variants = st.sampled_from(list(formats.VARIANTS))  # "E1TM4", ..., "E1TM96"
@@ -87,8 +88,7 @@ def trits(draw, rows=None, cols=None, max_rows: int = 6, max_cols: int = 200) ->
         return np.ones((rows, cols), np.int8)
     if kind == "minus":
         return -np.ones((rows, cols), np.int8)
-    rng = np.random.default_rng(draw(seeds))
-    return rng.integers(-1, 2, (rows, cols), dtype=np.int8)
+    return random_trits(np.random.default_rng(draw(seeds)), rows, cols)
 
 
 class State:
@@ -109,41 +109,6 @@ class State:
         return f"State({self.scheme.format}, {self.scheme.rule}, {self.scheme.params}, shape={self.shape}, step={self.step})"
 
 
-def corr_bound(scheme: formats.Scheme, step: int) -> int:
-    """Largest |corr_accum| the rule allows: gs*step (average) or K*gs - 1 (carry, flip)."""
-    return scheme.gs * step if scheme.carry_limit == 0 else scheme.carry_limit - 1
-
-
-def random_state(rng: np.random.Generator, scheme: formats.Scheme, shape, step: int = 0, *,
-                 extremes: bool = True, zero_groups: bool = True) -> State:
-    """A valid random state from a numpy Generator (used by the strategies and by benchmarks).
-
-    ``extremes`` plants E = -128/127 and corr_accum at +-bound; ``zero_groups`` zeroes some groups' trits.
-    """
-    rows, cols = formats.tensor_view(shape)
-    gs = scheme.gs
-    ng = formats.n_groups(cols, gs)
-    T = rng.integers(-1, 2, (rows, cols), dtype=np.int8)
-    if zero_groups and T.size:
-        for r, g in zip(rng.integers(0, rows, 2), rng.integers(0, ng, 2)):
-            T[r, g * gs:(g + 1) * gs] = 0
-    E = rng.integers(-128, 128, (rows, ng), dtype=np.int8) if rng.random() < 0.5 else \
-        rng.integers(-4, 5, (rows, ng), dtype=np.int8)
-    bound = corr_bound(scheme, step)
-    corr = rng.integers(-bound, bound + 1, (rows, ng), dtype=np.int64)
-    if extremes and E.size:
-        E.flat[rng.integers(0, E.size, 2)] = [127, -128]
-        if bound:
-            corr.flat[rng.integers(0, corr.size, 2)] = [bound, -bound]
-    arrays = {"T_packed": pack(T, gs), "E": E, "corr_accum": corr}
-    if "flip_accum" in scheme.arrays():
-        th = scheme.params["theta"]
-        fa = np.zeros((rows, formats.padded_cols(cols, gs)), np.int8)
-        fa[:, :cols] = rng.integers(-th, th + 1, (rows, cols), dtype=np.int8)
-        arrays["flip_accum"] = fa
-    return State(scheme, shape, step, arrays, T)
-
-
 @st.composite
 def e1tm_states(draw, scheme=None, shape=None, step=None, rule=None, format=None,
                 max_rows: int = 6, max_cols: int = 200) -> State:
@@ -152,7 +117,11 @@ def e1tm_states(draw, scheme=None, shape=None, step=None, rule=None, format=None
     shape = draw(shapes(max_rows=max_rows, max_cols=max_cols)) if shape is None else shape
     step = draw(st.sampled_from([0, 1, 2, 3, 7, 100, 12345])) if step is None else step
     # average at step 0: the bound gs*0 = 0 makes corr_accum all zero, as at the start of training
-    return random_state(np.random.default_rng(draw(seeds)), scheme, shape, step)
+    rng = np.random.default_rng(draw(seeds))
+    rows, cols = formats.tensor_view(shape)
+    T = random_trits(rng, rows, cols, scheme.gs)
+    E_range = (-128, 127) if rng.random() < 0.5 else (-4, 4)  # half of them: E near 0
+    return State(scheme, shape, step, random_state(rng, scheme, shape, step, T=T, E_range=E_range), T)
 
 
 @st.composite
