@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 import arbs
+from arbs import formats
 from arbs_cli.main import COMMANDS, main
 
 COMMAND_OBJECTS = [main.get_command(None, name) for name in COMMANDS]
@@ -36,6 +37,17 @@ def one_json(result) -> dict:
     """stdout must be exactly one JSON document (json.loads rejects trailing data)."""
     assert result.exit_code == 0, result.stderr
     return json.loads(result.stdout)
+
+
+def test_convert_takes_every_rule_parameter_of_the_table(tmp_path, float_file):
+    r = invoke("convert", float_file, "--gain", 0, "--vote-max", 1, "--theta", 8, "--out", tmp_path / "a", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert one_json(r)["rule_params"] == {"K": 16, "theta": 8, "gain": 0, "horizon": 0, "vote_max": 1}  # flip
+    r = invoke("convert", float_file, "--out", tmp_path / "b", "--json")
+    assert one_json(r)["rule_params"] == {n: p.default for n, p in formats.PARAMS.items()}
+    r = invoke("convert", float_file, "--rule", "carry", "--gain", 2, "--out", tmp_path / "c")
+    assert r.exit_code == 1 and "rule 'carry' takes no parameter gain" in r.stderr
+    assert not (tmp_path / "c").exists()
 
 
 def test_convert_inspect_fuse_round_trip(tmp_path, float_file):
@@ -182,3 +194,18 @@ def test_inspect_and_fuse_float_checkpoint(tmp_path):
     assert r.exit_code == 0 and "deadzone trapping" in r.stdout and "0.875" in r.stdout
     r = invoke("fuse", tmp_path / "flt")
     assert r.exit_code == 1 and "only E1TM checkpoints" in r.stderr
+
+
+def test_help_and_version_import_no_torch():
+    """``arbs --help``/``--version`` and ``import arbs`` stay lean: no torch, zarr or numba is imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom arbs_cli.main import main\nimport arbs\n"
+            "for args in (['--help'], ['--version']):\n"
+            "    try:\n        main(args)\n    except SystemExit as e:\n        assert e.code == 0, e.code\n"
+            "heavy = sorted(m for m in ('torch', 'zarr', 'numba', 'triton') if m in sys.modules)\n"
+            "print('HEAVY', heavy)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout, out.stdout[-500:]

@@ -1,8 +1,8 @@
 """The Triton kernels (arbs.kernels.triton_gpu) against the numba kernels, on random states.
 
-Integers must be equal and W_eff bit-identical in float32 (NaN where numba has NaN). The ``gpu`` tests
-run on CUDA; ``test_interpreter_matches_numba`` runs the same checks on CPU tensors through Triton's
-interpreter, in a child process (``TRITON_INTERPRET=1`` must be set before triton is imported, and
+Integers must be equal and W_eff bit-identical in float32 (NaN where numba has NaN, whatever its
+payload: CUDA and x86 write different ones). The ``gpu`` tests run on CUDA; ``test_interpreter_matches_numba``
+runs the same checks on CPU tensors through Triton's interpreter, in a child process (``TRITON_INTERPRET=1`` must be set before triton is imported, and
 must not leak into other tests). Run this file as a script to do the interpreter checks directly:
 ``TRITON_INTERPRET=1 python tests/test_triton.py``.
 """
@@ -23,6 +23,7 @@ import torch
 from arbs import formats, schedule
 from arbs import ops
 from arbs.kernels import cpu
+from arbs.testing.states import assert_same, random_state
 
 pytest.importorskip("triton", reason="triton is not installed (pip install 'arbs[gpu]')")
 
@@ -40,44 +41,16 @@ def _tg():
     return triton_gpu
 
 
-# -- comparison helpers (count and first index on mismatch) ----------------------------------------
-def assert_equal(got, want, what: str) -> None:
-    got = got.detach().cpu().numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
-    assert got.shape == want.shape and got.dtype == want.dtype, f"{what}: {got.shape} {got.dtype} vs {want.shape} {want.dtype}"
-    bad = got != want
-    if got.dtype.kind == "f":
-        bad &= ~(np.isnan(got) & np.isnan(want))
-    if bad.any():
-        idx = tuple(int(i[0]) for i in np.nonzero(bad))
-        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.size} differ; first at {idx}: {got[idx]!r} vs {want[idx]!r}")
+# -- random states (arbs.testing.states) -----------------------------------------------------------
+SCHEMES = {gs: formats.make_scheme(v, "carry") for v, gs in formats.VARIANTS.items()}
 
 
-def assert_same_bits(got, want: np.ndarray, what: str) -> None:
-    """float32 bit patterns equal, NaN matching NaN (CUDA and x86 write different NaN payloads)."""
-    got = got.detach().cpu().numpy()
-    assert got.dtype == np.float32 and want.dtype == np.float32
-    nan = np.isnan(got) & np.isnan(want)
-    assert_equal(np.where(nan, 0, got.view(np.int32)), np.where(nan, 0, want.view(np.int32)), what)
-
-
-# -- random states ---------------------------------------------------------------------------------
-def random_state(rng, rows, cols, gs, *, corr_bound=None, invalid_bytes=False):
-    """T (int8 rows x cols_p, padding 0), T_packed, E with its extremes, corr_accum."""
-    cols_p = formats.padded_cols(cols, gs)
-    ng, nb = cols_p // gs, formats.packed_cols(cols_p)
-    T = np.zeros((rows, cols_p), np.int8)
-    T[:, :cols] = rng.choice(np.array([-1, 0, 1], np.int8), size=(rows, cols), p=[0.35, 0.3, 0.35])
-    T[rows // 2, :cols] = 0  # an all-zero row of groups
-    tp = np.empty((rows, nb), np.uint8)
-    cpu.pack_into(T, tp)
-    if invalid_bytes:  # readers reject 243..255, but kernels must still mirror each other on them
-        tp.flat[rng.integers(0, tp.size, max(1, tp.size // 20))] = rng.integers(243, 256, max(1, tp.size // 20))
-    E = rng.integers(-128, 128, (rows, ng)).astype(np.int8)
-    E.flat[:: 7] = 127
-    E.flat[3:: 11] = -128
-    bound = corr_bound or 1 << 40
-    corr = rng.integers(-bound + 1, bound, (rows, ng)).astype(np.int64)
-    return T, tp, E, corr
+def kernel_arrays(rng, rows, cols, gs, *, corr_max=None, invalid_bytes=False):
+    """(T_packed, E, corr_accum) of ``random_state``: E = 127/-128 in a fifth of the groups, some trit groups
+    and a row 0, |corr_accum| <= corr_max (default: carry's K*gs - 1; more than the format allows in some
+    cases), with ``invalid_bytes`` some T_packed bytes 243..255."""
+    s = random_state(rng, SCHEMES[gs], (rows, cols), corr_max=corr_max, extremes=0.2, invalid_bytes=invalid_bytes)
+    return s["T_packed"], s["E"], s["corr_accum"]
 
 
 def random_grad(rng, rows, cols, *, nonfinite=False):
@@ -89,8 +62,8 @@ def random_grad(rng, rows, cols, *, nonfinite=False):
 
 
 def xi_cases(gs):
-    """(num, den, corr_bound) for average (several steps), carry/flip K=16, and den == 0."""
-    return [(4, 0, 1000), (4, 3 * gs, 3 * gs), (4, 1_000_003 * gs, 1 << 40), (1, 16 * gs, 16 * gs), (1, gs, gs)]
+    """(num, den, largest |corr_accum|) for average (several steps), carry/flip K=16 and K=1, and den == 0."""
+    return [(4, 0, 999), (4, 3 * gs, 3 * gs), (4, 1_000_003 * gs, 1 << 40), (1, 16 * gs, 16 * gs - 1), (1, gs, gs - 1)]
 
 
 def t(a, dev):
@@ -101,22 +74,22 @@ def t(a, dev):
 def check_materialize(dev, seed, rows, cols, gs):
     tg, rng = _tg(), np.random.default_rng(seed)
     for num, den, bound in xi_cases(gs):
-        _, tp, E, corr = random_state(rng, rows, cols, gs, corr_bound=bound)
+        tp, E, corr = kernel_arrays(rng, rows, cols, gs, corr_max=bound)
         want = np.empty((rows, cols), np.float32)
         cpu.materialize_into(tp, E, corr, gs, num, den, want)
         out = torch.full((rows, cols), 7.0, device=dev)  # poisoned: every element must be written
         tg.materialize_into(t(tp, dev), t(E, dev), t(corr, dev), gs, num, den, out)
-        assert_same_bits(out, want, f"materialize gs={gs} {rows}x{cols} num={num} den={den}")
+        assert_same(out, want, f"materialize gs={gs} {rows}x{cols} num={num} den={den}", any_nan=True)
         if dev != "cpu":  # bf16 out: the float32 value rounded to nearest even
             ob = torch.empty((rows, cols), dtype=torch.bfloat16, device=dev)
             tg.materialize_into(t(tp, dev), t(E, dev), t(corr, dev), gs, num, den, ob)
             wb = torch.from_numpy(want).to(torch.bfloat16)
-            assert_equal(ob.float(), wb.float().numpy(), f"materialize bf16 gs={gs} {rows}x{cols}")
+            assert_same(ob.float(), wb.float().numpy(), f"materialize bf16 gs={gs} {rows}x{cols}", any_nan=True)
 
 
 def check_vote_delta(dev, seed, rows, cols, gs):
     tg, rng = _tg(), np.random.default_rng(seed)
-    _, tp, _, _ = random_state(rng, rows, cols, gs, invalid_bytes=True)
+    tp, _, _ = kernel_arrays(rng, rows, cols, gs, invalid_bytes=True)
     ng = formats.padded_cols(cols, gs) // gs
     dtypes = [torch.float32, torch.float64] + ([torch.bfloat16] if dev != "cpu" else [])
     for nonfinite in (False, True):
@@ -128,14 +101,14 @@ def check_vote_delta(dev, seed, rows, cols, gs):
             delta = torch.full((rows, ng), 12345, dtype=torch.int64, device=dev)
             bad = tg.vote_delta_into(g, t(tp, dev), gs, delta)
             assert bad == bad_want, f"vote nonfinite count {bad} vs {bad_want}"
-            assert_equal(delta, want, f"vote delta gs={gs} {rows}x{cols} {dt}")
+            assert_same(delta, want, f"vote delta gs={gs} {rows}x{cols} {dt}")
 
 
 def check_apply_votes(dev, seed, rows, cols, gs):
     tg, rng = _tg(), np.random.default_rng(seed)
     ng = formats.padded_cols(cols, gs) // gs
     for limit in (0, 16 * gs, 1):
-        _, _, E, corr = random_state(rng, rows, cols, gs, corr_bound=max(limit, 2))
+        _, E, corr = kernel_arrays(rng, rows, cols, gs, corr_max=max(limit - 1, 1))
         span = max(limit, 1) * 300  # multi-carries and saturations at E = -128/127
         delta = rng.integers(-span, span + 1, (rows, ng)).astype(np.int64)
         delta.flat[::5] = rng.integers(-gs, gs + 1, delta.flat[::5].shape)
@@ -144,8 +117,8 @@ def check_apply_votes(dev, seed, rows, cols, gs):
         c, e = t(corr, dev), t(E, dev)
         n = tg.apply_votes(c, e, t(delta, dev), limit)
         assert tuple(int(x) for x in n) == tuple(int(x) for x in n_want), f"apply counts {n} vs {n_want}"
-        assert_equal(c, c_want, f"apply corr limit={limit}")
-        assert_equal(e, e_want, f"apply E limit={limit}")
+        assert_same(c, c_want, f"apply corr limit={limit}")
+        assert_same(e, e_want, f"apply E limit={limit}")
 
 
 def check_flip(dev, seed, rows, cols, gs):
@@ -153,7 +126,7 @@ def check_flip(dev, seed, rows, cols, gs):
     cols_p = formats.padded_cols(cols, gs)
     for theta, gain_m, vote_max in ((1, 0.0, 1), (8, 0.0, 1), (127, 0.0, 1), (2, 0.7, 1), (8, 5.0, 1), (16, 1.7, 3)):
         base, step = int(rng.integers(0, 2**63)) * 2 + 1, int(rng.integers(0, 10**6))
-        _, tp, _, _ = random_state(rng, rows, cols, gs, invalid_bytes=theta == 8)
+        tp, _, _ = kernel_arrays(rng, rows, cols, gs, invalid_bytes=theta == 8)
         fa = rng.integers(-theta, theta + 1, (rows, cols_p)).astype(np.int8)
         fa.flat[::13] = rng.choice(np.array([-128, 127, theta, -theta], np.int8), fa.flat[::13].shape)
         g = random_grad(rng, rows, cols)
@@ -162,14 +135,14 @@ def check_flip(dev, seed, rows, cols, gs):
         tp_d, fa_d = t(tp, dev), t(fa, dev)
         n = tg.flip_into(t(g, dev), tp_d, fa_d, theta, gain_m, base, step, vote_max)
         assert n == n_want, f"flips {n} vs {n_want}"
-        assert_equal(tp_d, tp_want, f"flip T_packed theta={theta} gs={gs} {rows}x{cols}")
-        assert_equal(fa_d, fa_want, f"flip flip_accum theta={theta}")
+        assert_same(tp_d, tp_want, f"flip T_packed theta={theta} gs={gs} {rows}x{cols}")
+        assert_same(fa_d, fa_want, f"flip flip_accum theta={theta}")
 
 
 def check_fuse(dev, seed, rows, cols, gs):
     tg, rng = _tg(), np.random.default_rng(seed)
-    for num, den, bound in xi_cases(gs) + [(4, 8, 1 << 62)]:
-        _, _, E, corr = random_state(rng, rows, cols, gs, corr_bound=bound)
+    for num, den, bound in xi_cases(gs) + [(4, 8, (1 << 62) - 1)]:
+        _, E, corr = kernel_arrays(rng, rows, cols, gs, corr_max=bound)
         if den:  # exact halves: round half to even
             corr.flat[::3] = (den // (2 * num)) * rng.choice([-1, 1, 3, -3], corr.flat[::3].shape)
         want = np.empty_like(E)
@@ -177,7 +150,7 @@ def check_fuse(dev, seed, rows, cols, gs):
         out = torch.full(E.shape, 99, dtype=torch.int8, device=dev)
         n = tg.fuse_into(t(E, dev), t(corr, dev), num, den, out)
         assert tuple(n) == tuple(int(x) for x in n_want), f"fuse counts {n} vs {n_want}"
-        assert_equal(out, want, f"fuse num={num} den={den}")
+        assert_same(out, want, f"fuse num={num} den={den}")
 
 
 def check_module(dev, seed, rows, cols, fmt, rule):
@@ -197,14 +170,14 @@ def check_module(dev, seed, rows, cols, fmt, rule):
         clock.fuse_phase = step == 4  # the fuse phase: votes leave E and corr_accum alone
         w = tg.materialize(mod)
         assert w.dtype == torch.float32 and tuple(w.shape) == (rows, cols)
-        assert_same_bits(w, ops.materialize(ref, (rows, cols), clock.scheme, step), f"module materialize step {step}")
+        assert_same(w, ops.materialize(ref, (rows, cols), clock.scheme, step), f"module materialize step {step}", any_nan=True)
         g = random_grad(rng, rows, cols) * 1e-3
         st = tg.vote(mod, t(g, dev))
         st_want = ops.vote(ref, g, (rows, cols), clock.scheme, step_counter=step, seed=clock.seed,
                            tensor=mod.tensor_index, scales=not clock.fuse_phase)
         assert st == st_want, f"{st} vs {st_want}"
         for k in clock.scheme.arrays():
-            assert_equal(getattr(mod, k), ref[k], f"module {rule} {k} step {step}")
+            assert_same(getattr(mod, k), ref[k], f"module {rule} {k} step {step}")
     bad = random_grad(rng, rows, cols, nonfinite=True)
     before = {k: getattr(mod, k).cpu().clone() for k in clock.scheme.arrays()}
     with pytest.raises(NonFiniteError):
@@ -248,7 +221,7 @@ def check_shared_counters(dev):
     assert (nonfinite, oor, carries, sats, flips) == (1, 0, st.carries, st.saturations, st.flips)
     for m, r in zip(mods, ref):
         for k in clock.scheme.arrays():
-            assert_equal(getattr(m, k), r[k], f"shared counters {k}")
+            assert_same(getattr(m, k), r[k], f"shared counters {k}")
 
 
 CHECKS = (check_materialize, check_vote_delta, check_apply_votes, check_flip, check_fuse)
@@ -297,7 +270,7 @@ def test_materialize_every_carry_scale_bit_exact():
     cpu.materialize_into(tp, E, corr, gs, 1, limit, want)
     out = torch.empty(want.shape, device="cuda")
     _tg().materialize_into(t(tp, "cuda"), t(E, "cuda"), t(corr, "cuda"), gs, 1, limit, out)
-    assert_same_bits(out, want, "every carry scale")
+    assert_same(out, want, "every carry scale", any_nan=True)
 
 
 @pytest.mark.gpu
@@ -315,7 +288,7 @@ def test_materialize_average_scales_bit_exact_large_sample():
         cpu.materialize_into(tp, E, corr, gs, 4, den, want)
         out = torch.empty(want.shape, device="cuda")
         _tg().materialize_into(t(tp, "cuda"), t(E, "cuda"), t(corr, "cuda"), gs, 4, den, out)
-        assert_same_bits(out, want, f"average scales step={step}")
+        assert_same(out, want, f"average scales step={step}", any_nan=True)
 
 
 @pytest.mark.gpu
@@ -382,7 +355,7 @@ def test_nn_cuda_bf16_votes_equal_ops_vote_of_the_same_gradient():
     gw = (gy.t() @ x.to(torch.bfloat16)).float().cpu().numpy()  # the bf16 GEMM backward computed
     ops.vote(ref, gw, (40, 96), clock.scheme)
     for k, v in model[0].state_dict().items():
-        assert_equal(v, ref[k], f"bf16 vote {k}")
+        assert_same(v, ref[k], f"bf16 vote {k}")
 
 
 @pytest.mark.gpu
