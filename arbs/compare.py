@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Callable
 
 from . import formats
-from . import store
 from .errors import ArbsError, ConfigError
 from .training import TrainConfig
 
@@ -165,8 +164,10 @@ def _train_in_subprocess(cfg: TrainConfig, on_step) -> dict:
     return result
 
 
-def _state_bpw(ckpt: store.Checkpoint) -> tuple[float, float]:
+def _state_bpw(ckpt) -> tuple[float, float]:
     """(persistent training bits/weight, inference bits/weight) measured from the arrays' raw bytes."""
+    from . import store
+
     from .nn.baselines import inference_bpw
 
     weights = sum(math.prod(t.shape) for t in ckpt.tensors.values())
@@ -187,6 +188,8 @@ def _state_bpw(ckpt: store.Checkpoint) -> tuple[float, float]:
 def compare(cfg: CompareConfig, *, on_entry: Callable[[Entry, int, int], None] | None = None,
             on_step: Callable[[int], None] | None = None) -> list[Row]:
     """Train (or resume, or read back) every entry and write the table into ``cfg.out``."""
+    from . import store  # imported here so that `arbs compare --help` stays lean
+
     entries = cfg.parsed()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -210,6 +213,8 @@ def compare(cfg: CompareConfig, *, on_entry: Callable[[Entry, int, int], None] |
 
 
 def _rows(cfg: CompareConfig, entries: list[Entry], results: dict) -> list[Row]:
+    from . import store
+
     fp32 = next((results[e]["val_loss"] for e in entries if e.format == "fp32"), None)
     rows = []
     for e in entries:

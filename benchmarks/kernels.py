@@ -2,11 +2,11 @@
 
     python benchmarks/kernels.py [--rows 4096] [--cols 4096] [--format E1TM32] [--repeats 15]
 
-State: a (rows, cols) tensor of the chosen variant under the carry rule (K = 16), built from uniformly
-random trits, random E in [-8, 8] and random corr_accum inside +-(K*gs - 1). Each kernel is compiled and
-run three times before timing; the table shows the median of ``--repeats`` timed samples, the kernel
-and its memcpy reference timed alternately so that both see the same state of the machine, each sample
-the mean of a ~5 ms burst of back-to-back calls (one call for the long kernels).
+State: a (rows, cols) tensor of the chosen variant under the carry rule (K = 16), built by
+arbs.testing.states from uniformly random trits, random E in [-8, 8] and random corr_accum inside
++-(K*gs - 1), no bounds planted. Each kernel is compiled and run three times before timing; the table
+shows the median of ``--repeats`` timed samples, the kernel and its memcpy reference timed alternately
+so that both see the same state of the machine, each sample the mean of a ~5 ms burst of back-to-back calls (one call for the long kernels).
 
 "Bytes" counts every byte the kernel must read plus every byte it must write (what a perfect kernel
 would move through memory):
@@ -40,8 +40,8 @@ if __name__ == "__main__" and __package__ in (None, ""):
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from arbs import formats
-from arbs import ops
 from arbs.kernels import cpu
+from arbs.testing.states import random_state, random_trits
 
 TARGETS = {"pack": 1.0, "unpack": 1.0, "materialize": 0.5, "vote": 0.5, "fuse": 1.0}
 
@@ -84,25 +84,13 @@ class Memcpy:
             f.result()
 
 
-def build_state(rows: int, cols: int, scheme: formats.Scheme, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    gs = scheme.gs
-    limit = scheme.carry_limit
-    T = rng.integers(-1, 2, (rows, cols), dtype=np.int8)
-    ng = formats.n_groups(cols, gs)
-    state = {
-        "T_packed": ops.pack(T, gs),
-        "E": rng.integers(-8, 9, (rows, ng), dtype=np.int8),
-        "corr_accum": rng.integers(-(limit - 1), limit, (rows, ng), dtype=np.int64),
-    }
-    grad = rng.standard_normal((rows, cols), dtype=np.float32)
-    return T, state, grad
-
-
 def run(rows: int, cols: int, fmt: str, repeats: int) -> list[dict]:
     scheme = formats.make_scheme(fmt, "carry")
     gs, limit = scheme.gs, scheme.carry_limit
-    T, state, grad = build_state(rows, cols, scheme)
+    rng = np.random.default_rng(0)
+    T = random_trits(rng, rows, cols)
+    state = random_state(rng, scheme, (rows, cols), T=T, E_range=(-8, 8), extremes=0)
+    grad = rng.standard_normal((rows, cols), dtype=np.float32)
     Tp, E, corr = state["T_packed"], state["E"], state["corr_accum"]
     num, den = scheme.xi_ratio(0)
     T_out = np.empty_like(T)

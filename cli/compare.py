@@ -2,32 +2,33 @@
 
 import click
 
+from arbs.compare import DEFAULT_ENTRIES, CompareConfig
+
 from .common import arbs_errors, echo_json, progress_bar
 from .options import training_options
 
-_OUT = "runs/compare"
-_DEFAULT_ENTRIES = "fp32 learned-s absmean factorized absmax-group E1TM32:average E1TM32:carry E1TM32:flip E1TM32:flip@init"
+_D = CompareConfig()
 
 
 _HELP = f"""Train schemes side by side (same model, data order, seed, steps) and write a table with plots.
 
-ENTRIES are format[:rule][@init], e.g. fp32 absmean E1TM32:flip E1TM32:carry@init (the @init entries
-start from the fp32 entry, trained first). Default: {_DEFAULT_ENTRIES}. Re-running the same
+ENTRIES are format[:rule][@init], e.g. fp32 absmean E1TM32:flip E1TM32:flip@init (the @init entries
+start from the fp32 entry, trained first). Default: {" ".join(DEFAULT_ENTRIES)}. Re-running the same
 command resumes an interrupted compare.
 """
 
 
 @click.command("compare", help=_HELP)
 @click.argument("entries", nargs=-1)
-@click.option("--out", default=_OUT, show_default=True, help="Directory for the runs, compare.md, compare.json and PNG plots.")
+@click.option("--out", default=_D.out, show_default=True, help="Directory for the runs, compare.md, compare.json and PNG plots.")
 @training_options
 @click.option("--json", "as_json", is_flag=True, help="Print the table as one JSON document on stdout.")
 @arbs_errors
 def compare_cmd(entries, as_json, **opts):
-    from arbs.compare import CompareConfig, compare, render_markdown
+    from arbs.compare import compare, render_markdown
     from arbs.plots import plot_compare
 
-    cfg = CompareConfig(entries=tuple(entries) or tuple(_DEFAULT_ENTRIES.split()), **opts)
+    cfg = CompareConfig(entries=tuple(entries) or DEFAULT_ENTRIES, **opts)
     with progress_bar(total=cfg.steps) as bar:
         def on_entry(e, i, n):
             bar.reset(total=cfg.steps)

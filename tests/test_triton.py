@@ -2,9 +2,9 @@
 
 Integers must be equal and W_eff bit-identical in float32 (NaN where numba has NaN, whatever its
 payload: CUDA and x86 write different ones). The ``gpu`` tests run on CUDA; ``test_interpreter_matches_numba``
-runs the same checks on CPU tensors through Triton's interpreter, in a child process (``TRITON_INTERPRET=1`` must be set before triton is imported, and
-must not leak into other tests). Run this file as a script to do the interpreter checks directly:
-``TRITON_INTERPRET=1 python tests/test_triton.py``.
+runs the same checks on CPU tensors through Triton's interpreter, in a child process
+(``TRITON_INTERPRET=1`` must be set before triton is imported, and must not leak into other tests). Run
+this file as a script to do the interpreter checks directly: ``TRITON_INTERPRET=1 python tests/test_triton.py``.
 """
 
 from __future__ import annotations
