@@ -195,7 +195,6 @@ def test_apply_votes_matches_reference(impl, rows, ng, seed, limit, scale):
        gain_m=st.sampled_from([0.0, 0.3, 4.0]), vote_max=st.sampled_from([1, 2, 3, 127]),
        key=st.integers(0, 2**64 - 1))
 def test_flip_matches_reference(impl, variant, rows, cols, seed, theta, gain_m, vote_max, key):
-    gs = formats.variant_gs(variant)
     s = random_state(np.random.default_rng(seed), formats.make_scheme(variant, "flip", theta=theta), (rows, cols))
     Tp, fa = s["T_packed"], s["flip_accum"]  # flip_accum within +-theta (planted), 0 on padding
     rng = np.random.default_rng(seed + 2)
