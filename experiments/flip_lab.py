@@ -31,16 +31,16 @@ from arbs import ops
 from arbs.models.gpt import GPT, get_preset
 
 
-FLOOR = {"cos": 0.1, "cos0": 0.0}
 
 
-def lr_mult(sched: str, step: int, steps: int, warmup: int = 50) -> float:
+def lr_mult(sched: str, step: int, steps: int, floor: float = 0.1, warmup: int = 50) -> float:
+    """Warmup + cosine to ``floor`` ("cos") or to 0 ("cos0"); 1 for "const"."""
     if sched == "const":
         return 1.0
     if step < warmup:
         return (step + 1) / warmup
     frac = min(1.0, (step - warmup) / max(1, steps - warmup))
-    floor = FLOOR[sched]
+    floor = 0.0 if sched == "cos0" else floor
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
@@ -84,7 +84,7 @@ class IntWeight:
         g2[:, : self.cols] = g.reshape(self.rows, self.cols)
         sg = torch.sign(g2).long()
         T = self.T.long()
-        m = lr_mult(a.sched, step, a.steps)
+        m = lr_mult(a.sched, step, a.steps, a.floor)
 
         def per_group(x):  # (rows, cols_p) -> (rows, groups): the sum over each group
             return x.view(self.rows, -1, self.gs).sum(-1)
@@ -156,11 +156,11 @@ class IntWeight:
 
 
 @torch.no_grad()
-def evaluate(model, val, context, device) -> float:
+def evaluate(model, val, context, device, batch_size: int = 16) -> float:
     """Mean validation loss (nats/byte) on the windows arbs.training.evaluate.evaluate uses (batch 16, 8 batches)."""
     model.eval()
     total, n = 0.0, 0
-    for x, y in data_mod.eval_batches(val, batch_size=16, context=context, max_batches=8):
+    for x, y in data_mod.eval_batches(val, batch_size=batch_size, context=context, max_batches=8):
         _, loss = model(x.to(device), y.to(device))
         total += float(loss) * x.numel()
         n += x.numel()
@@ -173,11 +173,8 @@ def run(a) -> dict:
     device = torch.device(a.device)
     torch.backends.cuda.matmul.allow_tf32 = False
     cfg = get_preset(a.preset)
-    if a.data:
-        tr, va = np.load(a.data + ".train.npy"), np.load(a.data + ".val.npy")
-    else:
-        c = data_mod.default_corpus()
-        tr, va = c.train, c.val
+    c = data_mod.load_corpus(a.data) if a.data else data_mod.default_corpus()
+    tr, va = c.train, c.val
     model = GPT(cfg)
     if a.init:
         from arbs.training.build import load_float_init
@@ -200,18 +197,17 @@ def run(a) -> dict:
     fuse_from = a.steps - round(a.fuse_phase * a.steps)
     hist = []
     t0 = time.time()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0) if a.vote == "fp32" else None
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0) if a.vote == "fp32" else None
     sopt = torch.optim.Adam([w.float_scales() for w in ints.values()], lr=a.slr, betas=(a.sbeta1, 0.999)) if a.svote == "adam" else None
     res0 = {}
     if a.init:  # the float model, then its one-shot conversion, before any step
-        res0["val_float_init"] = evaluate(model, va, cfg.context, device)
+        res0["val_float_init"] = evaluate(model, va, cfg.context, device, a.batch_size)
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(ints[n].w_eff())
-        res0["val_converted"] = evaluate(model, va, cfg.context, device)
+        res0["val_converted"] = evaluate(model, va, cfg.context, device, a.batch_size)
         print(json.dumps(res0), flush=True)
     a.fuse_from = fuse_from
-    FLOOR["cos"] = a.floor
     for step in range(a.steps):
         rounded = step >= fuse_from
         if a.snap and step == fuse_from:
@@ -219,12 +215,12 @@ def run(a) -> dict:
                 w.snap()
         if opt is not None:
             for g in opt.param_groups:
-                g["lr"] = 3e-3 * lr_mult("cos", step, a.steps)
+                g["lr"] = a.lr * lr_mult("cos", step, a.steps, a.floor)
         else:
             with torch.no_grad():
                 for n, p in params.items():
                     p.copy_(ints[n].w_eff(rounded))
-        x, y = data_mod.get_batch(tr, batch_size=16, context=cfg.context, seed=a.seed, step=step)
+        x, y = data_mod.get_batch(tr, batch_size=a.batch_size, context=cfg.context, seed=a.seed, step=step)
         _, loss = model(x.to(device), y.to(device))
         loss.backward()
         flips = 0
@@ -238,7 +234,7 @@ def run(a) -> dict:
                 p.grad = None
         if sopt is not None:
             for g in sopt.param_groups:
-                g["lr"] = a.slr * lr_mult("cos", step, a.steps)
+                g["lr"] = a.slr * lr_mult("cos", step, a.steps, a.floor)
             sopt.step()
         if (step + 1) % 100 == 0:
             hist.append({"step": step + 1, "loss": float(loss), "flips": flips})
@@ -248,7 +244,7 @@ def run(a) -> dict:
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(ints[n].w_eff(rounded))
-        res["val_fused" if rounded else "val"] = evaluate(model, va, cfg.context, device)
+        res["val_fused" if rounded else "val"] = evaluate(model, va, cfg.context, device, a.batch_size)
     res.setdefault("val_fused", res["val"])
     print(json.dumps({k: res[k] for k in ("val", "val_fused", "s")}), flush=True)
     if a.out:
@@ -287,7 +283,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--init-scale", type=float, default=1.0, help="multiply the float init (arbs.models.gpt's, already init_std(d_model)) before converting")
     p.add_argument("--init-scale-emb", type=float, default=0.0, help="the embedding's own --init-scale (0: same)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--data", default=None, help="prefix of <prefix>.train.npy / <prefix>.val.npy")
+    p.add_argument("--data", default=None, help="what arbs train --data reads (default: the stdlib corpus)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step (arbs train's default)")
+    p.add_argument("--lr", type=float, default=3e-3, help="float runs: AdamW peak learning rate (arbs train's default)")
     p.add_argument("--out", default=None)
     return p
 

@@ -5,7 +5,7 @@ export OMP_NUM_THREADS=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 while read -r name args; do
   [ -z "$name" ] && continue
   while [ $(jobs -r | wc -l) -ge $par ]; do sleep 0.5; done
-  python3 experiments/flip_lab.py --data runs/corpus/std $args --out $out/$name.json > $out/$name.log 2>&1 &
+  python3 experiments/flip_lab.py $args --out $out/$name.json > $out/$name.log 2>&1 &
 done < $cfg
 wait
 python3 - $out <<'PY'
