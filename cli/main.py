@@ -2,7 +2,8 @@
 
 Commands are imported when used, so ``arbs --help`` and ``arbs --version`` import no torch. To add a
 command: write ``cli/<name>.py`` defining a ``@click.command`` function whose module imports only
-light modules at the top (click, arbs.formats, arbs.training.config), and add it to ``COMMANDS``.
+at the top only modules that need no torch, zarr or numba (click, arbs.formats, arbs.training.config),
+and add it to ``COMMANDS``.
 """
 
 from __future__ import annotations

@@ -6,15 +6,7 @@ update rule as integer votes and drops it. There is no ``.grad`` for E1TM weight
 
 A weight used several times in one step (the tied embedding/head) or over several micro-batches
 (inside ``accumulate(model)``) votes once, on its summed gradient, when its last pending use has
-finished backward (or at ``step(model)``).
-
-Usage::
-
-    clock = arbs.nn.ternarize_(model, format="E1TM32", rule="flip")
-    for x, y in batches:
-        loss = loss_fn(model(x), y)
-        loss.backward()          # votes happen here, layer by layer
-        arbs.nn.step(model)      # flushes pending votes, step_counter += 1
+finished backward (or at ``step(model)``). Usage: see :mod:`arbs.nn.ternarize`.
 """
 
 from __future__ import annotations

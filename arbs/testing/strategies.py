@@ -13,7 +13,10 @@ padding trits 0, corr_accum inside the rule's bounds, flip_accum inside +-theta.
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import strategies as st
+try:
+    from hypothesis import strategies as st
+except ImportError as e:  # the test extra: pip install "arbs[test]"
+    raise ImportError("arbs.testing.strategies needs hypothesis; install it with: pip install 'arbs[test]'") from e
 
 from .. import formats
 from .states import random_state, random_trits
