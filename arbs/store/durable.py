@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ..errors import CorruptStoreError
 from .layout import TMP_PREFIX
 
 _FSYNC_THREADS = 16
@@ -54,3 +56,30 @@ def remove_dir(path: Path) -> None:
     os.rename(path, doomed)
     fsync_dir(path.parent)
     shutil.rmtree(doomed)
+
+
+def read_regular(path: Path, max_bytes: int, what: str) -> bytes:
+    """The bytes of ``path``, which must be a regular file (not a FIFO, device or directory; a symlink is
+    followed only to a regular file) of at most ``max_bytes``: a hostile file can neither hang the
+    reader nor exhaust its memory. FileNotFoundError passes through; anything else is CorruptStoreError
+    naming ``what``."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise CorruptStoreError(f"cannot read {what} '{path}': {e}") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise CorruptStoreError(f"{what} '{path}' is not a regular file (mode {stat.filemode(st.st_mode)}); "
+                                "replace it with the file arbs wrote, or remove it")
+    if st.st_size > max_bytes:
+        raise CorruptStoreError(f"{what} '{path}' is {st.st_size} bytes; arbs writes at most {max_bytes}. "
+                                "It is not the file arbs wrote: restore it from a copy or remove it")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise CorruptStoreError(f"cannot read {what} '{path}': {e}") from e
+    if len(data) > max_bytes:  # grew after the stat
+        raise CorruptStoreError(f"{what} '{path}' is larger than {max_bytes} bytes; it is not the file arbs wrote")
+    return data
