@@ -121,8 +121,9 @@ def _is_val_file(relpath: str) -> bool:
 
 
 def _split_tail(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) views; a memory-mapped corpus stays mapped (batches copy only their windows)."""
     n_val = len(data) // VAL_FRACTION_DENOM
-    return data[: len(data) - n_val].copy(), data[len(data) - n_val :].copy()
+    return data[: len(data) - n_val], data[len(data) - n_val :]
 
 
 _TAIL_RULE = f"last 1/{VAL_FRACTION_DENOM} (5%) of the bytes is validation"
@@ -144,6 +145,20 @@ def _read_bytes(path: Path) -> bytes:
         raise ArbsError(
             f"cannot read corpus file '{path}': {e.strerror or e}; check that it exists and is readable"
         ) from e
+
+
+MAP_MIN_BYTES = 1 << 20  # larger single files are memory-mapped, not read into memory
+
+
+def _map_bytes(path: Path) -> np.ndarray:
+    """The bytes of a regular file as a read-only uint8 array: memory-mapped when large, so a corpus
+    of any size costs address space, not memory."""
+    if path.stat().st_size < MAP_MIN_BYTES:
+        return _as_array(_read_bytes(path))
+    try:
+        return np.memmap(path, dtype=np.uint8, mode="r")
+    except (OSError, ValueError) as e:
+        raise ArbsError(f"cannot map corpus file '{path}': {e}; check that it is readable") from e
 
 
 def _check_size(n: int, where: str) -> None:
@@ -286,10 +301,13 @@ def load_corpus(path: str | os.PathLike) -> Corpus:
         raise ConfigError(f"corpus path '{p}' does not exist; give a text file, a directory or a uint8 .npy")
     if p.is_dir():
         return _load_dir(p)
+    if not p.is_file():  # a FIFO or a device (/dev/zero) would hang or never end
+        raise ConfigError(f"corpus path '{p}' is not a regular file or a directory; give a text file, "
+                          "a directory or a uint8 .npy")
     if p.suffix.lower() == ".npy":
         return _load_npy(p)
-    data = _as_array(_read_bytes(p))
-    _check_size(len(data), str(p))
+    _check_size(p.stat().st_size, str(p))
+    data = _map_bytes(p)
     train, val = _split_tail(data)
     return Corpus(train, val, _info(p, "text", 1, train, val, _TAIL_RULE))
 
@@ -308,7 +326,7 @@ def _info(p: Path, kind: str, n_files: int, train: np.ndarray, val: np.ndarray, 
 
 def _load_npy(p: Path) -> Corpus:
     try:
-        a = np.load(p, allow_pickle=False)
+        a = np.load(p, allow_pickle=False, mmap_mode="r")  # mapped: a large corpus costs no memory
     except (OSError, ValueError, EOFError) as e:
         raise ArbsError(f"cannot read '{p}' as a .npy array: {e}; save it with np.save(path, bytes_array)") from e
     if not isinstance(a, np.ndarray):  # np.load returns NpzFile for .npz content
@@ -319,7 +337,7 @@ def _load_npy(p: Path) -> Corpus:
             f"(convert with np.asarray(x, dtype=np.uint8).ravel() only if the values are bytes)"
         )
     _check_size(len(a), str(p))
-    train, val = _split_tail(np.ascontiguousarray(a))
+    train, val = _split_tail(a)
     return Corpus(train, val, _info(p, "npy", 1, train, val, _TAIL_RULE))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import store
+from .errors import ArbsError
 
 
 def _pyplot():
@@ -14,6 +15,17 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, out: Path) -> None:
+    """Write ``fig`` as PNG to ``out``; ArbsError naming the file and the cause if the file system refuses."""
+    plt = _pyplot()
+    try:
+        fig.savefig(out)
+    except OSError as e:
+        raise ArbsError(f"could not write '{out}': {e.strerror or e}") from e
+    finally:
+        plt.close(fig)
 
 
 def _last_per_step(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -43,8 +55,7 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    _save(fig, out)
     return out
 
 
@@ -63,8 +74,7 @@ def plot_compare(rows, out_dir: Path) -> tuple[Path, Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    fig.savefig(curves)
-    plt.close(fig)
+    _save(fig, curves)
 
     bars = out_dir / "final_loss.png"
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2), dpi=110)
@@ -77,6 +87,5 @@ def plot_compare(rows, out_dir: Path) -> tuple[Path, Path]:
     ax.set_xlabel("final validation loss (nats/byte; grey: float latents, blue: E1TM, orange: E1TM fused)")
     ax.set_xlim(0, max(vals) * 1.15)
     fig.tight_layout()
-    fig.savefig(bars)
-    plt.close(fig)
+    _save(fig, bars)
     return curves, bars

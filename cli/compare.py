@@ -3,6 +3,7 @@
 import click
 
 from arbs.compare import DEFAULT_ENTRIES, CompareConfig
+from arbs.errors import ArbsError
 
 from .common import arbs_errors, echo_json, progress_bar
 from .options import training_options
@@ -39,7 +40,10 @@ def compare_cmd(entries, as_json, **opts):
             bar.refresh()
 
         rows = compare(cfg, on_entry=on_entry, on_step=on_step)
-    plot_compare(rows, cfg.out)
+    try:
+        plot_compare(rows, cfg.out)
+    except ArbsError as e:  # the table is written; a missing picture is worth a warning, not a failure
+        click.echo(f"warning: plots not written: {e}", err=True)
     if as_json:
         echo_json([{k: v for k, v in r.__dict__.items() if k != "curve"} for r in rows])
         return

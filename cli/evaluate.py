@@ -35,7 +35,7 @@ def eval_cmd(ckpt, data, batch_size, batches, device, as_json):
 @click.command("generate")
 @click.argument("ckpt")
 @click.option("--prompt", default="def ", show_default=True, help="Text to continue (UTF-8).")
-@click.option("--max-bytes", type=int, default=200, show_default=True, help="Bytes to sample.")
+@click.option("--max-bytes", type=int, default=200, show_default=True, help="Bytes to sample (at most 1 MiB); printed as they come.")
 @click.option("--temperature", type=float, default=0.8, show_default=True, help="Sampling temperature; 0 = greedy.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where to run.")
@@ -44,5 +44,12 @@ def generate_cmd(ckpt, prompt, max_bytes, temperature, seed, device):
     """Sample bytes from a checkpoint's model after --prompt; prints prompt + continuation."""
     from arbs.training.evaluate import generate
 
-    out = generate(ckpt, prompt, max_bytes=max_bytes, temperature=temperature, seed=seed, device=device)
-    sys.stdout.write(prompt + out.decode("utf-8", errors="replace") + "\n")
+    raw = prompt.encode("utf-8", "surrogateescape")  # bytes the shell passed that are not UTF-8 stay bytes
+    out = sys.stdout.buffer
+    stream = generate(ckpt, raw, max_bytes=max_bytes, temperature=temperature, seed=seed, device=device)
+    out.write(raw)
+    for b in stream:  # the model's raw bytes, as they are sampled
+        out.write(b)
+        out.flush()
+    out.write(b"\n")
+    out.flush()

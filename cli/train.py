@@ -4,8 +4,10 @@ import math
 import sys
 
 import click
+from click.core import ParameterSource
 
 from arbs import formats
+from arbs.errors import ArbsError
 from arbs.training.config import TrainConfig
 
 from .common import arbs_errors, echo_json, progress_bar
@@ -23,7 +25,9 @@ _D = TrainConfig()
 @click.option("--save-every", type=int, default=_D.save_every, show_default=True, help="Steps between checkpoints.")
 @click.option("--keep", type=int, default=_D.keep, show_default=True, help="Keep the newest N checkpoints.")
 @click.option("--out", default=_D.out, show_default=True, help="Run directory (checkpoints, metrics.jsonl, loss.png).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its LATEST checkpoint (bit-exact).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its newest checkpoint, bit-exact, with the "
+              "options it was made with; given options may change only --steps, --horizon, the eval/save cadence, "
+              "--keep, --threads, --device, --cuda-graph, --data.")
 @click.option("--init", default=None, help="Float model to start from (an fp32 run dir, .safetensors or torch state dict), converted to E1TM.")
 @click.option("--fuse-phase", type=float, default=None,
               help="E1TM: final fraction of steps trained with the scales fused into E and frozen (only trits "
@@ -42,8 +46,16 @@ def train_cmd(fmt, as_json, **opts):
     """
     from arbs.plots import plot_run
     from arbs.training import train
+    from arbs.training.config import resume_config
 
-    cfg = TrainConfig(format=fmt, **opts)
+    ctx = click.get_current_context()
+    opts["format"] = fmt
+    if opts["resume"]:  # the run as it was made; only the options given here may change it
+        given = {k: v for k, v in opts.items()
+                 if ctx.get_parameter_source("fmt" if k == "format" else k) is ParameterSource.COMMANDLINE}
+        cfg = resume_config(opts["out"], **given)
+    else:
+        cfg = TrainConfig(**opts)
     with progress_bar(total=cfg.steps, desc=f"{cfg.format}{':' + cfg.resolved_rule if cfg.resolved_rule else ''}") as bar:
         def on_step(rec):
             bar.n = rec["step"]
@@ -55,7 +67,10 @@ def train_cmd(fmt, as_json, **opts):
                       f"({rec['val_bpb']:.4f} bits/byte)", file=sys.stderr)
 
         res = train(cfg, on_step=on_step, on_eval=on_eval)
-    plot_run(res.run_dir)
+    try:
+        plot_run(res.run_dir)
+    except ArbsError as e:  # the run is saved; a missing picture is worth a warning, not a failure
+        click.echo(f"warning: loss.png not written: {e}", err=True)
     doc = {
         "run_dir": str(res.run_dir), "format": cfg.format, "rule": cfg.resolved_rule, "steps": res.steps,
         "final_train_loss": res.final_train_loss, "val_loss": res.val_loss, "val_bpb": res.val_bpb,

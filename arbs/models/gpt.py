@@ -186,6 +186,14 @@ class GPT(nn.Module):
             raise ConfigError(
                 f"generate: idx must have shape (batch, time) with time >= 1; got shape {tuple(idx.shape)}"
             )
+        for nxt in self.stream(idx, max_new_tokens, temperature, generator):
+            idx = torch.cat((idx, nxt), dim=1)
+        return idx
+
+    @torch.no_grad()
+    def stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+               generator: torch.Generator | None = None):
+        """Yield the (B, 1) tokens :meth:`generate` appends, one at a time, as they are sampled."""
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.config.context :])
             logits = logits[:, -1, :].float()  # (B, V)
@@ -195,7 +203,7 @@ class GPT(nn.Module):
                 probs = F.softmax(logits / temperature, dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
             idx = torch.cat((idx, nxt), dim=1)
-        return idx
+            yield nxt
 
 
 def count_weights(model: nn.Module) -> int:

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import ConfigError, CorruptStoreError, StoreNotFoundError
+from ..errors import ArbsError, ConfigError, CorruptStoreError, StoreNotFoundError
 from . import durable
 from .encoding import plain_json, reject_json_constant
 from .layout import METRICS_FILE
@@ -19,14 +19,19 @@ def append_metrics(run_dir, record: Mapping[str, Any]) -> None:
     """Append ``record`` as one JSON line to ``run_dir/metrics.jsonl`` (flushed and fsynced).
 
     numpy scalars are converted; NaN/inf and non-JSON values raise ConfigError. ``run_dir`` is created
-    if missing.
+    if missing. A file-system failure (disk full, read-only, permission) raises ArbsError naming the
+    file and the cause; the checkpoints are never affected.
     """
     if not isinstance(record, Mapping):
         raise ConfigError(f"a metrics record must be a dict, got {type(record).__name__}")
     line = json.dumps(plain_json(record, "metrics record"), allow_nan=False, ensure_ascii=True) + "\n"
     run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    durable.write_durable(run / METRICS_FILE, line.encode(), "ab")
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        durable.write_durable(run / METRICS_FILE, line.encode(), "ab")
+    except OSError as e:
+        raise ArbsError(f"could not append to '{run / METRICS_FILE}': {e.strerror or e}; "
+                        "the run's checkpoints are not affected") from e
 
 
 def read_metrics(run_dir) -> list[dict]:
@@ -43,6 +48,8 @@ def read_metrics(run_dir) -> list[dict]:
         raw = f.read_bytes()
     except FileNotFoundError:
         return []
+    except OSError as e:
+        raise ArbsError(f"cannot read '{f}': {e.strerror or e}") from e
     lines = raw.split(b"\n")
     out = []
     for i, line in enumerate(lines, 1):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +18,28 @@ from ..models.gpt import GPT, GPTConfig
 from ..nn import baselines
 
 
+def model_config(meta: dict) -> GPTConfig:
+    """The GPTConfig a run's ``meta["model"]`` records; ConfigError if this arbs cannot build it."""
+    m = meta.get("model")
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    if not isinstance(m, dict) or not set(m) <= known:
+        extra = sorted(set(m) - known) if isinstance(m, dict) else m
+        raise ConfigError(f"the checkpoint's model config has {extra!r}, which this arbs does not know "
+                          f"(it knows {sorted(known)}); it was likely written by another arbs version")
+    return GPTConfig(**m)
+
+
 def build(meta: dict, ckpt: store.Checkpoint | None = None, *, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
     """The model a run's meta describes, in training form, with ``ckpt``'s state loaded if given.
 
     Returns (model, handles) where handles holds 'clock' (E1TM) or 'optimizer' (float baselines).
     """
-    cfg = GPTConfig(**meta["model"])
-    torch.manual_seed(meta["seed"])
+    cfg = model_config(meta)
+    seed = meta.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 63:
+        raise ConfigError(f"the run's meta has seed {seed!r}; expected an integer 0 .. 2**63-1 "
+                          "(was it written by another arbs version?)")
+    torch.manual_seed(seed)
     model = GPT(cfg)
     fmt = meta["format"]
     handles: dict = {}
@@ -112,7 +128,7 @@ def to_checkpoint(model, handles, meta: dict, step: int) -> store.Checkpoint:
 def fused_model(ckpt: store.Checkpoint, device="cpu") -> torch.nn.Module:
     """A float GPT whose weights are the fused (rounded-scale) W_eff of an E1TM checkpoint (ephemeral)."""
     fck = ckpt if ckpt.fused else fuse_checkpoint(ckpt)[0]
-    model = GPT(GPTConfig(**ckpt.meta["model"]))
+    model = GPT(model_config(ckpt.meta))
     weights = checkpoint_weights(fck)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
     return model.to(device)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,10 +15,52 @@ from .. import formats
 from ..errors import ConfigError
 
 
+SEED_LIMIT = 1 << 63  # seeds are 0 .. 2**63-1 (numpy's SeedSequence and torch.manual_seed both take them)
+# Options a resumed run may change: schedules and cadence, where and how it runs (not what it trains).
+RESUMABLE = ("steps", "horizon", "eval_every", "eval_batches", "save_every", "keep", "threads", "device",
+             "cuda_graph", "data", "out", "resume")
+
+
 def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _check_int(name: str, v, lo: int, limit: int | None = None) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (limit is not None and v >= limit):
+        bound = f"{lo} .. {limit - 1}" if limit is not None else f">= {lo}"
+        raise ConfigError(f"--{name.replace('_', '-')} must be an integer {bound}, got {v!r}")
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no estimate, no refusal
+        return None
+
+
+def activation_bytes(cfg: TrainConfig) -> int:
+    """A lower bound on the float32 activations one training step keeps for backward: about 16 values
+    per layer per token per channel plus the attention probabilities if they are materialized
+    (n_head * context^2 per sequence and layer). Used to refuse a run that cannot fit before it starts."""
+    m = cfg.model_config()
+    tokens = cfg.batch_size * m.context
+    per_layer = 16 * tokens * m.d_model + cfg.batch_size * m.n_head * m.context * m.context
+    return 4 * m.n_layer * per_layer
+
+
+def _check_memory(cfg: TrainConfig) -> None:
+    if cfg.device != "cpu":
+        return
+    need, have = activation_bytes(cfg), _physical_memory()
+    if have is not None and need > have:
+        m = cfg.model_config()
+        raise ConfigError(
+            f"--context {m.context} with --batch-size {cfg.batch_size} on preset {cfg.preset!r} needs at least "
+            f"{need / 2**30:.1f} GiB of activations per step; this machine has {have / 2**30:.1f} GiB. "
+            "Use a smaller --context or --batch-size"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,6 +102,16 @@ class TrainConfig:
     threads: int | None = None
 
     def __post_init__(self):
+        for name, lo in (("steps", 1), ("batch_size", 1), ("eval_every", 1), ("save_every", 1), ("eval_batches", 1),
+                         ("seed", 0), ("warmup", 0)):
+            _check_int(name, getattr(self, name), lo, SEED_LIMIT if name == "seed" else None)
+        for name, lo in (("context", 2), ("keep", 1), ("threads", 1)):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), lo)
+        for name in ("lr", "weight_decay", "baseline_threshold"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v!r}")
         formats.check_format(self.format)
         if formats.is_e1tm(self.format):
             self.rule_params()
@@ -69,19 +122,14 @@ class TrainConfig:
         from ..models.config import get_preset
 
         get_preset(self.preset)  # raises with the list of presets
-        for name in ("steps", "batch_size", "eval_every", "save_every", "eval_batches"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.context is not None and self.context < 2:
-            raise ConfigError(f"--context must be >= 2, got {self.context}")
-        if self.keep is not None and self.keep < 1:
-            raise ConfigError(f"--keep must be >= 1, got {self.keep}")
-        if self.fuse_phase is not None and not 0.0 <= self.fuse_phase <= 1.0:
-            raise ConfigError(f"--fuse-phase is a fraction of the steps, 0..1; got {self.fuse_phase}")
+        if self.fuse_phase is not None and not (isinstance(self.fuse_phase, (int, float))
+                                                and 0.0 <= self.fuse_phase <= 1.0):
+            raise ConfigError(f"--fuse-phase is a fraction of the steps, 0..1; got {self.fuse_phase!r}")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not _cuda_available():
             raise ConfigError("--device cuda: no CUDA GPU is visible to torch on this machine; use --device cpu")
+        _check_memory(self)
 
     @property
     def resolved_fuse_phase(self) -> float:
@@ -114,6 +162,31 @@ class TrainConfig:
         cfg = get_preset(self.preset)
         return dataclasses.replace(cfg, context=self.context) if self.context else cfg
 
+    def recorded(self) -> dict:
+        """The whole config as the run records it (``meta["config"]``): every option, the rule and its
+        parameters and the fuse phase resolved to the values the run uses; not ``out``/``resume``."""
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("out", "resume")}
+        if formats.is_e1tm(self.format):
+            d.update(self.rule_params(), rule=self.resolved_rule, fuse_phase=self.resolved_fuse_phase)
+        return d
+
+    @classmethod
+    def resumed(cls, out, recorded: dict, **given) -> TrainConfig:
+        """The config of the run recorded as ``recorded`` (``meta["config"]`` of its checkpoint),
+        continued in ``out``: options in ``given`` may change only what RESUMABLE names; any other that
+        differs from the run's is refused, with both values."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(given) - fields)
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {unknown}")
+        base = {k: v for k, v in recorded.items() if k in fields}
+        refused = [f"--{k.replace('_', '-')} {given[k]!r} (the run's: {base.get(k)!r})"
+                   for k in sorted(given) if k not in RESUMABLE and k in base and given[k] != base[k]]
+        if refused:
+            raise ConfigError(f"--resume {out}: these options differ from the run's own and may not change on "
+                              f"resume: {'; '.join(refused)}. Resume without them, or start a new --out")
+        return cls(**(base | given | {"out": str(out), "resume": True}))
+
     def lr_at(self, step: int) -> float:
         """Float baselines: AdamW's learning rate at ``step`` (linear warmup, cosine to 10%)."""
         if step < self.warmup:
@@ -134,6 +207,7 @@ def run_meta(cfg: TrainConfig, corpus_info: dict) -> dict:
         "seed": cfg.seed,
         "batch_size": cfg.batch_size,
         "init": cfg.init,
+        "config": cfg.recorded(),
     }
     if formats.is_e1tm(cfg.format):
         m["rule_params"] = cfg.rule_params()
@@ -163,3 +237,29 @@ def check_resume(ck, meta: dict, run_dir: Path) -> None:
                 f"--resume {run_dir}: the run was made with {k}={got!r} but this command asks for "
                 f"{want!r}; resume with the run's own options or start a new --out"
             )
+
+
+def resume_config(run_dir, **given) -> TrainConfig:
+    """The TrainConfig that continues the run in ``out`` as it was made: the config its newest
+    checkpoint recorded, with the options in ``given`` (those the user set explicitly) applied where
+    they may change (RESUMABLE); see TrainConfig.resumed."""
+    from .. import store
+
+    given = {k: v for k, v in given.items() if k not in ("out", "resume")}
+    meta = store.open_checkpoint(run_dir).meta
+    recorded = meta.get("config") if isinstance(meta.get("config"), dict) else _legacy_recorded(meta)
+    return TrainConfig.resumed(run_dir, recorded, **given)
+
+
+def _legacy_recorded(meta: dict) -> dict:
+    """What a run made before runs recorded their whole config can tell of it (its identity keys)."""
+    d = {k: meta[k] for k in ("format", "rule", "preset", "seed", "batch_size", "init") if k in meta}
+    d["data"] = meta.get("data_path")
+    d.update(meta.get("rule_params") or {})
+    model = meta.get("model") or {}
+    if "context" in model:
+        d["context"] = model["context"]
+    for k in ("lr", "weight_decay", "warmup", "steps"):
+        if k in meta:
+            d[k] = meta[k]
+    return d

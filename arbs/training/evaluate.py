@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -35,6 +36,10 @@ def evaluate(model, val: np.ndarray, *, batch_size: int, context: int, max_batch
 
 def load_model(path, device: str = "cpu") -> tuple[torch.nn.Module, store.Checkpoint]:
     """The model of a checkpoint (run dir or step dir) in eval mode. Fused checkpoints get S = 2**E_fused."""
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA GPU is visible to torch on this machine; use --device cpu")
     ckpt = store.open_checkpoint(path)
     if "model" not in ckpt.meta:
         raise ConfigError(
@@ -78,17 +83,23 @@ def eval_checkpoint(path, *, data: str | None = None, batch_size: int = 16, max_
                       min(len(corpus.val), batch_size * max_batches * context))
 
 
-def generate(path, prompt: str, *, max_bytes: int = 200, temperature: float = 0.8, seed: int = 0,
-             device: str = "cpu") -> bytes:
-    """Sample ``max_bytes`` bytes after ``prompt`` (UTF-8) from a checkpoint's model."""
-    if max_bytes < 0:
-        raise ConfigError(f"--max-bytes must be >= 0, got {max_bytes}")
-    if temperature < 0:
-        raise ConfigError(f"--temperature must be >= 0, got {temperature}")
+MAX_GENERATE_BYTES = 1 << 20  # each byte is one forward pass: a cap that a typo cannot turn into days
+
+
+def generate(path, prompt: str | bytes, *, max_bytes: int = 200, temperature: float = 0.8, seed: int = 0,
+             device: str = "cpu") -> Iterator[bytes]:
+    """Sample up to ``max_bytes`` bytes after ``prompt`` from a checkpoint's model, yielding each byte
+    as it is sampled. ``prompt`` is bytes, or a str encoded as UTF-8 (lone surrogates from undecodable
+    command-line bytes become those bytes again). Arguments are checked before the model is loaded."""
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or not 0 <= max_bytes <= MAX_GENERATE_BYTES:
+        raise ConfigError(f"--max-bytes must be an integer 0 .. {MAX_GENERATE_BYTES}, got {max_bytes!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature < 0:
+        raise ConfigError(f"--temperature must be a finite number >= 0, got {temperature!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 63:
+        raise ConfigError(f"--seed must be an integer 0 .. 2**63-1, got {seed!r}")
+    raw = prompt if isinstance(prompt, bytes) else prompt.encode("utf-8", "surrogateescape")
     model, _ = load_model(path, device)
-    raw = prompt.encode("utf-8") or b"\n"
-    idx = torch.tensor([list(raw)], dtype=torch.long, device=device)
+    idx = torch.tensor([list(raw or b"\n")], dtype=torch.long, device=device)
     g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        out = model.generate(idx, max_bytes, temperature=temperature, generator=g)
-    return bytes(out[0, len(raw):].tolist())
+    return (bytes([int(nxt[0, 0])]) for nxt in model.stream(idx, max_bytes, temperature=temperature, generator=g))

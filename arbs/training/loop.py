@@ -22,7 +22,7 @@ import torch
 from .. import data as data_mod
 from .. import formats, schedule, store
 from .. import nn as arbs_nn
-from ..errors import ConfigError, NonFiniteError
+from ..errors import ArbsError, ConfigError, NonFiniteError
 from .build import autocast, build, fused_model, to_checkpoint
 from .config import IDENTITY_KEYS, TrainConfig, check_resume, run_meta
 from .evaluate import evaluate
@@ -90,7 +90,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None, on
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 val_loss = val_loss_of(model)
                 rec = rec | {"val_loss": val_loss, "val_bpb": val_loss / math.log(2)}
-                store.append_metrics(run_dir, rec)
+                _append_metrics(run_dir, rec)
                 history.append(rec)
                 if on_eval:
                     on_eval(rec)
@@ -104,11 +104,19 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None, on
     if formats.is_e1tm(cfg.format):
         fused_loss = val_loss_of(fused_model(store.open_checkpoint(run_dir), device=cfg.device))
         gap = fused_loss - val_loss
-        store.append_metrics(run_dir, {"step": step, "val_loss_fused": fused_loss, "fuse_gap": gap})
+        _append_metrics(run_dir, {"step": step, "val_loss_fused": fused_loss, "fuse_gap": gap})
     return TrainResult(
         run_dir=run_dir, steps=step, final_train_loss=last_loss, val_loss=val_loss, val_loss_fused=fused_loss,
         fuse_gap=gap, ms_per_step=timer.ms_per_step, interrupted=stop.requested, history=history,
     )
+
+
+def _append_metrics(run_dir: Path, rec: dict) -> None:
+    """metrics.jsonl is a log, not the run: if it cannot be written, warn and train on."""
+    try:
+        store.append_metrics(run_dir, rec)
+    except ArbsError as e:
+        log.warning("%s (step %s is not in metrics.jsonl; training goes on)", e, rec.get("step"))
 
 
 class _Stepper:
@@ -217,24 +225,35 @@ class _StopFlag:
     requested = False
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what schedulers send before preemption
+
+
 @contextlib.contextmanager
 def _sigint_stops():
-    """While inside, the first Ctrl-C sets ``.requested`` (the loop saves and returns); a second one aborts."""
+    """While inside, a first SIGINT or SIGTERM sets ``.requested`` (the loop finishes its step, saves and
+    returns); a second one aborts at once (KeyboardInterrupt): a save in progress is atomic, so the run
+    directory stays whole either way."""
     stop = _StopFlag()
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield stop
         return
-    old_handler = signal.getsignal(signal.SIGINT)
+    old = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
 
-    def on_sigint(signum, frame):
-        if stop.requested:  # a second Ctrl-C: stop now
-            signal.signal(signal.SIGINT, old_handler)
+    def restore() -> None:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+    def on_signal(signum, frame):
+        if stop.requested:  # a second signal: stop now
+            restore()
             raise KeyboardInterrupt
         stop.requested = True
-        log.warning("interrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+        log.warning("%s: finishing this step and saving a checkpoint (send it again to abort)",
+                    signal.Signals(signum).name)
 
-    signal.signal(signal.SIGINT, on_sigint)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, on_signal)
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, old_handler)
+        restore()
