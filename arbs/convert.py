@@ -368,7 +368,7 @@ def convert_file(
     (``converted.source``).
     """
     out = Path(out_run_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(not store.is_bookkeeping(p.name) for p in out.iterdir())):
         raise ConfigError(
             f"output '{out}' already exists and is not an empty directory; convert writes a new run "
             "(choose a new --out, or remove the old one)"
@@ -379,7 +379,8 @@ def convert_file(
     ckpt.meta["converted"]["source"] = os.fspath(src)
     extra = tuple(dropped)
     ckpt.meta["converted"]["skipped"] = [s.name for s in extra] + ckpt.meta["converted"]["skipped"]
-    path = store.save_checkpoint(out_run_dir, ckpt)
+    with store.run_lock(out):  # one writer per run dir: a concurrent writer of out_run_dir gets RunLockedError
+        path = store.save_checkpoint(out, ckpt)
     log.info("saved %d tensors (%s, rule %s) to %s", len(report.tensors), report.format, report.rule, path)
     return ConvertReport(
         report.format, report.gs, report.rule, report.rule_params, report.tensors,

@@ -27,3 +27,19 @@ class NonFiniteError(ArbsError, ValueError):
 
 class IntegerRangeError(ArbsError, OverflowError):
     """An integer state value would leave its representable or allowed range."""
+
+
+class RunLockedError(ArbsError):
+    """Another process holds the writer lock of a run directory (one writer per run directory).
+
+    ``run_dir`` is the run directory; ``holder`` what the holder recorded (``host``, ``pid``, ``since``,
+    ``argv0``), or None when that record cannot be read.
+    """
+
+    def __init__(self, message: str, run_dir=None, holder: dict | None = None):
+        super().__init__(message)
+        self.run_dir = run_dir
+        self.holder = holder
+
+    def __reduce__(self):
+        return type(self), (str(self), self.run_dir, self.holder)

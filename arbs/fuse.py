@@ -184,7 +184,7 @@ def fuse_path(
 
     ``out`` is a run dir; default ``<source run dir>-fused`` (``-keep-accum`` for option A), a sibling
     of the source run dir. It may be new or empty, or an existing run dir: the checkpoint is added to
-    it as a new step dir and becomes its LATEST. The new checkpoint is saved as ``step_<N>`` with N the
+    it as a new step dir (LATEST names the run's newest step). The new checkpoint is saved as ``step_<N>`` with N the
     source's step_counter (a fused checkpoint has no step_counter of its own; N says what it was fused
     from), so fusing the same step twice into one run dir fails: step dirs are never overwritten. Any
     other non-empty directory, a file, and the source's own run dir are refused (ConfigError). The
@@ -197,7 +197,8 @@ def fuse_path(
     out_dir = default_out(root, keep_accum) if out is None else Path(out)
     _check_out(out_dir, root, ckpt_dir)
     new, report = fuse_checkpoint(ckpt, keep_accum=keep_accum)
-    path = store.save_checkpoint(out_dir, new, keep=keep, step=report.step_counter)
+    with store.run_lock(out_dir):  # one writer per run dir: a second fuse into out_dir gets RunLockedError
+        path = store.save_checkpoint(out_dir, new, keep=keep, step=report.step_counter)
     log.info("wrote %s checkpoint to %s", report.mode, path)
     return replace(report, source=os.fspath(ckpt_dir), path=os.fspath(path))
 
@@ -212,7 +213,7 @@ def _check_out(out_dir: Path, src_root: Path, ckpt_dir: Path) -> None:
             )
         if not out_dir.is_dir():
             raise ConfigError(f"output '{out_dir}' exists and is not a directory; choose another --out")
-        if any(out_dir.iterdir()) and not _is_run_dir(out_dir):
+        if any(not store.is_bookkeeping(p.name) for p in out_dir.iterdir()) and not _is_run_dir(out_dir):
             raise ConfigError(
                 f"output '{out_dir}' is a non-empty directory that is not an arbs run dir; refusing to write "
                 "into it. Choose a new or empty directory, or an existing run dir"

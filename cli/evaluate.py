@@ -18,7 +18,7 @@ from .common import arbs_errors, echo_json
 def eval_cmd(ckpt, data, batch_size, batches, device, as_json):
     """Validation loss (nats/byte and bits/byte) of a training, fused or float checkpoint.
 
-    CKPT is a run directory (its LATEST checkpoint) or a step_<N> directory.
+    CKPT is a run directory (its newest committed checkpoint) or a step_<N> directory.
     """
     from arbs.training.evaluate import eval_checkpoint
 

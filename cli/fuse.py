@@ -24,7 +24,7 @@ def fuse_cmd(ckpt, out, keep_accum, as_json):
     S = 2**E exactly; corr_accum, flip_accum and the step counter are dropped. --keep-accum copies
     the training state unchanged instead. The input is never modified.
 
-    CKPT is a run directory (its LATEST checkpoint) or a step_<N> directory.
+    CKPT is a run directory (its newest committed checkpoint) or a step_<N> directory.
     """
     from arbs.fuse import fuse_path
 

@@ -16,7 +16,7 @@ from .common import arbs_errors, echo_json
 def inspect_cmd(ckpt, bpw, as_json):
     """Show bits/weight, sparsity, E and Xi statistics of a checkpoint.
 
-    CKPT is a run directory (its LATEST checkpoint) or a step_<N> directory.
+    CKPT is a run directory (its newest committed checkpoint) or a step_<N> directory.
     """
     from arbs.inspect import render_text, summarize_path
 

@@ -47,8 +47,8 @@ class LazyGroup(click.Group):
 def main(verbose: int) -> None:
     """arbs: train ternary (1.58-bit) networks whose persistent state is integer only.
 
-    Checkpoints live in run directories: CKPT arguments accept a run directory (its LATEST
-    checkpoint) or a step_<N> directory inside it.
+    Checkpoints live in run directories: CKPT arguments accept a run directory (its newest
+    committed checkpoint) or a step_<N> directory inside it.
     """
     setup_logging(verbose)
 

@@ -179,3 +179,25 @@ def test_meta_from_another_version_is_a_clear_error(tmp_path, text):
         step_counter=ck.step_counter, tensors=ck.tensors, meta=meta))
     r = invoke("eval", tmp_path / "other")
     assert r.exit_code == 1 and "rope_scaling" in r.output and "another arbs version" in r.output
+
+
+@pytest.mark.slow  # starts a real training process
+def test_a_second_trainer_on_the_same_run_exits_at_once_naming_the_first(tmp_path, text):
+    run = tmp_path / "r"
+    cmd = [sys.executable, "-m", "arbs_cli.main", "train", *RUN, "--data", text, "--steps", "100000",
+           "--save-every", "100000", "--out", str(run)]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (run / "step_0").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        t0 = time.perf_counter()
+        r = invoke("train", "--resume", "--out", run)
+        assert r.exit_code == 1 and f"pid {p.pid}" in r.output, r.output
+        assert time.perf_counter() - t0 < 30  # at once, not after the first one ends
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=120)
+    assert p.returncode == 0
+    r = invoke("train", "--resume", "--out", run, "--steps", store.open_checkpoint(run).step_counter + 1)
+    assert r.exit_code == 0, r.output  # the lock went with its holder

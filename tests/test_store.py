@@ -1,4 +1,7 @@
-"""arbs.store: round trips, on-disk layout, LATEST/step resolution, retention, save-side validation, metrics."""
+"""arbs.store: round trips, on-disk layout, LATEST/step resolution, retention, save-side validation, metrics.
+
+Concurrency, the writer lock and crash windows of the run directory: tests/test_store_run.py.
+"""
 
 import json
 import os
@@ -170,12 +173,14 @@ def test_sizes(tmp_path):
 
 
 def test_latest_and_step_resolution(tmp_path):
+    # The newest committed step is the run's checkpoint; saving an older step leaves LATEST on the newest.
     for s in (9, 10, 2):
         store.save_checkpoint(tmp_path, random_checkpoint([(4, 8)], step=s, seed=s))
     assert [p.name for p in store.list_checkpoints(tmp_path)] == ["step_2", "step_9", "step_10"]
-    assert (tmp_path / "LATEST").read_text() == "step_2\n"
-    assert store.resolve_checkpoint(tmp_path) == tmp_path / "step_2"
-    assert store.open_checkpoint(tmp_path).step_counter == 2
+    assert (tmp_path / "LATEST").read_text() == "step_10\n"
+    assert store.resolve_checkpoint(tmp_path) == tmp_path / "step_10"
+    assert store.open_checkpoint(tmp_path).step_counter == 10
+    assert store.open_checkpoint(tmp_path / "step_2").step_counter == 2
     assert store.open_checkpoint(tmp_path / "step_10").step_counter == 10
     assert store.resolve_checkpoint(tmp_path / "step_9") == tmp_path / "step_9"
 
@@ -204,10 +209,11 @@ def test_retention_keeps_newest(tmp_path):
         store.save_checkpoint(tmp_path, random_checkpoint([(4, 8)], step=s), keep=2)
     assert [p.name for p in store.list_checkpoints(tmp_path)] == ["step_4", "step_5"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
-    # Saving an older step: it is LATEST, so it survives even though two newer ones exist.
+    # Saving an older step: the one just saved survives retention, but the run's checkpoint stays the newest.
     store.save_checkpoint(tmp_path, random_checkpoint([(4, 8)], step=2), keep=1)
     assert [p.name for p in store.list_checkpoints(tmp_path)] == ["step_2", "step_5"]
-    assert store.open_checkpoint(tmp_path).step_counter == 2
+    assert store.open_checkpoint(tmp_path).step_counter == 5
+    assert (tmp_path / "LATEST").read_text() == "step_5\n"
     with pytest.raises(ConfigError, match="keep"):
         store.save_checkpoint(tmp_path, random_checkpoint([(4, 8)], step=9), keep=0)
 
@@ -235,19 +241,21 @@ def test_refuses_to_overwrite(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
 
-def test_leftover_temp_dirs_ignored_and_cleaned(tmp_path):
+def test_leftover_temp_dirs_ignored_by_readers_removed_by_the_writer(tmp_path):
     store.save_checkpoint(tmp_path, random_checkpoint([(4, 8)], step=1))
-    dead = tmp_path / ".tmp-step_2-999999999-abcd"  # no such pid
+    dead = tmp_path / ".tmp-step_2-999999999-abcd"  # a pid that exists nowhere: still not the reader's to judge
     (dead / "x").mkdir(parents=True)
     (dead / "zarr.json").write_text("garbage")
-    alive = tmp_path / f".tmp-step_3-{os.getpid()}-beef"
-    alive.mkdir()
+    other = tmp_path / f".tmp-step_3-{os.getpid()}-beef"
+    other.mkdir()
     uncommitted = tmp_path / "step_5"  # a rename target without COMMIT: not a checkpoint
     uncommitted.mkdir()
     assert [p.name for p in store.list_checkpoints(tmp_path)] == ["step_1"]
     assert store.open_checkpoint(tmp_path).step_counter == 1
-    assert not dead.exists()
-    assert alive.exists()  # its writer may still be running
+    assert dead.exists() and other.exists()  # readers never delete
+    store.save_checkpoint(tmp_path, random_checkpoint([(4, 8)], step=2))  # the writer lock's holder cleans up
+    assert not dead.exists() and not other.exists()
+    assert uncommitted.exists()
 
 
 def test_fused_save_needs_a_step(tmp_path):
@@ -366,5 +374,6 @@ def test_write_failures_are_typed_and_leave_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(store.durable, "fsync_tree", disk_full)
     with pytest.raises(ArbsError, match="No space left.*Nothing was committed"):
         store.save_checkpoint(run, random_checkpoint([(4, 8)], step=2))
-    assert sorted(p.name for p in run.iterdir()) == ["LATEST", "step_1"]
+    assert sorted(p.name for p in run.iterdir() if not store.is_bookkeeping(p.name)) == ["LATEST", "step_1"]
+    assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
     assert store.open_checkpoint(run).step_counter == 1

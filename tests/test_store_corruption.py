@@ -170,10 +170,11 @@ def test_flipped_bit_in_chunk(saved, array, verify):
 
 
 def test_truncated_chunk(saved):
+    """A chunk file too short for its chunk is refused by its size, before zarr reads it."""
     _, d = saved
     f = chunk(d, f"{T1}/E")
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    expect(CorruptStoreError, d, f"array 'E' of tensor '{T1}'", "cannot be read")
+    expect(CorruptStoreError, d, f"array 'E' of tensor '{T1}'", "chunk file 'c/0/0' of", "bytes")
 
 
 @pytest.mark.parametrize("where", [T0, ""])
@@ -241,16 +242,15 @@ def test_commit_step_disagrees_with_directory_name(saved):
     expect(CorruptStoreError, run / "step_8", "records step 7", "'step_8'", path=run)
 
 
-def test_dangling_latest(saved):
+def test_a_dangling_or_garbage_latest_is_only_a_hint(saved, caplog):
+    """LATEST is a hint: naming a missing checkpoint or holding garbage, it is ignored with a warning and
+    the run opens at its newest committed checkpoint."""
     run, d = saved
-    (run / "LATEST").write_text("step_99\n")
-    with pytest.raises(StoreNotFoundError, match=r"names 'step_99'.*step_7") as info:
-        store.open_checkpoint(run)
-    assert str(run) in str(info.value)
-    for bad in ("../elsewhere\n", "", "\xff"):
+    for bad in ("step_99\n", "../elsewhere\n", "", "\xff"):
         (run / "LATEST").write_text(bad, encoding="latin-1")
-        with pytest.raises(CorruptStoreError, match="LATEST"):
-            store.open_checkpoint(run)
+        caplog.clear()
+        assert store.open_checkpoint(run).path == d
+        assert "LATEST" in caplog.text
 
 
 @pytest.mark.parametrize("where", ["COMMIT", "attrs"])

@@ -83,3 +83,21 @@ def read_regular(path: Path, max_bytes: int, what: str) -> bytes:
     if len(data) > max_bytes:  # grew after the stat
         raise CorruptStoreError(f"{what} '{path}' is larger than {max_bytes} bytes; it is not the file arbs wrote")
     return data
+
+
+def replace_durable(path: Path, data: bytes) -> None:
+    """Replace the small file ``path`` with ``data`` atomically and durably: written to a ``.tmp-``
+    sibling, fsynced, renamed over ``path``, parent fsynced. A crash leaves the old or the new file,
+    and at worst a ``.tmp-`` file that the run's writer removes."""
+    path = Path(path)
+    tmp = path.parent / f"{TMP_PREFIX}{path.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        write_durable(tmp, data, "xb")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent)

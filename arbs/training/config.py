@@ -246,9 +246,15 @@ def resume_config(run_dir, **given) -> TrainConfig:
     from .. import store
 
     given = {k: v for k, v in given.items() if k not in ("out", "resume")}
+    if not _has_checkpoint(run_dir, store):  # a crash before the first commit: the run starts over
+        return TrainConfig(**given, out=str(run_dir), resume=True)
     meta = store.open_checkpoint(run_dir).meta
     recorded = meta.get("config") if isinstance(meta.get("config"), dict) else _legacy_recorded(meta)
     return TrainConfig.resumed(run_dir, recorded, **given)
+
+
+def _has_checkpoint(run_dir, store) -> bool:
+    return Path(run_dir).is_dir() and bool(store.list_checkpoints(run_dir))
 
 
 def _legacy_recorded(meta: dict) -> dict:

@@ -57,6 +57,11 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None, on
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.out)
+    with store.run_lock(run_dir):  # one writer per run: a second one fails at once, naming this process
+        return _train(cfg, run_dir, on_step, on_eval)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, on_step, on_eval) -> TrainResult:
     corpus = _corpus(cfg)
     context = cfg.model_config().context
     meta, ckpt = _open_run(cfg, run_meta(cfg, corpus.info), run_dir)
@@ -199,11 +204,15 @@ def _corpus(cfg: TrainConfig):
 def _open_run(cfg: TrainConfig, meta: dict, run_dir: Path) -> tuple[dict, store.Checkpoint | None]:
     """(meta, checkpoint to resume from or None): a new run must not overwrite one; a resumed run keeps
     its identity, and the rule parameters not given are the run's own."""
-    if not cfg.resume:
-        if run_dir.exists() and store.list_checkpoints(run_dir):
+    has_checkpoint = run_dir.is_dir() and bool(store.list_checkpoints(run_dir))
+    if not cfg.resume or not has_checkpoint:
+        if has_checkpoint:
             raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume to continue it or choose another --out")
+        if cfg.resume:
+            log.warning("--resume: %s holds no committed checkpoint (stopped before its first save); "
+                        "starting the run from step 0", run_dir)
         return meta, None
-    ckpt = store.open_checkpoint(run_dir)
+    ckpt = store.open_latest_for_resume(run_dir)  # the newest that verifies; a damaged newer one is moved aside
     if ckpt.rule is not None and ckpt.rule == meta.get("rule"):
         meta["rule_params"] = dict(ckpt.rule_params) | cfg.given_rule_params()
     check_resume(ckpt, meta, run_dir)
