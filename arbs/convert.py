@@ -56,11 +56,14 @@ class SkippedTensor:
 
 
 def _torch_to_numpy(t) -> np.ndarray:
-    """A torch tensor as a numpy array; bf16/fp16 widened to float32 (numpy has no bf16)."""
+    """A floating torch tensor as a numpy array: sparse layouts made dense; bf16, fp16 and the float8
+    types widened to float32 (exact; numpy has none of them); float32/float64 as they are."""
     import torch
 
     t = t.detach().cpu()
-    if t.dtype in (torch.bfloat16, torch.float16):
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    if t.dtype not in (torch.float32, torch.float64):
         t = t.to(torch.float32)
     return t.contiguous().numpy()
 
@@ -92,7 +95,10 @@ def _read_float_state(path) -> tuple[dict[str, np.ndarray], list[SkippedTensor]]
     out: dict[str, np.ndarray] = {}
     dropped: list[SkippedTensor] = []
     for name, t in raw.items():
-        if _is_float_tensor(t):
+        if _is_float_tensor(t) and getattr(t, "is_meta", False):
+            dt = str(t.dtype).removeprefix("torch.")
+            dropped.append(SkippedTensor(name, tuple(int(d) for d in t.shape), dt, "a meta tensor (it holds no data)"))
+        elif _is_float_tensor(t):
             out[name] = _torch_to_numpy(t)
         elif hasattr(t, "dtype") and hasattr(t, "shape"):
             dt = str(t.dtype).removeprefix("torch.")

@@ -204,13 +204,13 @@ def fuse_path(
 
 
 def _check_out(out_dir: Path, src_root: Path, ckpt_dir: Path) -> None:
+    o, ck = out_dir.resolve(), ckpt_dir.resolve()
+    if o in (src_root.resolve(), ck) or o in ck.parents or ck in o.parents:
+        raise ConfigError(
+            f"output '{out_dir}' is, contains or lies inside the source checkpoint '{ckpt_dir}'; fuse never "
+            f"modifies its input. Choose another --out (default: '{default_out(src_root)}')"
+        )
     if out_dir.exists():
-        o = out_dir.resolve()
-        if o in (src_root.resolve(), ckpt_dir.resolve()) or o in ckpt_dir.resolve().parents:
-            raise ConfigError(
-                f"output '{out_dir}' is (or contains) the source checkpoint; fuse never modifies its input. "
-                f"Choose another --out (default: '{default_out(src_root)}')"
-            )
         if not out_dir.is_dir():
             raise ConfigError(f"output '{out_dir}' exists and is not a directory; choose another --out")
         if any(not store.is_bookkeeping(p.name) for p in out_dir.iterdir()) and not _is_run_dir(out_dir):

@@ -201,3 +201,29 @@ def test_a_second_trainer_on_the_same_run_exits_at_once_naming_the_first(tmp_pat
     assert p.returncode == 0
     r = invoke("train", "--resume", "--out", run, "--steps", store.open_checkpoint(run).step_counter + 1)
     assert r.exit_code == 0, r.output  # the lock went with its holder
+
+
+def test_convert_takes_float8_and_sparse_and_skips_meta_tensors(tmp_path):
+    import torch
+
+    from arbs.convert import convert_file
+
+    w = torch.randn(8, 32)
+    sd = {"a.weight": w.to(torch.float8_e4m3fn), "b.weight": w.to_sparse(), "c.weight": torch.empty(8, 32, device="meta"),
+          "d.weight": w}
+    torch.save(sd, tmp_path / "m.pt")
+    report = convert_file(tmp_path / "m.pt", tmp_path / "run", format="E1TM32", rule="carry")
+    assert sorted(t.name for t in report.tensors) == ["a.weight", "b.weight", "d.weight"]
+    assert [s.name for s in report.skipped] == ["c.weight"] and "meta" in report.skipped[0].reason
+    ck = store.open_checkpoint(tmp_path / "run")
+    for k in ("T_packed", "E"):  # the sparse copy of d converts to the same integers as d itself
+        assert np.array_equal(ck.tensors["b.weight"].arrays[k], ck.tensors["d.weight"].arrays[k])
+
+
+def test_fuse_out_inside_the_source_checkpoint_is_refused(tmp_path, text):
+    run = tmp_path / "r"
+    assert invoke("train", *RUN, "--data", text, "--steps", 2, "--out", run).exit_code == 0
+    for out in (run / "step_2" / "fused", run / "step_2"):
+        r = invoke("fuse", run, "--out", out)
+        assert r.exit_code == 1 and "source checkpoint" in r.output, r.output
+    assert store.open_checkpoint(run, verify=True).step_counter == 2
