@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, IntegerRangeError
 
 FORMAT_VERSION = 1
 TRITS_PER_BYTE = 5
@@ -110,6 +110,10 @@ ARRAYS: dict[str, ArraySpec] = {
 }
 STEP_COUNTER = "step_counter"  # 0-d int64 at the checkpoint root
 STEP_COUNTER_DTYPE = np.dtype(np.int64)
+INT64_MAX = (1 << 63) - 1
+# average: gs*step_counter < 2**61, so that with |corr_accum| <= gs*step_counter the numerator
+# 4*corr_accum and the denominator gs*step_counter of Xi both fit int64 (|4*corr_accum| < 2**63)
+AVERAGE_DEN_LIMIT = 1 << 61
 INFERENCE_ARRAYS = ("T_packed", "E")
 
 
@@ -242,13 +246,26 @@ def theoretical_bpw(gs: int, rule: str | None = None, fused: bool = False) -> fl
     return bits
 
 
+def max_step_counter(rule: str | None, gs: int | None) -> int:
+    """The largest step_counter a checkpoint of ``rule`` may hold: (2**61 - 1)//gs for average (so that
+    gs*step_counter < 2**61, see AVERAGE_DEN_LIMIT), else the int64 maximum."""
+    return (AVERAGE_DEN_LIMIT - 1) // gs if rule == "average" else INT64_MAX
+
+
 def xi_ratio(rule: str, params: dict[str, int], step_counter: int, gs: int) -> tuple[int, int]:
     """(xi_num, xi_den) with Xi = float64(xi_num * corr_accum) / float64(xi_den); xi_den == 0 means Xi = 0.
 
     average: Xi = 4*corr_accum/(step_counter*gs) (0 at step 0); carry/flip: Xi = corr_accum/(K*gs).
+    Both fit int64: IntegerRangeError for average outside 0 <= step_counter*gs < 2**61.
     """
     if rule == "average":
-        return 4, int(step_counter) * gs
+        step = int(step_counter)
+        if not 0 <= step <= max_step_counter(rule, gs):
+            raise IntegerRangeError(
+                f"rule 'average' at step_counter={step} with gs={gs}: Xi = 4*corr_accum/(gs*step_counter) needs "
+                f"0 <= gs*step_counter < 2**61 (step_counter <= {max_step_counter(rule, gs)}) to stay in int64"
+            )
+        return 4, step * gs
     rule_spec(rule)
     return 1, params["K"] * gs
 

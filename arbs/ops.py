@@ -38,6 +38,23 @@ def check_state(state: Mapping[str, np.ndarray], shape, scheme: formats.Scheme, 
     return rows, cols
 
 
+def _checked_xi_ratio(state, scheme: formats.Scheme, step_counter: int) -> tuple[int, int]:
+    """scheme.xi_ratio(step_counter), checked so that the kernels' int64 products cannot wrap: the
+    denominator fits (formats.xi_ratio: IntegerRangeError for average unless gs*step_counter < 2**61) and
+    so does the numerator xi_num*corr_accum for every group (|corr_accum| <= int64 max // xi_num)."""
+    num, den = scheme.xi_ratio(step_counter)
+    corr = state["corr_accum"]
+    if num > 1 and corr.size:
+        bound = formats.INT64_MAX // num
+        hi, lo = int(corr.max()), int(corr.min())
+        if hi > bound or lo < -bound:
+            raise IntegerRangeError(
+                f"corr_accum holds {hi if hi > bound else lo}; rule {scheme.rule!r} computes xi_num*corr_accum = "
+                f"{num}*corr_accum in int64, which needs |corr_accum| <= {bound}"
+            )
+    return num, den
+
+
 def _as_2d(x: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return x.reshape(rows, cols)
 
@@ -78,9 +95,11 @@ def unpack(T_packed: np.ndarray, cols: int) -> np.ndarray:
 def materialize(state, shape, scheme: formats.Scheme, step_counter: int, *, out: np.ndarray | None = None) -> np.ndarray:
     """W_eff = S*T, S = float32(2**(E + Xi)), as float32 in the logical ``shape``.
 
-    ``out`` (float32, ``shape``, C-contiguous) is overwritten and returned if given.
+    ``out`` (float32, ``shape``, C-contiguous) is overwritten and returned if given. IntegerRangeError
+    when xi_num*corr_accum or xi_den would not fit int64 (see ``fuse``).
     """
     rows, cols = check_state(state, shape, scheme)
+    _checked_xi_ratio(state, scheme, step_counter)
     if out is None:
         out = np.empty(tuple(shape), np.float32)
     else:
@@ -137,8 +156,9 @@ def vote_unchecked(state, g2: np.ndarray, scheme: formats.Scheme, *, step_counte
     if bad:
         raise NonFiniteError(f"gradient holds {bad} NaN/inf value(s); no vote was applied")
     limit = scheme.carry_limit
-    if limit == 0 and corr.size and np.abs(corr).max() > np.iinfo(np.int64).max - scheme.gs:
-        raise IntegerRangeError("corr_accum is within gs of the int64 limit; refusing to vote")
+    # max/min, not abs: abs(-2**63) wraps to -2**63 and would pass
+    if limit == 0 and corr.size and max(int(corr.max()), -int(corr.min())) > formats.INT64_MAX - scheme.gs:
+        raise IntegerRangeError(f"corr_accum is within gs={scheme.gs} of the int64 limit; refusing to vote")
     carries = sats = flips = 0
     if scales:
         carries, sats = cpu.kernel("apply_votes", corr.size * 16)(corr, state["E"], delta, limit)
@@ -159,11 +179,14 @@ class FuseStats:
 
 
 def fuse(state, shape, scheme: formats.Scheme, step_counter: int) -> tuple[np.ndarray, FuseStats]:
-    """E_fused = clip(rint(E + Xi), -128, 127), round half to even. Inputs are not modified."""
+    """E_fused = clip(rint(E + Xi), -128, 127), round half to even. Inputs are not modified.
+
+    IntegerRangeError when xi_num*corr_accum or xi_den would not fit int64 (average: gs*step_counter
+    must stay below 2**61 and |corr_accum| at most int64 max // 4)."""
     check_state(state, shape, scheme)
     E = state["E"]
     out = np.empty(E.shape, np.int8)
-    num, den = scheme.xi_ratio(step_counter)
+    num, den = _checked_xi_ratio(state, scheme, step_counter)
     clipped, changed = cpu.kernel("fuse_into", E.size * 16)(E, state["corr_accum"], num, den, out)
     return out, FuseStats(E.size, clipped, changed)
 

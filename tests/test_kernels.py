@@ -271,6 +271,45 @@ def test_fuse_integer_path_bounds(impl, num, den):
     assert (clipped, changed) == (want_clipped, want_changed)
 
 
+_FUSE_HOSTILE = """
+import json, sys
+import numpy as np
+from arbs.kernels import cpu
+from arbs.testing import reference as ref
+E = np.array([[3, -5, 127, -128, 0, 1]], np.int8)
+corr = np.array([[2**61, -(2**61), 7, -7, 2**62, -(2**63)]], np.int64)
+out = []
+for impl in ("serial", "parallel"):
+    k = cpu.fuse_into if impl == "parallel" else cpu.kernel("fuse_into", 0)
+    for num, den in ((4, 2**63), (4, 2**64 - 2**62), (1, 2**63), (2**12, 2**63), (4, 2**62), (-4, 2**62), (4, -(2**62))):
+        o = np.full(E.shape, 77, np.int8)
+        counts = k(E, corr, num, den, o)
+        with np.errstate(over="ignore"):
+            want, c, ch = ref.fuse(E, corr, num, den)
+        out.append([impl, num, str(den), o.tolist() == want.tolist(), list(map(int, counts)) == [c, ch]])
+print(json.dumps(out))
+"""
+
+
+def test_fuse_terminates_for_any_ratio():
+    """Hostile num/den passed to the kernel directly: den = 2**63 (a power of two, typed uint64) made
+    ``while (num << k) < den`` spin forever once num << k wrapped; at most _FUSE_MAX_K tries now, and the
+    result matches the float reference (num*corr wrapping in int64 as it does there). In a child process
+    with a timeout, so a regression fails instead of hanging the suite."""
+    import json
+    import subprocess
+    import sys
+
+    try:
+        r = subprocess.run([sys.executable, "-c", _FUSE_HOSTILE], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("fuse_into did not return within 120 s for a hostile num/den")
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(results) == 14
+    assert all(same_out and same_counts for *_, same_out, same_counts in results), results
+
+
 # ------------------------------------------------------------------ many rows: chunking and threads
 
 

@@ -467,9 +467,13 @@ def fuse_into(E, corr_accum, num, den, out):
     fden = np.float64(den)
     k = 0  # num/den = 1/2**k: the integer path
     if den > 0 and (den & (den - 1)) == 0 and 0 < num < den and num <= _FUSE_MAX_NUM and (num & (num - 1)) == 0:
-        while (num << k) < den:
-            k += 1
-    shift = 1 <= k <= _FUSE_MAX_K
+        # at most _FUSE_MAX_K tries, and num << j <= 2**52 never overflows: terminates for any num and den
+        # (an unbounded `while (num << k) < den` spun forever once num << k wrapped, e.g. den = 2**63)
+        for j in range(1, _FUSE_MAX_K + 1):
+            if (num << j) == den:
+                k = j
+                break
+    shift = k >= 1
     nchunk = min(n, _NCHUNK)
     counts = np.zeros((max(nchunk, 1), 2), np.int64)
     for ch in prange(nchunk):

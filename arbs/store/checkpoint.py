@@ -28,15 +28,30 @@ inverts it. ``"blocks.0.attn.qkv.weight"`` is its own key. Array names (float ch
 Atomicity
 ---------
 A checkpoint is written into a sibling ``.tmp-<name>-<pid>-<random>`` directory, every file and directory
-is fsynced, ``COMMIT`` is written and fsynced, the directory is renamed into place and the parent fsynced.
+is fsynced, the temporary tree is checked to be whole (every ``zarr.json`` and chunk file it should hold:
+zarr recreates directories another process deleted, so a deleted array would otherwise be committed as
+missing), ``COMMIT`` is written and fsynced, the directory is renamed into place and the parent fsynced.
 A crash at any moment leaves no directory of that name, or a whole committed one (``run.py`` then moves
 ``LATEST``).
+
+Bounded reads
+-------------
+A hostile checkpoint can neither hang the reader nor make it allocate more than the arrays it declares.
+Before zarr opens anything: ``COMMIT`` is read as a regular file of at most ``COMMIT_MAX_BYTES``; the
+tree is walked and any entry that is not a regular file or directory (symlink, FIFO, device, socket) is
+refused, as is a ``zarr.json`` larger than ``ROOT_JSON_MAX_BYTES`` (root) or ``NODE_JSON_MAX_BYTES``.
+Before an array is read: its codec chain must be exactly ``bytes`` (little-endian) [-> ``zstd``] ->
+``crc32c``, its chunks no larger than the array, every chunk file a regular file whose size is possible
+for its chunk (``bytes + 4`` uncompressed; within ``encoding.zstd_size_bounds`` for zstd), and a zstd
+frame must declare in its header (``encoding.zstd_frame_header``) exactly the chunk's byte count, so
+nothing is decompressed beyond the declared chunk size.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -45,6 +60,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -52,19 +68,28 @@ from urllib.parse import quote
 
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 from zarr.storage import LocalStore
 
 from .. import formats
 from ..errors import ArbsError, ConfigError, CorruptStoreError, FormatVersionError, StoreNotFoundError
 from . import durable
-from .encoding import canonical_json, is_int, plain_json, reject_json_constant, sha256_hex
+from .encoding import (
+    ZSTD_MAX_HEADER, canonical_json, is_int, plain_json, reject_json_constant, sha256_hex, zstd_frame_header,
+    zstd_size_bounds,
+)
 from .layout import COMMIT_FILE, TMP_PREFIX, parse_step_dir
 
 logger = logging.getLogger(__name__)
 
 KINDS = ("e1tm", "float")
 CHUNK_BYTES = 64 << 20  # arrays larger than this are chunked by rows
+# Reader caps on the JSON files (arbs writes far less): COMMIT holds ~100 bytes per array, an array's or
+# group's zarr.json under 1 KiB, the root zarr.json the tensor list and the caller's meta.
+COMMIT_MAX_BYTES = 64 << 20
+ROOT_JSON_MAX_BYTES = 16 << 20
+NODE_JSON_MAX_BYTES = 1 << 20
+_ZARR_JSON = "zarr.json"
 
 _ATTR_KEYS = ("arbs_format_version", "kind", "format", "gs", "rule", "rule_params", "fused", "tensors", "meta")
 _COMMIT_KEYS = ("arbs_format_version", "step", "attrs_sha256", "arrays")
@@ -239,7 +264,16 @@ def _check_step(site: _Site, header: _Header, step) -> int | None:
         return None
     if not is_int(step) or int(step) < 0:
         raise site.error("step_counter", f"is {step!r}; expected an integer >= 0")
-    return int(step)
+    step = int(step)
+    most = formats.max_step_counter(header.rule, header.gs)
+    if step > most:
+        if header.rule == "average":
+            why = (f"rule 'average' with gs={header.gs} requires gs*step_counter < 2**61 (step_counter <= {most}), "
+                   "so that Xi = 4*corr_accum/(gs*step_counter) fits int64")
+        else:
+            why = f"expected at most the int64 maximum {most}"
+        raise site.error("step_counter", f"is {step}; {why}")
+    return step
 
 
 def _e1tm_specs(site: _Site, header: _Header, name: str, shape) -> dict[str, tuple[np.dtype, tuple]]:
@@ -418,6 +452,11 @@ def _plan(site: _Site, ckpt: Checkpoint, step: int | None):
         "tensors": entries,
         "meta": plain_json(ckpt.meta, "meta"),
     }
+    # zarr writes the root zarr.json with indent=2; readers refuse one above ROOT_JSON_MAX_BYTES
+    root_json = len(json.dumps({"attributes": attrs}, indent=2)) + 1024
+    if root_json > ROOT_JSON_MAX_BYTES:
+        raise site.error("the root attributes", f"take about {root_json} bytes of zarr.json; readers accept at most "
+                         f"{ROOT_JSON_MAX_BYTES} (store less in meta)")
     commit = {
         "arbs_format_version": formats.FORMAT_VERSION,
         "step": step,
@@ -443,6 +482,43 @@ def _write_array(group, key: str, a: np.ndarray, compress: bool) -> None:
         fill_value=0, config={"write_empty_chunks": True},
     )
     z[...] = a
+
+
+def _chunk_keys(shape: tuple[int, ...], chunks: tuple[int, ...]) -> Iterator[str]:
+    """The chunk file keys of an array as ``_write_array`` writes it (default encoding, separator "/")."""
+    if not shape:
+        yield "c"
+        return
+    for idx in itertools.product(*(range(-(-s // c)) for s, c in zip(shape, chunks))):
+        yield "c/" + "/".join(map(str, idx))
+
+
+def _first_missing(tmp: Path, groups, step_array) -> str | None:
+    """The first file of the temporary tree that should exist and does not (or is no regular file).
+
+    Structural only (lstat of every zarr.json and chunk file); catches a tree another process changed
+    while it was written: zarr's LocalStore recreates deleted directories on the next write, so an array
+    deleted under the writer would otherwise be committed as missing.
+    """
+    def expected():
+        yield _ZARR_JSON
+        for tkey, arrays in groups:
+            yield f"{tkey}/{_ZARR_JSON}"
+            for akey, a, _ in arrays:
+                yield f"{tkey}/{akey}/{_ZARR_JSON}"
+                for k in _chunk_keys(a.shape, _chunks(a)):
+                    yield f"{tkey}/{akey}/{k}"
+        if step_array is not None:
+            yield f"{formats.STEP_COUNTER}/{_ZARR_JSON}"
+            yield f"{formats.STEP_COUNTER}/c"
+
+    for rel in expected():
+        try:
+            if not stat.S_ISREG(os.lstat(tmp / rel).st_mode):
+                return rel
+        except OSError:
+            return rel
+    return None
 
 
 def write_checkpoint(path, ckpt: Checkpoint, *, step: int | None = None) -> Path:
@@ -493,6 +569,13 @@ def write_checkpoint(path, ckpt: Checkpoint, *, step: int | None = None) -> Path
         if step_array is not None:
             _write_array(root, formats.STEP_COUNTER, step_array, False)
         durable.fsync_tree(tmp)
+        missing = _first_missing(tmp, groups, step_array)
+        if missing is not None:
+            raise ArbsError(
+                f"the temporary checkpoint '{tmp}' was changed by another process while it was being written "
+                f"({missing!r} is missing), so nothing was committed as '{dest}'. Only one process may write "
+                "into a run directory; save again."
+            )
         durable.write_durable(tmp / COMMIT_FILE, json.dumps(commit, indent=1).encode() + b"\n", "xb")
         durable.fsync_dir(tmp)
         if dest.exists() or dest.is_symlink():
@@ -525,7 +608,7 @@ def _translated(site: _Site, subject: str) -> Iterator[None]:
 def _read_commit(site: _Site, d: Path) -> dict:
     f = d / COMMIT_FILE
     try:
-        raw = f.read_bytes()
+        raw = durable.read_regular(f, COMMIT_MAX_BYTES, COMMIT_FILE)
     except FileNotFoundError:
         raise StoreNotFoundError(
             f"'{d}' has no {COMMIT_FILE} file, so it is not a committed checkpoint (an interrupted save "
@@ -562,6 +645,145 @@ def _check_version(d: Path, subject: str, v) -> None:
         )
 
 
+def _entry_kind(path: str) -> str:
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return "unreadable"
+    for test, what in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return f"not a regular file (mode {stat.filemode(mode)})"
+
+
+def _scan_tree(site: _Site, d: Path) -> None:
+    """Walk the checkpoint before zarr opens anything: every entry must be a regular file or a directory
+    (a symlink could point at /dev/zero or outside, a FIFO would block the reader), and no zarr.json may
+    exceed its cap (the root's holds the attributes). Iterative, never follows links, keeps nothing."""
+    stack = [str(d)]
+    while stack:
+        top = stack.pop()
+        try:
+            with os.scandir(top) as it:
+                entries = list(it)
+        except OSError as e:
+            raise site.error(f"directory '{os.path.relpath(top, d)}'", f"cannot be listed ({e})") from e
+        for e in entries:
+            rel = os.path.relpath(e.path, d)
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                    continue
+                regular = e.is_file(follow_symlinks=False)
+                size = e.stat(follow_symlinks=False).st_size if regular else 0
+            except OSError as exc:
+                raise site.error(f"entry '{rel}'", f"cannot be examined ({exc})") from exc
+            if not regular:
+                raise site.error(f"entry '{rel}'", f"is {_entry_kind(e.path)}; a checkpoint holds only regular files "
+                                 "and directories (arbs never follows links or reads special files in one)")
+            if e.name == _ZARR_JSON:
+                cap = ROOT_JSON_MAX_BYTES if top == str(d) else NODE_JSON_MAX_BYTES
+                if size > cap:
+                    raise site.error(f"'{rel}'", f"is {size} bytes; arbs writes at most {cap} there, so it is not "
+                                     "the file arbs wrote")
+
+
+def _check_codecs(site: _Site, subject: str, z) -> bool:
+    """The codec chain must be exactly what arbs writes: bytes (little-endian) [-> zstd] -> crc32c.
+    Returns whether the chunks are zstd-compressed. Any other codec (gzip, blosc, sharding, transpose)
+    is refused: its output size would not be checked before decompression."""
+    codecs = tuple(z.metadata.codecs)
+    names = [type(c).__name__ for c in codecs]
+    if not codecs or not isinstance(codecs[-1], Crc32cCodec):
+        raise site.error(subject, f"has codecs {names}; expected a chain ending with crc32c")
+    if len(codecs) not in (2, 3) or not isinstance(codecs[0], BytesCodec) \
+            or (len(codecs) == 3 and not isinstance(codecs[1], ZstdCodec)):
+        raise site.error(subject, f"has codecs {names}; expected BytesCodec, [ZstdCodec,] Crc32cCodec")
+    endian = codecs[0].endian
+    if endian is not None and getattr(endian, "value", endian) != "little":
+        raise site.error(subject, f"stores {getattr(endian, 'value', endian)}-endian bytes; the format stores little-endian")
+    return len(codecs) == 3
+
+
+def _count_chunk_files(adir: str) -> int:
+    """Regular files under an array directory other than its zarr.json (bounded by what is on disk)."""
+    n, stack = 0, [adir]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                elif e.name != _ZARR_JSON or os.path.dirname(e.path) != adir:
+                    n += 1
+    return n
+
+
+def _check_chunk_file(site: _Site, subject: str, path: Path, key: str, nbytes: int, compressed: bool) -> None:
+    """One chunk file, before zarr reads it: a regular file (opened without following links, without
+    blocking) whose size is possible for ``nbytes`` of chunk, and for zstd a frame header that declares
+    exactly ``nbytes``, so decompression can never produce (or allocate) more."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise site.error(subject, f"lacks chunk file {key!r}; a missing chunk would read as the fill value") from None
+    except OSError as e:
+        raise site.error(subject, f"has chunk file {key!r} that cannot be opened ({e})") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise site.error(subject, f"has chunk file {key!r} that is {_entry_kind(str(path))}; expected a regular file")
+        size = st.st_size
+        if not compressed:
+            if size != nbytes + 4:
+                raise site.error(subject, f"has chunk file {key!r} of {size} bytes; an uncompressed chunk of {nbytes} "
+                                 f"bytes plus its crc32c is {nbytes + 4}")
+            return
+        least, most = zstd_size_bounds(nbytes)
+        if not least + 4 <= size <= most + 4:
+            raise site.error(subject, f"has chunk file {key!r} of {size} bytes; a zstd chunk of {nbytes} bytes plus "
+                             f"its crc32c takes {least + 4}..{most + 4}")
+        head = os.read(fd, ZSTD_MAX_HEADER)
+    except OSError as e:
+        raise site.error(subject, f"has chunk file {key!r} that cannot be read ({e})") from e
+    finally:
+        os.close(fd)
+    try:
+        h = zstd_frame_header(head)
+    except ValueError as e:
+        raise site.error(subject, f"has chunk file {key!r} that is not a zstd frame arbs can read: it {e}") from None
+    if h.content_size is None:
+        raise site.error(subject, f"has chunk file {key!r} whose zstd frame does not declare its decompressed size; "
+                         "refusing to decompress it (it could inflate without bound)")
+    if h.content_size != nbytes:
+        raise site.error(subject, f"has chunk file {key!r} whose zstd frame declares {h.content_size} decompressed bytes; "
+                         f"the chunk is {nbytes} bytes, so it is refused before decompression")
+    if h.dictionary_id:
+        raise site.error(subject, f"has chunk file {key!r} compressed with zstd dictionary {h.dictionary_id}; arbs uses none")
+
+
+def _check_chunks(site: _Site, d: Path, rel: str, subject: str, z, compressed: bool) -> None:
+    """Chunk grid and chunk files of array ``rel`` (path inside the checkpoint ``d``): regular chunks no
+    larger than the array, every chunk file present and plausible (``_check_chunk_file``). The files are
+    counted first, so a hostile grid of many tiny chunks costs no more than the files on disk."""
+    meta = z.metadata
+    cshape = tuple(getattr(meta.chunk_grid, "chunk_shape", None) or ())
+    if type(meta.chunk_grid).__name__ != "RegularChunkGrid" or len(cshape) != z.ndim \
+            or any(not 1 <= c <= max(1, n) for c, n in zip(cshape, z.shape)):
+        raise site.error(subject, f"has chunk grid {meta.chunk_grid}; expected regular chunks no larger than its shape {z.shape}")
+    nbytes = math.prod(cshape) * z.dtype.itemsize
+    counts = [-(-n // c) for n, c in zip(z.shape, cshape)]
+    want = math.prod(counts)
+    adir = str(d / rel)
+    have = _count_chunk_files(adir) if want else 0
+    if have < want:
+        raise site.error(subject, f"has {have} of {want} chunk files on disk; a missing chunk would read as the fill value")
+    for idx in itertools.product(*map(range, counts)):
+        key = meta.encode_chunk_key(idx)
+        _check_chunk_file(site, subject, Path(adir) / key, key, nbytes, compressed)
+
+
 def _child_dirs(path: Path) -> set[str]:
     return {e.name for e in os.scandir(path) if e.is_dir()}
 
@@ -592,19 +814,17 @@ def _check_children(site: _Site, path: Path, expected: Mapping[str, str], owner:
         raise site.error(owner, f"holds an unexpected {desc} {key!r}; expected only {sorted(expected) or 'nothing'}")
 
 
-def _read_array(site: _Site, group, key: str, subject: str, dtype: np.dtype, shape, e1tm: bool,
+def _read_array(site: _Site, d: Path, group, key: str, rel: str, subject: str, dtype: np.dtype, shape, e1tm: bool,
                 want_sha: str | None) -> np.ndarray:
+    """Array ``key`` of zarr ``group`` (``rel``: its path inside checkpoint ``d``), checked before any chunk
+    is read: dtype, shape, codec chain, chunk grid and chunk files (sizes, zstd frame headers)."""
     with _translated(site, subject):
         z = group[key]
         if not isinstance(z, zarr.Array):
             raise site.error(subject, "is a group; expected an array")
         _check_dtype_shape(site, subject, z.dtype, z.shape, dtype, shape, e1tm)
-        codecs = z.metadata.codecs
-        if not codecs or not isinstance(codecs[-1], Crc32cCodec):
-            raise site.error(subject, f"has codecs {[type(c).__name__ for c in codecs]}; expected a chain ending with crc32c")
-        if z.nchunks_initialized != z.nchunks:
-            raise site.error(subject, f"has {z.nchunks_initialized} of {z.nchunks} chunk files on disk; "
-                             "a missing chunk would read as the fill value")
+        compressed = _check_codecs(site, subject, z)
+        _check_chunks(site, d, rel, subject, z, compressed)
         data = np.asarray(z[()] if z.ndim == 0 else z[...])
     _check_dtype_shape(site, subject, data.dtype, data.shape, dtype, shape, e1tm)
     if want_sha is not None and sha256_hex(data) != want_sha:
@@ -683,6 +903,7 @@ def read_checkpoint(d: Path, *, verify: bool = True, kind: str | None = None) ->
         raise ConfigError(f"kind={kind!r}; expected one of {', '.join(KINDS)} or None.{formats.did_you_mean(str(kind), KINDS)}")
     site = _open_site(d)
     commit = _read_commit(site, d)
+    _scan_tree(site, d)
     with _translated(site, "the root group"):
         root = zarr.open_group(store=LocalStore(str(d), read_only=True), mode="r", zarr_format=3, use_consolidated=False)
         attrs = root.attrs.asdict()
@@ -719,10 +940,13 @@ def read_checkpoint(d: Path, *, verify: bool = True, kind: str | None = None) ->
     _check_children(site, d, expected_root, "the checkpoint root", e1tm)
     step = None
     if not header.fused:
-        s = _read_array(site, root, formats.STEP_COUNTER, "array 'step_counter'", formats.STEP_COUNTER_DTYPE, (), e1tm,
-                        want(formats.STEP_COUNTER))
+        s = _read_array(site, d, root, formats.STEP_COUNTER, formats.STEP_COUNTER, "array 'step_counter'",
+                        formats.STEP_COUNTER_DTYPE, (), e1tm, want(formats.STEP_COUNTER))
         step = _check_step(site, header, int(s))
-        if commit["step"] is not None and commit["step"] != step:
+        if commit["step"] is None:  # null is what a fused checkpoint written without a step records
+            raise site.error(COMMIT_FILE, f"records step null, but the checkpoint has step_counter {step}; "
+                             "COMMIT's step must equal it")
+        if commit["step"] != step:
             raise site.error("array 'step_counter'", f"holds {step}, but COMMIT records step {commit['step']}")
     read_keys = {formats.STEP_COUNTER} if step is not None else set()
     out: dict[str, TensorState] = {}
@@ -736,7 +960,7 @@ def read_checkpoint(d: Path, *, verify: bool = True, kind: str | None = None) ->
         arrays = {}
         for aname, (dtype, ashape) in specs.items():
             key = f"{tkey}/{akeys[aname]}"
-            arrays[aname] = _read_array(site, group, akeys[aname], f"array {aname!r} of tensor {name!r}",
+            arrays[aname] = _read_array(site, d, group, akeys[aname], key, f"array {aname!r} of tensor {name!r}",
                                         dtype, ashape, e1tm, want(key))
             read_keys.add(key)
         if e1tm:

@@ -59,10 +59,15 @@ def _scan(run: Path) -> list[tuple[int, Path]]:
     if not run.is_dir():
         raise StoreNotFoundError(f"run directory '{run}' does not exist or is not a directory")
     found = []
-    for e in os.scandir(run):
+    try:
+        entries = list(os.scandir(run))
+    except OSError as e:
+        raise StoreNotFoundError(f"cannot list run directory '{run}': {e.strerror or e}") from e
+    for e in entries:
         n = parse_step_dir(e.name)
         if n is not None:
-            if e.is_dir() and os.path.isfile(os.path.join(e.path, COMMIT_FILE)):
+            # a checkpoint is a real directory: arbs never writes a link, and a link may loop
+            if e.is_dir(follow_symlinks=False) and os.path.isfile(os.path.join(e.path, COMMIT_FILE)):
                 found.append((n, run / e.name))
         elif is_noncanonical_step_dir(e.name) and os.path.isfile(os.path.join(e.path, COMMIT_FILE)):
             if e.path not in _warned_noncanonical:
