@@ -133,8 +133,8 @@ def e1tm_model(layers, d, rule, device):
             del m.weight  # a zero-stride stand-in: ternarize_ reads only its shape through fast_convert
             m.weight = torch.zeros((), dtype=torch.float32).expand(shape)
     with fast_convert():
-        clock = anm.ternarize_(model, "E1TM32", rule)
-    return model.to(device), clock
+        model = anm.ternarize_(model, "E1TM32", rule)
+    return model.to(device), anm.model_clock(model)
 
 
 # -- timing ----------------------------------------------------------------------------------------

@@ -97,7 +97,8 @@ def test_accumulate_micro_batches_votes_once_on_sum():
 def test_step_counter_once_per_step_and_average_rule_uses_it():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.ReLU(), nn.Linear(8, 8, bias=False))
-    clock = anx.ternarize_(model, "E1TM8", "average")
+    model = anx.ternarize_(model, "E1TM8", "average")
+    clock = anx.model_clock(model)
     for i in range(3):
         model(torch.randn(2, 8)).sum().backward()
         anx.step(model)
@@ -167,7 +168,8 @@ def test_ternarize_rejects_a_parameter_the_rule_does_not_take():
     model = nn.Sequential(nn.Linear(8, 8, bias=False))
     with pytest.raises(ConfigError, match="rule 'carry' takes no parameter gain"):
         anx.ternarize_(model, "E1TM8", "carry", gain=4)
-    clock = anx.ternarize_(model, "E1TM8", "flip", gain=4, horizon=10, seed=3)
+    assert anx.ternarize_(model, "E1TM8", "flip", gain=4, horizon=10, seed=3) is model
+    clock = anx.model_clock(model)
     assert clock.scheme.params == {"K": 16, "theta": 16, "gain": 4, "horizon": 10, "vote_max": 3} and clock.seed == 3
 
 

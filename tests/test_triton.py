@@ -342,7 +342,8 @@ def test_nn_cuda_bf16_votes_equal_ops_vote_of_the_same_gradient():
     torch.manual_seed(0)
     lin = torch.nn.Linear(96, 40, bias=False)
     model = torch.nn.Sequential(lin)
-    clock = anm.ternarize_(model, "E1TM32", "flip", K=2, theta=2)
+    model = anm.ternarize_(model, "E1TM32", "flip", K=2, theta=2)
+    clock = anm.model_clock(model)
     ref = {k: v.clone().numpy() for k, v in model[0].state_dict().items()}
     model.cuda()
     x = torch.randn(8, 96, device="cuda")

@@ -1,13 +1,25 @@
 """Torch glue for E1TM: layers whose only state is integer buffers, and whole-model operations.
 
-- :mod:`.layers` E1TMLinear / E1TMEmbedding, their autograd Functions and the shared Clock
+- :mod:`.layers` E1TMLinear / E1TMEmbedding / E1TMMultiheadAttention (and the tied variants), their autograd
+  Functions and the shared Clock
+- :mod:`.custom_ops` materialize and vote as torch.library custom ops (``arbs::materialize``, ``arbs::vote``)
 - :mod:`.ternarize` ternarize_, step, accumulate, the fuse phase, state in and out
 - :mod:`.cuda` what the Triton kernels need from a layer; :mod:`.cuda_graph` GraphedStep
 - :mod:`.baselines` float-latent ternary baselines (absmean STE, LSQ, ...) for comparison
 """
 
 from .cuda_graph import GraphedStep, graphable
-from .layers import Clock, E1TMEmbedding, E1TMLinear, E1TMWeight, e1tm_modules, model_clock
+from .layers import (
+    Clock,
+    E1TMEmbedding,
+    E1TMLinear,
+    E1TMMultiheadAttention,
+    E1TMTiedEmbedding,
+    E1TMTiedLinear,
+    E1TMWeight,
+    e1tm_modules,
+    model_clock,
+)
 from .ternarize import (
     accumulate,
     enter_fuse_phase_,
@@ -18,7 +30,7 @@ from .ternarize import (
 )
 
 __all__ = [
-    "Clock", "E1TMEmbedding", "E1TMLinear", "E1TMWeight", "GraphedStep",
-    "accumulate", "e1tm_modules", "enter_fuse_phase_", "graphable", "load_tensor_states", "model_clock",
-    "step", "tensor_states", "ternarize_",
+    "Clock", "E1TMEmbedding", "E1TMLinear", "E1TMMultiheadAttention", "E1TMTiedEmbedding", "E1TMTiedLinear",
+    "E1TMWeight", "GraphedStep", "accumulate", "e1tm_modules", "enter_fuse_phase_", "graphable",
+    "load_tensor_states", "model_clock", "step", "tensor_states", "ternarize_",
 ]

@@ -46,7 +46,8 @@ def build(meta: dict, ckpt: store.Checkpoint | None = None, *, device: str = "cp
     if formats.is_e1tm(fmt):
         if meta.get("init") and ckpt is None:
             load_float_init(model, meta["init"])
-        handles["clock"] = arbs_nn.ternarize_(model, fmt, meta["rule"], **meta.get("rule_params", {}), seed=meta["seed"])
+        model = arbs_nn.ternarize_(model, fmt, meta["rule"], **meta.get("rule_params", {}), seed=meta["seed"])
+        handles["clock"] = arbs_nn.model_clock(model)
         if ckpt is not None:
             arbs_nn.load_tensor_states(model, {n: t.arrays for n, t in ckpt.tensors.items()}, ckpt.step_counter)
         model.to(device)
