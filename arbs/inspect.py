@@ -8,6 +8,10 @@ theoretical figure of ``formats.theoretical_bpw`` (exact when cols is a multiple
 * training  = 8 * (nbytes of every per-tensor array) / weights; the checkpoint total adds the
   8-byte step_counter shared by all tensors.
 
+A user's model saved with ``arbs.nn.save`` may keep float parameters (norm gains, biases): they are not
+E1TM state and are counted apart (``total.float_bytes``, ``bpw_float`` per E1TM weight; ``float_params``
+lists them), and the checkpoint is marked ``integer_only: false``.
+
 ``bytes_on_disk`` (compressed, as stored) comes from ``store.bytes_on_disk``.
 """
 
@@ -130,6 +134,8 @@ def _summarize_e1tm(ckpt, bpw: bool) -> dict:
         tot["array_bytes"] += all_bytes
         tot["zeros"] += zeros
     W = tot["weights"]
+    floats = getattr(ckpt, "float_params", None) or {}
+    float_bytes = sum(_nbytes(a) for a in floats.values())
     total = {
         "tensors": len(rows_out),
         "weights": W,
@@ -138,10 +144,20 @@ def _summarize_e1tm(ckpt, bpw: bool) -> dict:
         "bpw_theoretical_inference": th_inf,
         "bpw_theoretical_training": th_train,
         "sparsity": tot["zeros"] / W if W else 0.0,
-        "array_bytes": store.array_nbytes(ckpt),
+        "array_bytes": store.array_nbytes(ckpt),  # E1TM state only
+        "float_params": len(floats),
+        "float_values": sum(int(np.asarray(a).size) for a in floats.values()),
+        "float_bytes": float_bytes,  # counted apart: not E1TM state
+        "bpw_float": _bpw(float_bytes, W) if floats else None,  # float bits per E1TM weight
         "bytes_on_disk": _bytes_on_disk(ckpt),
     }
-    return {"tensors": rows_out, "total": total}
+    out = {"tensors": rows_out, "total": total}
+    if floats:
+        out["float_params"] = [
+            {"name": n, "shape": list(np.shape(a)), "dtype": str(np.asarray(a).dtype), "bytes": _nbytes(a)}
+            for n, a in floats.items()
+        ]
+    return out
 
 
 # ------------------------------------------------------------------------------------------- float
@@ -231,6 +247,11 @@ def summarize(ckpt, bpw: bool = False) -> dict:
     ``bpw_inference``, ``bpw_training`` (incl. the shared 8-byte step_counter), theoretical figures,
     ``sparsity`` and ``bytes_on_disk`` (None for an unsaved checkpoint).
 
+    ``integer_only`` is True for an E1TM checkpoint without float parameters. One with float parameters
+    (a user's model, ``arbs.nn.save``) counts them apart: ``total`` adds ``float_params`` (how many),
+    ``float_values``, ``float_bytes`` and ``bpw_float`` (float bits per E1TM weight; None without any), and
+    ``float_params`` lists ``{name, shape, dtype, bytes}``; the E1TM figures leave them out.
+
     Float checkpoints get dtypes/bytes per array instead and, for ternary baselines, a per-tensor ``deadzone``
     (fractions at -1/0/+1 and near a trit boundary; arbs.nn.baselines.deadzone_stats).
     """
@@ -249,6 +270,7 @@ def summarize(ckpt, bpw: bool = False) -> dict:
         "rule_params": dict(ckpt.rule_params or {}),
         "step_counter": None if ckpt.step_counter is None else int(ckpt.step_counter),
         "fused": bool(ckpt.fused),
+        "integer_only": bool(getattr(ckpt, "integer_only", False)),
         "meta": dict(ckpt.meta or {}),
     }
     head.update(fn(ckpt, bpw))
@@ -342,6 +364,16 @@ def render_text(summary: dict) -> str:
         f"training {_f(tot['bpw_training'], '.2f')} bpw (theory {_f(tot['bpw_theoretical_training'], '.2f')}); "
         f"sparsity {tot['sparsity']:.3f}; {_human_bytes(tot['bytes_on_disk'])} on disk"
     )
+    if tot.get("float_params"):
+        if detailed and s.get("float_params"):
+            rows = [[f["name"], "x".join(map(str, f["shape"])) or "scalar", f["dtype"], _human_bytes(f["bytes"])]
+                    for f in s["float_params"]]
+            out += _table(["float parameter", "shape", "dtype", "bytes"], rows, {3})
+        out.append(
+            f"float parameters: {tot['float_params']} ({tot['float_values']} values, {_human_bytes(tot['float_bytes'])}, "
+            f"{_f(tot['bpw_float'], '.2f')} bits per E1TM weight), counted apart from the E1TM figures above; "
+            "this checkpoint is NOT integer-only"
+        )
     return "\n".join(out)
 
 

@@ -1,4 +1,5 @@
-"""Whole-model operations on E1TM layers: ternarize_, step, accumulate, the fuse phase, state in and out.
+"""Whole-model operations on E1TM layers: ternarize_, step, accumulate, the fuse phase, state in and out
+(save / load_ a whole model as an arbs checkpoint).
 
 Usage::
 
@@ -7,17 +8,21 @@ Usage::
         loss = loss_fn(model(x), y)
         loss.backward()          # votes happen here, layer by layer
         arbs.nn.step(model)      # flushes pending votes, step_counter += 1
+    arbs.nn.save(model, "runs/mine")            # runs/mine/step_<N>: integer state + float parameters
+    arbs.nn.load_(fresh_model, "runs/mine")     # fresh_model ternarized the same way; bit-exact
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from .. import formats, ops
+from .. import formats, ops, store
 from ..errors import ConfigError
 from .layers import (
     Clock,
@@ -208,8 +213,13 @@ def _cpu_arrays(m: E1TMWeight) -> dict[str, np.ndarray]:
     return {name: getattr(m, name).detach().cpu().numpy() for name in m.clock.scheme.arrays()}
 
 
-def load_tensor_states(model: nn.Module, states: dict[str, dict[str, np.ndarray]], step_counter: int) -> None:
-    """Copy integer arrays (``"<module>.weight" -> arrays``) into the model's E1TM layers."""
+def load_tensor_states(model: nn.Module, states: dict[str, dict[str, np.ndarray]], step_counter: int, *,
+                       shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
+    """Copy integer arrays (``"<module>.weight" -> arrays``) into the model's E1TM layers.
+
+    ``shapes``: the logical shape of each tensor, checked against the model's (array shapes alone cannot tell
+    two widths that pad to the same groups apart). Everything is checked before anything is copied.
+    """
     mods = {_tensor_name(n): m for n, m in e1tm_modules(model).items()}
     missing, extra = set(mods) - set(states), set(states) - set(mods)
     if missing or extra:
@@ -217,12 +227,160 @@ def load_tensor_states(model: nn.Module, states: dict[str, dict[str, np.ndarray]
             f"checkpoint tensors do not match the model: missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}"
         )
     for name, m in mods.items():
-        arrays = states[name]
+        if shapes is not None and tuple(shapes[name]) != m.shape:
+            raise ConfigError(f"tensor {name!r} has shape {tuple(shapes[name])} in the checkpoint; the model's is {m.shape}")
         for k in m.clock.scheme.arrays():
-            a = np.asarray(arrays[k])
-            buf = getattr(m, k)
-            if tuple(a.shape) != tuple(buf.shape):
-                raise ConfigError(f"tensor {name!r} array {k!r} has shape {a.shape}; the model needs {tuple(buf.shape)}")
-            buf.copy_(torch.from_numpy(a))
+            if k not in states[name]:
+                raise ConfigError(f"tensor {name!r} lacks array {k!r}, which rule {m.clock.scheme.rule!r} needs")
+            a, buf = states[name][k], getattr(m, k)
+            if tuple(np.shape(a)) != tuple(buf.shape):
+                raise ConfigError(f"tensor {name!r} array {k!r} has shape {np.shape(a)}; the model needs {tuple(buf.shape)}")
+    for name, m in mods.items():
+        for k in m.clock.scheme.arrays():
+            getattr(m, k).copy_(torch.from_numpy(np.asarray(states[name][k])))
         m.invalidate()
-    model_clock(model).step_counter = int(step_counter)
+    clock = model_clock(model)
+    clock.step_counter = int(step_counter)
+    if clock.sched is not None:  # the GPU's copy of the step (vote schedule)
+        from . import cuda
+
+        cuda.write_sched(clock)
+
+
+# -- save / load_ a whole model --------------------------------------------------------------------------------
+
+NN_META_KEY = "arbs.nn"  # what save records in the checkpoint's meta: {"fuse_phase": bool, "seed": int}
+
+
+def float_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """name -> the model's float parameters, as ``model.named_parameters()`` lists them (a shared one once):
+    everything a ternarized model keeps besides its E1TM integer state (biases, norm gains, an
+    un-ternarized head), trainable or not. Empty for every model arbs builds."""
+    return dict(model.named_parameters())
+
+
+def save(model: nn.Module, run_dir, *, meta: Mapping | None = None, keep: int | None = None) -> Path:
+    """Save a ternarized model as a committed checkpoint ``run_dir/step_<step_counter>``.
+
+    The checkpoint holds every E1TM layer's integer state, the step_counter, format, rule and rule_params of the
+    model's clock and, apart from them (``Checkpoint.float_params``, the ``_float`` group of SPEC.md §11), the
+    model's float parameters (:func:`float_parameters`; none: the checkpoint is integer-only). ``meta`` (a JSON-able
+    dict, yours) is kept; ``meta["arbs.nn"]`` records the clock's seed and whether the fuse phase has started.
+    Written by ``arbs.store.save_checkpoint``: validated, atomic, under the run's writer lock, LATEST moved,
+    ``keep`` newest checkpoints kept (None: all). Call it between steps (after ``arbs.nn.step(model)``).
+    Float buffers (BatchNorm running statistics) are not saved.
+
+    Returns the checkpoint directory. Raises ConfigError (no E1TM layers, votes pending, a reserved meta key,
+    a non-float parameter), RunLockedError (another writer), ArbsError (``step_<N>`` exists: checkpoints are never
+    overwritten).
+    """
+    clock = model_clock(model)
+    mods = e1tm_modules(model)
+    pending = [n for n, m in mods.items() if getattr(m, "_grad_sum", None) is not None]
+    if pending:
+        raise ConfigError(f"the model has gradients not yet voted on (inside arbs.nn.accumulate?) in {pending[:3]}; "
+                          "call arbs.nn.step(model) before saving")
+    meta = {} if meta is None else meta
+    if not isinstance(meta, Mapping):
+        raise ConfigError(f"meta is a {type(meta).__name__}; expected a dict")
+    if NN_META_KEY in meta:
+        raise ConfigError(f"meta key {NN_META_KEY!r} is reserved: arbs.nn.save records the clock's seed and fuse "
+                          "phase there")
+    floats = {}
+    for name, p in float_parameters(model).items():
+        if not p.is_floating_point():
+            raise ConfigError(f"parameter {name!r} has dtype {p.dtype}; arbs.nn.save keeps float parameters only")
+        t = p.detach().cpu()
+        floats[name] = (t.float() if t.dtype == torch.bfloat16 else t).numpy().copy()  # bf16 -> float32: exact
+    s = clock.scheme
+    ckpt = store.Checkpoint(
+        kind="e1tm", format=s.format, gs=s.gs, rule=s.rule, rule_params=dict(s.params), fused=False,
+        step_counter=int(clock.step_counter),
+        tensors={n: store.TensorState(name=n, shape=shape, arrays=a) for n, (shape, a) in tensor_states(model).items()},
+        meta={**meta, NN_META_KEY: {"fuse_phase": bool(clock.fuse_phase), "seed": int(clock.seed)}},
+        float_params=floats,
+    )
+    return store.save_checkpoint(run_dir, ckpt, keep=keep)
+
+
+def load_(model: nn.Module, ckpt_or_path) -> store.Checkpoint:
+    """Restore a checkpoint of :func:`save` (or any E1TM training checkpoint) into ``model``, bit for bit.
+
+    ``model`` must be ternarized the same way: the same format, rule and rule_params (else ConfigError with
+    both values), the same E1TM tensors with the same shapes and the same float parameters (names and shapes;
+    a float parameter is cast to the model's dtype). Everything is checked before anything changes. Restored:
+    every E1TM layer's integer state, the step_counter, the float parameters and, when the checkpoint records
+    them (``save`` does: ``meta["arbs.nn"]``), the clock's seed and fuse phase, so training continues exactly as
+    the saved model would have. A checkpoint without that record (``arbs train``, whose loop re-derives the fuse
+    phase from the step; ``arbs convert``) leaves the seed as it is and the fuse phase off.
+
+    ``ckpt_or_path``: a ``store.Checkpoint``, a ``step_<N>`` directory or a run directory (its newest committed
+    checkpoint that verifies). Returns the checkpoint loaded (its ``meta`` is yours again).
+    """
+    if isinstance(ckpt_or_path, store.Checkpoint):
+        ck = ckpt_or_path
+        if ck.path is None:  # in memory: validate it as a save would
+            store.check_checkpoint(ck)
+    else:
+        ck = store.open_checkpoint(ckpt_or_path, kind="e1tm")
+    where = f"'{ck.path}'" if ck.path is not None else "the checkpoint"
+    clock = model_clock(model)
+    s = clock.scheme
+    if ck.kind != "e1tm":
+        raise ConfigError(f"{where} is a float (baseline) checkpoint; arbs.nn.load_ loads E1TM checkpoints")
+    if ck.fused:
+        raise ConfigError(f"{where} is fused (inference only: T_packed and E, no step_counter), so it cannot resume "
+                          "training; load a training checkpoint (arbs.fuse.checkpoint_weights gives a fused one's W_eff)")
+    how = f"arbs.nn.ternarize_(model, {ck.format!r}, {ck.rule!r}, **{dict(ck.rule_params)})"
+    if ck.format != s.format or ck.rule != s.rule:
+        raise ConfigError(f"{where} holds format {ck.format!r} rule {ck.rule!r}, but the model was ternarized with "
+                          f"format {s.format!r} rule {s.rule!r}; ternarize a fresh model with {how}")
+    differ = [f"{k}={ck.rule_params.get(k)!r} (model: {s.params.get(k)!r})"
+              for k in sorted(set(ck.rule_params) | set(s.params)) if ck.rule_params.get(k) != s.params.get(k)]
+    if differ:
+        raise ConfigError(f"{where} was saved with rule parameters {', '.join(differ)}; ternarize a fresh model "
+                          f"with {how}")
+    shapes = {n: m.shape for n, m in e1tm_modules(model).items()}
+    shapes = {_tensor_name(n): shape for n, shape in shapes.items()}
+    missing, extra = sorted(set(shapes) - set(ck.tensors)), sorted(set(ck.tensors) - set(shapes))
+    if missing or extra:
+        raise ConfigError(f"{where} does not match the model's E1TM tensors: the model's {missing[:5]} are not in it, "
+                          f"its {extra[:5]} are not in the model (ternarize the same layers: include=...)")
+    for n, shape in shapes.items():
+        if tuple(ck.tensors[n].shape) != shape:
+            raise ConfigError(f"tensor {n!r} has shape {tuple(ck.tensors[n].shape)} in {where}; the model's is {shape}")
+    params = float_parameters(model)
+    missing, extra = sorted(set(params) - set(ck.float_params)), sorted(set(ck.float_params) - set(params))
+    if missing or extra:
+        raise ConfigError(f"{where} does not match the model's float parameters: the model's {missing[:5]} are not "
+                          f"in it, its {extra[:5]} are not in the model")
+    for n, p in params.items():
+        if tuple(ck.float_params[n].shape) != tuple(p.shape):
+            raise ConfigError(f"float parameter {n!r} has shape {tuple(ck.float_params[n].shape)} in {where}; the "
+                              f"model's is {tuple(p.shape)}")
+    fuse_phase, seed = _nn_record(ck, where)
+    if fuse_phase:
+        unfused = [n for n, t in ck.tensors.items() if np.any(t.arrays["corr_accum"])]
+        if unfused:
+            raise ConfigError(f"{where} records the fuse phase, but tensor {unfused[0]!r} has a nonzero corr_accum "
+                              "(fused scales have none); the checkpoint's meta was edited")
+    load_tensor_states(model, {n: t.arrays for n, t in ck.tensors.items()}, ck.step_counter, shapes=shapes)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(torch.from_numpy(np.asarray(ck.float_params[n])))
+    clock.fuse_phase = fuse_phase
+    if seed is not None:
+        clock.seed = seed
+    return ck
+
+
+def _nn_record(ck: store.Checkpoint, where: str) -> tuple[bool, int | None]:
+    """(fuse_phase, seed) that :func:`save` recorded in ``meta["arbs.nn"]``; (False, None) without a record."""
+    rec = ck.meta.get(NN_META_KEY) if isinstance(ck.meta, Mapping) else None
+    if rec is None:
+        return False, None
+    fuse_phase, seed = (rec.get("fuse_phase"), rec.get("seed")) if isinstance(rec, Mapping) else (None, None)
+    if not isinstance(fuse_phase, bool) or isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"{where} has meta[{NN_META_KEY!r}] = {str(rec)[:100]}; expected "
+                          "{'fuse_phase': true/false, 'seed': an integer}")
+    return fuse_phase, seed

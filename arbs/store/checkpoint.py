@@ -5,7 +5,8 @@ A checkpoint directory is a Zarr v3 group:
 - root attributes (plain JSON): ``arbs_format_version``, ``kind`` (``"e1tm"`` or ``"float"``),
   ``format`` (e.g. ``"E1TM32"``, null for float), ``gs``, ``rule`` (null when fused or float),
   ``rule_params`` (dict of ints), ``fused`` (bool), ``tensors`` (ordered list of ``{name, shape}``;
-  float checkpoints add ``arrays``: ``{array: {dtype, shape}}``) and ``meta`` (the caller's JSON dict).
+  float checkpoints add ``arrays``: ``{array: {dtype, shape}}``) and ``meta`` (the caller's JSON dict);
+  an e1tm checkpoint of a user's model that keeps float parameters adds ``float_params`` (below).
 - a 0-d int64 array ``step_counter`` at the root (absent when fused).
 - one subgroup per tensor holding the arrays of ``formats.tensor_arrays(rule, fused)``, each with the
   dtype and shape of the format table. Every array's codec chain ends with ``crc32c``; all arrays but
@@ -16,6 +17,17 @@ A checkpoint directory is a Zarr v3 group:
   ``arrays`` maps each array's path inside the checkpoint (``"<tensor key>/<array>"``, ``"step_counter"``)
   to the sha256 of its little-endian C-order bytes, and ``attrs_sha256`` hashes the root attributes
   (canonical JSON: sorted keys, no spaces, ASCII). A directory without ``COMMIT`` is not a checkpoint.
+
+Float parameters (e1tm only)
+----------------------------
+Every model arbs builds is integer-only. A user's model may keep float parameters (norm gains, biases, an
+un-ternarized head); ``Checkpoint.float_params`` holds them by name and they are stored apart: the root
+attribute ``float_params`` (ordered list of ``{name, shape, dtype}``, dtype float16/float32/float64) and
+one array per parameter in the root subgroup ``_float`` (key: the name's ``node_key``; COMMIT path
+``"_float/<key>"``). Both are present exactly when there is at least one float parameter, so an
+integer-only checkpoint is byte for byte what it was before float parameters existed, and
+``Checkpoint.integer_only`` is the absence of the attribute. No tensor key starts with ``_``, so ``_float``
+never collides with a tensor; a float array anywhere else in an e1tm checkpoint is refused.
 
 Tensor keys
 -----------
@@ -61,7 +73,7 @@ import re
 import secrets
 import shutil
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping
 from urllib.parse import quote
@@ -92,6 +104,9 @@ NODE_JSON_MAX_BYTES = 1 << 20
 _ZARR_JSON = "zarr.json"
 
 _ATTR_KEYS = ("arbs_format_version", "kind", "format", "gs", "rule", "rule_params", "fused", "tensors", "meta")
+FLOAT_PARAMS_ATTR = "float_params"  # root attribute, present only with float parameters (e1tm)
+FLOAT_GROUP = "_float"  # root subgroup of the float parameters; node_key never starts a key with "_"
+FLOAT_PARAM_DTYPES = ("float16", "float32", "float64")
 _COMMIT_KEYS = ("arbs_format_version", "step", "attrs_sha256", "arrays")
 _UNCOMPRESSED = frozenset({"T_packed"})  # uniformly distributed base-3 bytes: zstd only costs time
 _RESERVED_KEYS = frozenset({formats.STEP_COUNTER.lower(), "zarr.json", COMMIT_FILE.lower()})
@@ -161,6 +176,10 @@ class Checkpoint:
         The caller's JSON-able data: model config, data hash, ... numpy scalars are converted on save.
     path : pathlib.Path or None
         The checkpoint directory it was opened from.
+    float_params : dict of str to numpy.ndarray
+        e1tm only: the float parameters of a user's model (norm gains, biases, an un-ternarized head) by
+        name, float16/float32/float64, stored apart from the integer state (root subgroup ``_float``).
+        Empty for every model arbs builds; see :attr:`integer_only`.
     """
 
     kind: str
@@ -173,6 +192,12 @@ class Checkpoint:
     tensors: dict[str, TensorState]
     meta: dict
     path: Path | None = None
+    float_params: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def integer_only(self) -> bool:
+        """True for an e1tm checkpoint without float parameters: every persistent array is an integer."""
+        return self.kind == "e1tm" and not self.float_params
 
 
 @dataclass(frozen=True)
@@ -292,7 +317,7 @@ def _check_dtype_shape(site: _Site, subject: str, dtype, shape, want_dtype, want
     dtype = np.dtype(dtype)
     if dtype != want_dtype:
         got = dtype.str if dtype.name == want_dtype.name else dtype.name
-        hint = "; E1TM checkpoints hold no float arrays" if e1tm and dtype.kind in "fc" else ""
+        hint = f"; E1TM checkpoints hold no float arrays outside {FLOAT_GROUP!r}" if e1tm and dtype.kind in "fc" else ""
         raise site.error(subject, f"has dtype {got}; expected {want_dtype.name}{hint}")
     if tuple(shape) != tuple(want_shape):
         raise site.error(subject, f"has shape {tuple(shape)}; expected {tuple(want_shape)}")
@@ -435,6 +460,7 @@ def _plan(site: _Site, ckpt: Checkpoint, step: int | None):
         groups.append((tkey, arrays))
         for akey, a, _ in arrays:
             shas[f"{tkey}/{akey}"] = sha256_hex(a)
+    float_entries = _plan_float_params(site, header, ckpt.float_params, groups, shas)
     if not isinstance(ckpt.meta, Mapping):
         raise site.error("meta", f"is a {type(ckpt.meta).__name__}; expected a dict")
     step_array = None
@@ -452,6 +478,8 @@ def _plan(site: _Site, ckpt: Checkpoint, step: int | None):
         "tensors": entries,
         "meta": plain_json(ckpt.meta, "meta"),
     }
+    if float_entries:  # absent without float parameters: an integer-only checkpoint is unchanged
+        attrs[FLOAT_PARAMS_ATTR] = float_entries
     # zarr writes the root zarr.json with indent=2; readers refuse one above ROOT_JSON_MAX_BYTES
     root_json = len(json.dumps({"attributes": attrs}, indent=2)) + 1024
     if root_json > ROOT_JSON_MAX_BYTES:
@@ -464,6 +492,64 @@ def _plan(site: _Site, ckpt: Checkpoint, step: int | None):
         "arrays": shas,
     }
     return attrs, groups, step_array, commit
+
+
+def _plan_float_params(site: _Site, header: _Header, params, groups: list, shas: dict) -> list[dict]:
+    """Validate ``Checkpoint.float_params``; append the ``_float`` group to ``groups`` and its checksums to
+    ``shas``; return the ``float_params`` attribute entries (empty: no float parameters)."""
+    if not isinstance(params, Mapping):
+        raise site.error("float_params", f"is a {type(params).__name__}; expected a dict of numpy arrays")
+    if not params:
+        return []
+    if header.kind != "e1tm":
+        raise site.error("float_params", "is given for a float checkpoint, whose tensors hold every array; "
+                         "float parameters are the separate part of an E1TM checkpoint")
+    entries, arrays, seen = [], [], {}
+    for name, a in params.items():
+        subj = f"float parameter {name!r}"
+        if not isinstance(name, str) or not name:
+            raise site.error(subj, "has an empty or non-str name")
+        key = node_key(name)
+        if key.lower() in seen:
+            raise site.error(subj, f"has the same directory key as float parameter {seen[key.lower()]!r} on a "
+                             "case-insensitive file system; rename one")
+        seen[key.lower()] = name
+        if not isinstance(a, np.ndarray):
+            raise site.error(subj, f"is a {type(a).__name__}; expected a numpy array")
+        if a.dtype.kind != "f" or a.dtype.name not in FLOAT_PARAM_DTYPES:
+            raise site.error(subj, f"has dtype {a.dtype}; float parameters are {', '.join(FLOAT_PARAM_DTYPES)} "
+                             "(widen bfloat16 to float32: exact)")
+        a = a.astype(a.dtype.newbyteorder("="), copy=False)  # native byte order; the values are unchanged
+        entries.append({"name": name, "shape": list(a.shape), "dtype": a.dtype.name})
+        arrays.append((key, a, True))
+        shas[f"{FLOAT_GROUP}/{key}"] = sha256_hex(a)
+    groups.append((FLOAT_GROUP, arrays))
+    return entries
+
+
+def _parse_float_params(site: _Site, header: _Header, value) -> list[tuple[str, str, np.dtype, tuple]]:
+    """[(name, key, dtype, shape)] from the root attribute ``float_params``."""
+    subj = f"attribute {FLOAT_PARAMS_ATTR!r}"
+    if header.kind != "e1tm":
+        raise site.error(subj, "is present in a float checkpoint; only E1TM checkpoints have a float part")
+    if not isinstance(value, list) or not value:
+        raise site.error(subj, f"is {str(value)[:100]}; expected a non-empty list (writers omit it when there "
+                         "are no float parameters)")
+    out, seen = [], set()
+    for i, t in enumerate(value):
+        what = f"entry {i} of {subj}"
+        if not isinstance(t, dict) or set(t) != {"name", "shape", "dtype"}:
+            raise site.error(what, f"is {str(t)[:100]}; expected an object with keys ['name', 'shape', 'dtype']")
+        name, shape, dtype = t["name"], t["shape"], t["dtype"]
+        if not isinstance(name, str) or not name or node_key(name).lower() in seen:
+            raise site.error(what, f"has name {name!r}; expected a non-empty, unique str")
+        seen.add(node_key(name).lower())
+        if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
+            raise site.error(f"float parameter {name!r}", f"has shape {shape!r}; expected a list of ints >= 0")
+        if dtype not in FLOAT_PARAM_DTYPES:
+            raise site.error(f"float parameter {name!r}", f"has dtype {dtype!r}; expected one of {list(FLOAT_PARAM_DTYPES)}")
+        out.append((name, node_key(name), np.dtype(dtype), tuple(int(d) for d in shape)))
+    return out
 
 
 def _chunks(a: np.ndarray) -> tuple[int, ...]:
@@ -810,7 +896,9 @@ def _check_children(site: _Site, path: Path, expected: Mapping[str, str], owner:
     for key in sorted(have - set(expected)):
         desc, is_float = _describe(path / key)
         if e1tm and is_float:
-            raise site.error(f"{owner}", f"holds an unexpected float {desc} {key!r}; E1TM checkpoints hold no float arrays")
+            raise site.error(f"{owner}", f"holds an unexpected float {desc} {key!r}; E1TM checkpoints hold no float "
+                             f"arrays outside {FLOAT_GROUP!r} (a model's float parameters, listed in attribute "
+                             f"{FLOAT_PARAMS_ATTR!r})")
         raise site.error(owner, f"holds an unexpected {desc} {key!r}; expected only {sorted(expected) or 'nothing'}")
 
 
@@ -908,8 +996,9 @@ def read_checkpoint(d: Path, *, verify: bool = True, kind: str | None = None) ->
         root = zarr.open_group(store=LocalStore(str(d), read_only=True), mode="r", zarr_format=3, use_consolidated=False)
         attrs = root.attrs.asdict()
     _check_version(d, "the root attributes", attrs.get("arbs_format_version"))
-    if set(attrs) != set(_ATTR_KEYS):
-        raise site.error("the root attributes", f"have keys {sorted(attrs)}; expected {sorted(_ATTR_KEYS)}")
+    if set(attrs) - {FLOAT_PARAMS_ATTR} != set(_ATTR_KEYS):
+        raise site.error("the root attributes", f"have keys {sorted(attrs)}; expected {sorted(_ATTR_KEYS)} "
+                         f"(and {FLOAT_PARAMS_ATTR!r} in an E1TM checkpoint with float parameters)")
     if verify:
         with _translated(site, "the root attributes"):
             sha = hashlib.sha256(canonical_json(attrs)).hexdigest()
@@ -926,6 +1015,7 @@ def read_checkpoint(d: Path, *, verify: bool = True, kind: str | None = None) ->
     if not isinstance(attrs["meta"], dict):
         raise site.error("attribute 'meta'", f"is a {type(attrs['meta']).__name__}; expected an object")
     tensors = _parse_tensors(site, header, attrs["tensors"])
+    float_specs = _parse_float_params(site, header, attrs[FLOAT_PARAMS_ATTR]) if FLOAT_PARAMS_ATTR in attrs else []
     e1tm = header.kind == "e1tm"
     shas = commit["arrays"]
 
@@ -937,6 +1027,8 @@ def read_checkpoint(d: Path, *, verify: bool = True, kind: str | None = None) ->
     expected_root = {node_key(name): f"tensor {name!r}" for name, _, _ in tensors}
     if not header.fused:
         expected_root[formats.STEP_COUNTER] = "array 'step_counter'"
+    if float_specs:
+        expected_root[FLOAT_GROUP] = f"the float parameters group {FLOAT_GROUP!r}"
     _check_children(site, d, expected_root, "the checkpoint root", e1tm)
     step = None
     if not header.fused:
@@ -966,6 +1058,20 @@ def read_checkpoint(d: Path, *, verify: bool = True, kind: str | None = None) ->
         if e1tm:
             _check_e1tm_values(site, header, step, name, shape, arrays)
         out[name] = TensorState(name=name, shape=shape, arrays=arrays)
+    float_params: dict[str, np.ndarray] = {}
+    if float_specs:
+        owner = f"the float parameters group {FLOAT_GROUP!r}"
+        _check_children(site, d / FLOAT_GROUP, {k: f"float parameter {n!r}" for n, k, _, _ in float_specs}, owner,
+                        False)
+        with _translated(site, owner):
+            group = root[FLOAT_GROUP]
+            if not isinstance(group, zarr.Group):
+                raise site.error(owner, "is an array; expected a group")
+        for name, key, dtype, shape in float_specs:
+            rel = f"{FLOAT_GROUP}/{key}"
+            float_params[name] = _read_array(site, d, group, key, rel, f"float parameter {name!r}", dtype, shape,
+                                             False, want(rel))
+            read_keys.add(rel)
     extra = sorted(set(shas) - read_keys)
     if extra:
         raise site.error(COMMIT_FILE, f"lists arrays that are not in the checkpoint: {extra[:5]}")
@@ -973,7 +1079,7 @@ def read_checkpoint(d: Path, *, verify: bool = True, kind: str | None = None) ->
     return Checkpoint(
         kind=header.kind, format=header.format, gs=header.gs, rule=header.rule,
         rule_params=dict(header.rule_params), fused=header.fused, step_counter=step,
-        tensors=out, meta=attrs["meta"], path=d,
+        tensors=out, meta=attrs["meta"], path=d, float_params=float_params,
     )
 
 
@@ -985,10 +1091,16 @@ def array_nbytes(obj: Checkpoint | TensorState, names=None) -> int:
     bits per weight (``arbs inspect``, ``arbs compare``).
 
     ``names``: count only these arrays (e.g. ``formats.INFERENCE_ARRAYS``); None counts every array
-    and, for a checkpoint, its step_counter.
+    and, for a checkpoint, its step_counter. A checkpoint's float parameters are not counted here: they
+    are not E1TM state (:func:`float_nbytes`).
     """
     if isinstance(obj, TensorState):
         return sum(a.nbytes for k, a in obj.arrays.items() if names is None or k in names)
     total = sum(array_nbytes(t, names) for t in obj.tensors.values())
     return total + (formats.STEP_COUNTER_DTYPE.itemsize if obj.step_counter is not None and names is None else 0)
 
+
+
+def float_nbytes(ckpt: Checkpoint) -> int:
+    """Raw bytes of a checkpoint's float parameters (``Checkpoint.float_params``; 0 when integer-only)."""
+    return sum(int(a.nbytes) for a in ckpt.float_params.values())
