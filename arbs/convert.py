@@ -6,7 +6,9 @@ Three steps, each usable alone::
     ckpt, report = convert_state_dict(tensors, format="E1TM32", rule="carry")
     save_checkpoint("runs/a", ckpt)                            # arbs.store
 
-or all at once: ``convert_file("model.safetensors", "runs/a", format="E1TM32")``.
+or all at once: ``convert_file("model.safetensors", "runs/a", format="E1TM32")``. A local Hugging Face
+causal-LM directory converts whole, its norms folded first: ``convert_hf_dir("llama-dir", "runs/b")``
+(arbs.models.hf; its biases are kept in the checkpoint's float part, its config and tokenizer in meta).
 
 The E1TM checkpoint is integer only. A float tensor that is not converted (excluded by a pattern,
 0-d, or not floating point) is NOT stored in it; the report lists every skipped tensor with the reason,
@@ -359,6 +361,16 @@ def convert_state_dict(
     return ckpt, report
 
 
+def _new_run_dir(out_run_dir) -> Path:
+    out = Path(out_run_dir)
+    if out.exists() and (not out.is_dir() or any(not store.is_bookkeeping(p.name) for p in out.iterdir())):
+        raise ConfigError(
+            f"output '{out}' already exists and is not an empty directory; convert writes a new run "
+            "(choose a new --out, or remove the old one)"
+        )
+    return out
+
+
 def convert_file(
     src: str | os.PathLike,
     out_run_dir: str | os.PathLike,
@@ -373,12 +385,7 @@ def convert_file(
     file appear in ``report.skipped``. The source file is recorded in the checkpoint meta
     (``converted.source``).
     """
-    out = Path(out_run_dir)
-    if out.exists() and (not out.is_dir() or any(not store.is_bookkeeping(p.name) for p in out.iterdir())):
-        raise ConfigError(
-            f"output '{out}' already exists and is not an empty directory; convert writes a new run "
-            "(choose a new --out, or remove the old one)"
-        )
+    out = _new_run_dir(out_run_dir)
     tensors, dropped = _read_float_state(src)
     meta = dict(opts.pop("meta", None) or {})
     ckpt, report = convert_state_dict(tensors, meta=meta, **opts)
@@ -392,3 +399,71 @@ def convert_file(
         report.format, report.gs, report.rule, report.rule_params, report.tensors,
         extra + report.skipped, report.notes, source=os.fspath(src), path=os.fspath(path),
     )
+
+
+KEPT_FLOAT_REASON = "kept float and frozen (a bias, or the final norm of a tied head): the checkpoint's float part"
+
+
+def convert_hf_dir(
+    src: str | os.PathLike,
+    out_run_dir: str | os.PathLike,
+    *,
+    format: str = formats.DEFAULT_VARIANT,
+    rule: str = formats.DEFAULT_RULE,
+    K: int | None = None,
+    theta: int | None = None,
+    gain: int | None = None,
+    horizon: int | None = None,
+    vote_max: int | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    context: int | None = None,
+    head: str = "keep",
+    seed: int = 0,
+) -> ConvertReport:
+    """Convert a local Hugging Face causal-LM directory into a new E1TM run ``out_run_dir`` at step 0.
+
+    The model is loaded in float32 (arbs.models.hf: config.json + safetensors, a supported model_type,
+    checked against this machine's memory first), its norm gains folded into the layers reading them
+    (``hf.fold_``), then every Linear/Embedding weight is converted by ``arbs.nn.ternarize_`` (tensor names:
+    ``hf.`` + the HF names). What stays float (biases, the final norm of a tied head; ``report.skipped``)
+    goes into the checkpoint's float part; ``meta`` records the HF config and the tokenizer (if the
+    directory has ``tokenizer.json``), so ``arbs eval``/``arbs generate`` work on the result.
+    --include/--exclude do not apply: the model converts whole. ``head``: see ``hf.fold_``.
+    """
+    from . import nn as arbs_nn
+    from .models import hf
+
+    if include or exclude:
+        raise ConfigError("--include/--exclude select tensors of a weights file; a Hugging Face model directory "
+                          "converts whole (every Linear and Embedding weight)")
+    out = _new_run_dir(out_run_dir)
+    source = hf.read_source(src, tokenizer=False)
+    hf.check_memory(source, context=context)
+    model_meta, record = hf.run_record(source, context=context, head=head)
+    params = formats.rule_params(rule, K=K, theta=theta, gain=gain, horizon=horizon, vote_max=vote_max)
+    gs = formats.variant_gs(format)
+    model, fold = hf.load_folded(source, context=model_meta["context"], head=head)
+    stats: dict = {}
+    model = arbs_nn.ternarize_(model, format, rule, **params, seed=seed, report=stats)
+    tensors = {n: store.TensorState(name=n, shape=shape, arrays=arrays)
+               for n, (shape, arrays) in arbs_nn.tensor_states(model).items()}
+    floats = {n: p.detach().cpu().float().numpy().copy() for n, p in model.named_parameters()}
+    reports = tuple(TensorReport(n, t.shape, stats[n].rel_l2, int(t.arrays["E"].size), stats[n].zero_groups,
+                                 stats[n].clipped) for n, t in tensors.items())
+    skipped = tuple(SkippedTensor(n, tuple(a.shape), "float32", KEPT_FLOAT_REASON) for n, a in floats.items())
+    meta = {
+        "format": format, "rule": rule, "rule_params": dict(params), "seed": int(seed), "init": None,
+        "model": model_meta, "hf": record,
+        "converted": {"source": os.fspath(src), "tensors": len(tensors), "skipped": [],
+                      "kept_float": sorted(floats), "folded": [n for n, _ in fold.folded], "head": fold.head},
+    }
+    ckpt = store.Checkpoint(kind="e1tm", format=format, gs=gs, rule=rule, rule_params=dict(params), fused=False,
+                            step_counter=0, tensors=tensors, meta=meta, float_params=floats)
+    notes = (AVERAGE_NOTE,) if rule == "average" else ()
+    with store.run_lock(out):
+        path = store.save_checkpoint(out, ckpt)
+    log.info("saved %d tensors (%s, rule %s) and %d float parameters to %s", len(tensors), format, rule,
+             len(floats), path)
+    return ConvertReport(format, gs, rule, dict(params), reports, skipped, notes, source=os.fspath(src),
+                         path=os.fspath(path))

@@ -1,7 +1,8 @@
-"""Byte corpora and batches for the byte-level GPT.
+"""Byte corpora, token corpora and batches.
 
 A corpus is two 1-D uint8 arrays (train, val) plus a JSON-able ``info`` dict that says where the bytes came
-from and how they were split, with a sha256 so a run can record exactly which data it saw.
+from and how they were split, with a sha256 so a run can record exactly which data it saw. A token corpus
+(:func:`tokenize_corpus`, for a model with its own tokenizer) is the same with uint16 or uint32 token ids.
 
 Sources
 -------
@@ -10,6 +11,9 @@ Sources
     with no download. See :func:`default_corpus` for the exact selection, cap, separator and split rule.
 ``load_corpus(path)``
     A text file, a directory of text files, or a 1-D uint8 ``.npy`` array.
+``tokenize_corpus(corpus, encode, ...)``
+    A byte corpus as token ids, split as the bytes were, cached as ``.npy`` keyed by the sha256 of the bytes
+    and of the tokenizer.
 
 Batches
 -------
@@ -69,17 +73,20 @@ BINARY_SNIFF_BYTES = 8 * 1024
 # checked later by get_batch/eval_batches, which name the context and the split lengths.
 MIN_CORPUS_BYTES = 1024
 
+# Element types of a corpus: bytes (uint8), or token ids (uint16 for vocabularies up to 65536, else uint32).
+TOKEN_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32))
+
 
 @dataclass(frozen=True)
 class Corpus:
-    """A byte corpus split into train and validation.
+    """A byte (or token) corpus split into train and validation.
 
     Attributes
     ----------
     train : np.ndarray
-        uint8, shape (n_train,), C-contiguous, writable.
+        uint8 bytes (uint16/uint32 token ids: :func:`tokenize_corpus`), shape (n_train,).
     val : np.ndarray
-        uint8, shape (n_val,), C-contiguous, writable.
+        the same dtype, shape (n_val,).
     info : dict
         JSON-able description: at least ``source``, ``kind``, ``n_files``, ``train_bytes``, ``val_bytes``,
         ``sha256`` (of the train bytes followed by the val bytes), ``split`` (the rule, in words).
@@ -92,9 +99,13 @@ class Corpus:
     def __post_init__(self) -> None:
         for name in ("train", "val"):
             a = getattr(self, name)
-            if not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.ndim != 1:
+            if not isinstance(a, np.ndarray) or a.dtype not in TOKEN_DTYPES or a.ndim != 1:
                 got = f"{a.dtype} array of shape {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
-                raise ConfigError(f"Corpus.{name} must be a 1-D uint8 numpy array; got {got}")
+                raise ConfigError(f"Corpus.{name} must be a 1-D uint8 (bytes), uint16 or uint32 (token ids) numpy "
+                                  f"array; got {got}")
+        if self.train.dtype != self.val.dtype:
+            raise ConfigError(f"Corpus.train is {self.train.dtype} but Corpus.val is {self.val.dtype}; both must "
+                              "have one dtype")
         if not isinstance(self.info, dict):
             raise ConfigError(f"Corpus.info must be a dict; got {type(self.info).__name__}")
 
@@ -383,6 +394,117 @@ def _load_dir(p: Path) -> Corpus:
 
 
 # --------------------------------------------------------------------------------------------------------
+# token corpora
+
+TOKENIZE_CHUNK_CHARS = 1 << 16  # text is encoded in pieces of whole lines up to this many characters
+TOKEN_CACHE_VERSION = 1  # part of the cache key: bump when the tokenization rule changes
+_TOKENIZE_RULE = (
+    "each split's bytes decoded as UTF-8 (invalid bytes -> U+FFFD), cut after the last newline within every "
+    f"{TOKENIZE_CHUNK_CHARS} characters (a longer line is cut there), pieces encoded without special tokens "
+    "and concatenated"
+)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 for vocabularies of up to 65536 ids, else uint32."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or not 1 <= vocab_size <= 1 << 32:
+        raise ConfigError(f"vocab_size must be an int 1 .. 2**32; got {vocab_size!r}")
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def _text_pieces(text: str, limit: int = TOKENIZE_CHUNK_CHARS) -> list[str]:
+    out, i, n = [], 0, len(text)
+    while i < n:
+        j = min(i + limit, n)
+        if j < n:
+            k = text.rfind("\n", i, j)
+            if k >= i:
+                j = k + 1
+        out.append(text[i:j])
+        i = j
+    return out
+
+
+def _encode(data: np.ndarray, encode, dtype: np.dtype, vocab_size: int, what: str) -> np.ndarray:
+    text = bytes(memoryview(np.ascontiguousarray(data))).decode("utf-8", errors="replace")
+    ids = [np.asarray(e, dtype=np.int64) for e in encode(_text_pieces(text))]
+    a = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+    if a.size and (a.min() < 0 or a.max() >= vocab_size):
+        raise ConfigError(f"the tokenizer gave token id {int(a.max())} for the {what} split; the model has "
+                          f"{vocab_size} embedding rows")
+    return a.astype(dtype)
+
+
+def _load_cached(path: Path, dtype: np.dtype) -> np.ndarray | None:
+    try:
+        a = np.load(path, allow_pickle=False, mmap_mode="r")
+    except (OSError, ValueError, EOFError):
+        return None
+    if not isinstance(a, np.ndarray) or a.dtype != dtype or a.ndim != 1:
+        return None
+    return a
+
+
+def _save_cached(path: Path, a: np.ndarray) -> None:
+    """Write ``a`` as ``path`` atomically (a temporary ``.tmp-`` file renamed); a failure only logs."""
+    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.save(f, a, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("token cache '%s' not written: %s (the corpus is tokenized again next time)", path, e)
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+
+
+def tokenize_corpus(corpus: Corpus, encode, *, tokenizer_sha256: str, vocab_size: int,
+                    cache_dir: str | os.PathLike | None = None) -> Corpus:
+    """The token ids of a byte corpus, split as its bytes were (train bytes -> train tokens, val -> val).
+
+    ``encode(pieces: list[str]) -> list[list[int]]`` is the tokenizer (no special tokens added); the rule
+    (:data:`_TOKENIZE_RULE`) cuts each split's text after a newline every TOKENIZE_CHUNK_CHARS characters,
+    so the ids are a function of the bytes and the tokenizer alone. Ids are uint16 (``vocab_size`` <= 65536)
+    or uint32. With ``cache_dir`` the ids are kept there as ``tokens-<key>.train.npy`` / ``.val.npy``,
+    ``key`` the sha256 of the bytes' sha256, the split, the tokenizer's sha256 and the rule's version, and
+    read back (memory-mapped) instead of tokenizing again; a cache file that does not read as the right
+    array is rebuilt. ``info`` is the byte corpus's plus ``tokenizer_sha256``, ``train_tokens``,
+    ``val_tokens``, ``token_dtype``, ``tokens_sha256`` (train ids then val ids, little-endian) and
+    ``tokenization``; ``unit`` is "token".
+    """
+    if corpus.train.dtype != np.uint8:
+        raise ConfigError(f"tokenize_corpus needs a byte corpus; this one holds {corpus.train.dtype} ids already")
+    dtype = token_dtype(vocab_size).newbyteorder("<")
+    key_src = f"{TOKEN_CACHE_VERSION}:{corpus.info.get('sha256')}:{len(corpus.train)}:{tokenizer_sha256}:{dtype.str}"
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:24]
+    arrays = {}
+    for name in ("train", "val"):
+        path = Path(cache_dir) / f"tokens-{key}.{name}.npy" if cache_dir is not None else None
+        a = _load_cached(path, dtype) if path is not None and path.is_file() else None
+        if a is None:
+            a = _encode(getattr(corpus, name), encode, dtype, vocab_size, name)
+            if path is not None:
+                _save_cached(path, a)
+        arrays[name] = a
+    train, val = arrays["train"], arrays["val"]
+    info = dict(corpus.info) | {
+        "unit": "token",
+        "tokenizer_sha256": tokenizer_sha256,
+        "train_tokens": int(len(train)),
+        "val_tokens": int(len(val)),
+        "token_dtype": dtype.name,
+        "tokens_sha256": _sha256(train, val),
+        "tokenization": _TOKENIZE_RULE,
+    }
+    return Corpus(train, val, info)
+
+
+# --------------------------------------------------------------------------------------------------------
 # batches
 
 
@@ -393,12 +515,14 @@ def _check_int(name: str, v, minimum: int) -> int:
 
 
 def _check_data(data, context: int, what: str) -> None:
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 1:
+    if not isinstance(data, np.ndarray) or data.dtype not in TOKEN_DTYPES or data.ndim != 1:
         got = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
-        raise ConfigError(f"{what}: data must be a 1-D uint8 numpy array; got {got}")
+        raise ConfigError(f"{what}: data must be a 1-D uint8 numpy array (bytes), or uint16/uint32 (token ids); "
+                          f"got {got}")
     if len(data) < context + 1:
+        unit = "bytes" if data.dtype == np.uint8 else "tokens"
         raise ConfigError(
-            f"{what}: data holds {len(data)} bytes but a window of context {context} needs {context + 1} "
+            f"{what}: data holds {len(data)} {unit} but a window of context {context} needs {context + 1} "
             f"(context + 1 for the shifted targets); lower --context or use a larger corpus"
         )
 
@@ -423,7 +547,7 @@ def get_batch(
     Parameters
     ----------
     data : np.ndarray
-        uint8, shape (n,), n >= context + 1. Not modified.
+        uint8 bytes or uint16/uint32 token ids, shape (n,), n >= context + 1. Not modified.
     batch_size, context : int
         >= 1.
     seed, step : int
@@ -458,7 +582,7 @@ def eval_batches(
     Parameters
     ----------
     data : np.ndarray
-        uint8, shape (n,), n >= context + 1.
+        uint8 bytes or uint16/uint32 token ids, shape (n,), n >= context + 1.
     batch_size, context : int
         >= 1.
     max_batches : int or None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import click
 
 from arbs import formats
@@ -30,11 +32,22 @@ def convert_cmd(float_ckpt, fmt, rule, include, exclude, out, as_json, **params)
     FLOAT_CKPT is a .safetensors file or a torch state dict (.pt/.pth/.bin/.ckpt). Every floating tensor with at least one dimension is converted unless --include/--exclude say
     otherwise. Tensors that are not converted are not stored (E1TM checkpoints are integer only);
     they are listed in the report. Prints the relative L2 error ||W_eff - W|| / ||W|| per tensor.
-    """
-    from arbs.convert import convert_file
 
-    report = convert_file(float_ckpt, out, format=fmt, rule=rule, include=list(include), exclude=list(exclude),
-                          **params)
+    FLOAT_CKPT may instead be a local Hugging Face causal-LM directory (config.json + model.safetensors;
+    Llama, Mistral, Qwen2, GPT-2): its norm gains are folded into the layers that read them, every Linear
+    and Embedding weight is converted, and its biases stay float in the checkpoint's float part
+    (docs/models.md). arbs eval/generate then work on the result.
+    """
+    from pathlib import Path
+
+    from arbs.convert import KEPT_FLOAT_REASON, convert_file, convert_hf_dir
+
+    if Path(float_ckpt).is_dir():
+        report = convert_hf_dir(float_ckpt, out, format=fmt, rule=rule, include=list(include),
+                                exclude=list(exclude), **params)
+    else:
+        report = convert_file(float_ckpt, out, format=fmt, rule=rule, include=list(include),
+                              exclude=list(exclude), **params)
     if as_json:
         echo_json(report.to_dict())
         return
@@ -47,9 +60,15 @@ def convert_cmd(float_ckpt, fmt, rule, include, exclude, out, as_json, **params)
     params = ", ".join(f"{k}={v}" for k, v in report.rule_params.items())
     click.echo(f"{len(report.tensors)} tensors, {report.weights} weights -> {report.format} rule {report.rule}"
                f"{f' ({params})' if params else ''}; overall rel_l2 {report.rel_l2:.4f}")
-    if report.skipped:
-        click.echo(f"skipped {len(report.skipped)} (not stored):")
-        for s in report.skipped:
+    kept = [s for s in report.skipped if s.reason == KEPT_FLOAT_REASON]
+    dropped = [s for s in report.skipped if s.reason != KEPT_FLOAT_REASON]
+    if kept:
+        n = sum(math.prod(s.shape) for s in kept)
+        click.echo(f"kept float and frozen, in the checkpoint's float part: {len(kept)} tensors, {n} values "
+                   f"({n / max(report.weights, 1):.4%} of the weights)")
+    if dropped:
+        click.echo(f"skipped {len(dropped)} (not stored):")
+        for s in dropped:
             click.echo(f"  {s.name} {'x'.join(map(str, s.shape)) or 'scalar'} {s.dtype}: {s.reason}")
     for n in report.notes:
         click.echo(f"note: {n}")

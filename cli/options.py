@@ -54,3 +54,12 @@ _TRAINING = [
 def training_options(f):
     """The options a training run and a compare share, defaults from TrainConfig."""
     return _apply(f, _TRAINING)
+
+
+def model_option(f):
+    """``--model HF_DIR``: a local Hugging Face causal LM to train instead of the built-in GPT."""
+    return click.option(
+        "--model", default=None, metavar="HF_DIR",
+        help="Train the Hugging Face causal LM in this local directory (config.json, model.safetensors, "
+             "tokenizer.json; Llama, Mistral, Qwen2, GPT-2) instead of the built-in GPT: norms folded, weights "
+             "converted to E1TM, data tokenized with its tokenizer. Not with --preset. See docs/models.md.")(f)

@@ -51,7 +51,7 @@ def activation_bytes(cfg: TrainConfig) -> int:
 
 
 def _check_memory(cfg: TrainConfig) -> None:
-    if cfg.device != "cpu":
+    if cfg.device != "cpu" or cfg.model is not None:  # a Hugging Face model: _check_model estimates it
         return
     need, have = activation_bytes(cfg), _physical_memory()
     if have is not None and need > have:
@@ -76,6 +76,9 @@ class TrainConfig:
     horizon: int | None = None  # flip's schedule end; None: --steps
     vote_max: int | None = None  # flip: largest counter step of one vote
     preset: str = "tiny"
+    # a local Hugging Face causal-LM directory (config.json, model.safetensors, tokenizer.json) to train
+    # instead of the built-in GPT; exclusive with --preset (arbs.models.hf)
+    model: str | None = None
     data: str | None = None  # None: the built-in Python-stdlib corpus
     steps: int = 1000
     batch_size: int = 16
@@ -87,7 +90,7 @@ class TrainConfig:
     keep: int | None = 2
     out: str = "runs/e1tm"
     resume: bool = False
-    init: str | None = None  # float checkpoint to start from (E1TM formats only)
+    init: str | None = None  # a float model (converted) or an E1TM run (its integers) to start from; E1TM only
     # E1TM: final fraction of steps trained with the scales fused into E and frozen (only trits learn),
     # so the fused checkpoint is the trained one. None: 0.25 for flip, 0 for carry/average (nothing of
     # theirs would learn in it)
@@ -118,10 +121,12 @@ class TrainConfig:
         elif self.rule is not None:
             raise ConfigError(f"--rule applies to E1TM formats only; {self.format!r} is a float baseline")
         elif self.init is not None:
-            raise ConfigError("--init converts a float model into E1TM; use it with an E1TM --format")
-        from ..models.config import get_preset
+            raise ConfigError("--init starts an E1TM run from another model; use it with an E1TM --format")
+        from ..models.config import DEFAULT_PRESET, get_preset
 
         get_preset(self.preset)  # raises with the list of presets
+        if self.model is not None:
+            self._check_model(DEFAULT_PRESET)
         if self.fuse_phase is not None and not (isinstance(self.fuse_phase, (int, float))
                                                 and 0.0 <= self.fuse_phase <= 1.0):
             raise ConfigError(f"--fuse-phase is a fraction of the steps, 0..1; got {self.fuse_phase!r}")
@@ -130,6 +135,26 @@ class TrainConfig:
         if self.device == "cuda" and not _cuda_available():
             raise ConfigError("--device cuda: no CUDA GPU is visible to torch on this machine; use --device cpu")
         _check_memory(self)
+
+    def _check_model(self, default_preset: str) -> None:
+        """--model: a string, without --preset, E1TM, no --init; for a new run, the directory is read and
+        checked now (config.json, a supported model_type, weights, tokenizer, memory), before anything is
+        written. A resumed run uses what it recorded and never reads the directory again."""
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigError(f"--model must be a directory path, got {self.model!r}")
+        if self.preset != default_preset:
+            raise ConfigError(f"--model and --preset {self.preset!r} are exclusive: --model trains the Hugging Face "
+                              "model in that directory, --preset sizes the built-in GPT; give one of them")
+        if not formats.is_e1tm(self.format):
+            raise ConfigError(f"--model trains E1TM formats only; {self.format!r} is a float baseline")
+        if self.init is not None:
+            raise ConfigError("--model starts from the model's own weights; --init does not apply")
+        if not self.resume:
+            from ..models import hf  # torch, and transformers on first use: only for --model
+
+            src = hf.read_source(self.model)
+            hf.run_record(src, context=self.context)  # --context within the model's positions
+            hf.check_memory(src, batch_size=self.batch_size, context=self.context)
 
     @property
     def resolved_fuse_phase(self) -> float:
@@ -166,6 +191,8 @@ class TrainConfig:
         """The whole config as the run records it (``meta["config"]``): every option, the rule and its
         parameters and the fuse phase resolved to the values the run uses; not ``out``/``resume``."""
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("out", "resume")}
+        if self.model is None:  # a built-in GPT run records what it did before --model existed
+            del d["model"]
         if formats.is_e1tm(self.format):
             d.update(self.rule_params(), rule=self.resolved_rule, fuse_phase=self.resolved_fuse_phase)
         return d
@@ -179,7 +206,7 @@ class TrainConfig:
         unknown = sorted(set(given) - fields)
         if unknown:
             raise ConfigError(f"unknown training option(s) {unknown}")
-        base = {k: v for k, v in recorded.items() if k in fields}
+        base = {"model": None} | {k: v for k, v in recorded.items() if k in fields}  # a GPT run: model None
         refused = [f"--{k.replace('_', '-')} {given[k]!r} (the run's: {base.get(k)!r})"
                    for k in sorted(given) if k not in RESUMABLE and k in base and given[k] != base[k]]
         if refused:
@@ -195,8 +222,11 @@ class TrainConfig:
         return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
-def run_meta(cfg: TrainConfig, corpus_info: dict) -> dict:
-    """What a run records in every checkpoint's ``meta``: its identity (IDENTITY_KEYS) and its settings."""
+def run_meta(cfg: TrainConfig, corpus_info: dict, hf: dict | None = None) -> dict:
+    """What a run records in every checkpoint's ``meta``: its identity (IDENTITY_KEYS) and its settings.
+
+    ``hf``: a Hugging Face run's ``{"model": identity, "hf": record}`` (arbs.models.hf.run_record): they
+    replace the built-in GPT's ``model`` and ``preset``."""
     m = {
         "format": cfg.format,
         "rule": cfg.resolved_rule,
@@ -209,6 +239,8 @@ def run_meta(cfg: TrainConfig, corpus_info: dict) -> dict:
         "init": cfg.init,
         "config": cfg.recorded(),
     }
+    if hf is not None:
+        m.update(model=hf["model"], hf=hf["hf"], preset=None)
     if formats.is_e1tm(cfg.format):
         m["rule_params"] = cfg.rule_params()
     else:

@@ -23,7 +23,7 @@ from .. import data as data_mod
 from .. import formats, schedule, store
 from .. import nn as arbs_nn
 from ..errors import ArbsError, ConfigError, NonFiniteError
-from .build import autocast, build, fused_model, to_checkpoint
+from .build import autocast, build, fused_model, hf_run_record, run_corpus, to_checkpoint
 from .config import IDENTITY_KEYS, TrainConfig, check_resume, run_meta
 from .evaluate import evaluate
 
@@ -62,9 +62,10 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict], None] | None = None, on
 
 
 def _train(cfg: TrainConfig, run_dir: Path, on_step, on_eval) -> TrainResult:
-    corpus = _corpus(cfg)
-    context = cfg.model_config().context
-    meta, ckpt = _open_run(cfg, run_meta(cfg, corpus.info), run_dir)
+    hf = hf_run_record(cfg.model, context=cfg.context, run_dir=run_dir, resume=cfg.resume) if cfg.model else None
+    context = hf["model"]["context"] if hf else cfg.model_config().context
+    corpus = _corpus(cfg, context, hf, run_dir)
+    meta, ckpt = _open_run(cfg, run_meta(cfg, corpus.info, hf), run_dir)
     model, handles = build(meta, ckpt, device=cfg.device)
     step = ckpt.step_counter if ckpt is not None else 0
 
@@ -189,13 +190,17 @@ class _Timer:
         return self.total / self.n * 1e3 if self.n else float("nan")
 
 
-def _corpus(cfg: TrainConfig):
+def _corpus(cfg: TrainConfig, context: int, hf: dict | None, run_dir: Path):
+    """The run's data: bytes, or for a Hugging Face model its token ids (tokenized with the run's
+    tokenizer, cached in the run directory)."""
     corpus = data_mod.load_corpus(cfg.data) if cfg.data else data_mod.default_corpus()
-    context = cfg.model_config().context
+    if hf is not None:
+        corpus = run_corpus(hf, corpus, cache_dir=run_dir)
+    unit = "tokens" if hf is not None else "bytes"
     for part, arr in (("training", corpus.train), ("validation", corpus.val)):
         if len(arr) < context + 1:
             raise ConfigError(
-                f"the {part} split has {len(arr)} bytes, fewer than --context {context} + 1; "
+                f"the {part} split has {len(arr)} {unit}, fewer than --context {context} + 1; "
                 "use more data or a smaller --context"
             )
     return corpus
