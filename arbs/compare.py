@@ -5,6 +5,11 @@ from the fp32 entry's final checkpoint, which is trained first). Each entry trai
 subprocess (so its peak RSS is its own) into ``<out>/<slug>/``; an interrupted compare resumes: a finished
 entry is read back, a partial one continues with ``--resume``. Results go to ``<out>/compare.md``,
 ``compare.json``, ``val_curves.png`` and ``final_loss.png``.
+
+With ``model`` (``arbs compare --model HF_DIR``) every entry trains that local Hugging Face model, from its
+own weights (arbs.models.hf): the float baselines of ``HF_FLOAT_FORMATS`` (fp32: AdamW on the model itself;
+absmean: BitNet-style QAT) and any E1TM rule; default entries ``MODEL_ENTRIES``. ``@init`` entries and the
+other float baselines are refused (every entry already starts from the model). Losses are then per token.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ DEFAULT_ENTRIES = (
     "fp32", "learned-s", "absmean", "factorized", "absmax-group",
     "E1TM32:average", "E1TM32:carry", "E1TM32:flip", "E1TM32:flip@init",
 )
+MODEL_ENTRIES = ("fp32", "absmean", "E1TM32:carry", "E1TM32:flip")  # the default with --model
 _ENTRY = re.compile(r"^(?P<format>[A-Za-z0-9_-]+)(?::(?P<rule>[a-z]+))?(?P<init>@init)?$")
 
 
@@ -63,9 +69,10 @@ def parse_entry(text: str) -> Entry:
 
 @dataclass(frozen=True, kw_only=True)
 class CompareConfig:
-    entries: tuple[str, ...] = DEFAULT_ENTRIES
+    entries: tuple[str, ...] | None = None  # None: DEFAULT_ENTRIES, or MODEL_ENTRIES with a model
     out: str = "runs/compare"
     preset: str = "tiny"
+    model: str | None = None  # a local Hugging Face model directory every entry trains (exclusive with preset)
     data: str | None = None
     steps: int = 1000
     batch_size: int = 16
@@ -80,10 +87,26 @@ class CompareConfig:
     baseline_threshold: float = TrainConfig.baseline_threshold
     threads: int | None = None
 
+    @property
+    def entry_texts(self) -> tuple[str, ...]:
+        if self.entries is not None:
+            return tuple(self.entries)
+        return MODEL_ENTRIES if self.model is not None else DEFAULT_ENTRIES
+
     def parsed(self) -> list[Entry]:
-        if not self.entries:
+        if not self.entry_texts:
             raise ConfigError("compare needs at least one entry")
-        es = [parse_entry(e) for e in self.entries]
+        es = [parse_entry(e) for e in self.entry_texts]
+        if self.model is not None:
+            from .training.config import HF_FLOAT_FORMATS
+
+            for e in es:
+                if e.init:
+                    raise ConfigError(f"compare --model: entry {e.label!r}: @init starts from the fp32 entry, but with "
+                                      "--model every entry already starts from the model's weights; drop '@init'")
+                if not formats.is_e1tm(e.format) and e.format not in HF_FLOAT_FORMATS:
+                    raise ConfigError(f"compare --model: entry {e.label!r} cannot train a Hugging Face model; the float "
+                                      f"baselines that can are {', '.join(HF_FLOAT_FORMATS)} (and every E1TM format)")
         if any(e.init for e in es) and not any(e.format == "fp32" for e in es):
             es.insert(0, Entry("fp32", None, False))  # @init entries start from the fp32 run
         # fp32 first: @init entries need it, and every ratio is to it
@@ -92,7 +115,7 @@ class CompareConfig:
     def train_config(self, e: Entry, resume: bool) -> TrainConfig:
         init = str(Path(self.out) / "fp32") if e.init else None
         return TrainConfig(
-            format=e.format, rule=e.rule, preset=self.preset, data=self.data, steps=self.steps,
+            format=e.format, rule=e.rule, preset=self.preset, model=self.model, data=self.data, steps=self.steps,
             batch_size=self.batch_size, context=self.context, seed=self.seed, eval_every=self.eval_every,
             eval_batches=self.eval_batches, save_every=self.steps, keep=1, out=str(Path(self.out) / e.slug),
             resume=resume, init=init, device=self.device, lr=self.lr, weight_decay=self.weight_decay,
@@ -237,7 +260,8 @@ def _rows(cfg: CompareConfig, entries: list[Entry], results: dict) -> list[Row]:
 
 
 def render_markdown(cfg: CompareConfig, rows: list[Row]) -> str:
-    head = ("| scheme | val loss (nats/byte) | bits/byte | ratio to fp32 | training state bits/weight | "
+    unit = "token" if cfg.model is not None else "byte"
+    head = (f"| scheme | val loss (nats/{unit}) | bits/{unit} | ratio to fp32 | training state bits/weight | "
             "inference bits/weight | ms/step | peak RSS MiB |")
     lines = [head, "|" + "---|" * 8]
     for r in rows:
@@ -245,7 +269,8 @@ def render_markdown(cfg: CompareConfig, rows: list[Row]) -> str:
         lines.append(f"| {r.label} | {r.val_loss:.4f} | {r.val_bpb:.4f} | {ratio} | {r.train_bpw:.2f} | "
                      f"{r.infer_bpw:.2f} | {'-' if r.ms_per_step is None else f'{r.ms_per_step:.1f}'} | "
                      f"{r.peak_rss_mib:.0f} |")
-    setup = (f"preset `{cfg.preset}`, {cfg.steps} steps, batch {cfg.batch_size}, seed {cfg.seed}, "
+    what = f"model `{cfg.model}`" if cfg.model is not None else f"preset `{cfg.preset}`"
+    setup = (f"{what}, {cfg.steps} steps, batch {cfg.batch_size}, seed {cfg.seed}, "
              f"data {cfg.data or 'Python stdlib corpus (default)'}, device {cfg.device}")
     notes = ("Training-state bits/weight: every persistent array of the final checkpoint, in raw bytes "
              "(float baselines: fp32 latent weight + AdamW moments). Inference bits/weight: E1TM after fuse "

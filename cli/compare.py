@@ -2,11 +2,11 @@
 
 import click
 
-from arbs.compare import DEFAULT_ENTRIES, CompareConfig
+from arbs.compare import DEFAULT_ENTRIES, MODEL_ENTRIES, CompareConfig
 from arbs.errors import ArbsError
 
 from .common import arbs_errors, echo_json, progress_bar
-from .options import training_options
+from .options import model_option, training_options
 
 _D = CompareConfig()
 
@@ -16,6 +16,9 @@ _HELP = f"""Train schemes side by side (same model, data order, seed, steps) and
 ENTRIES are format[:rule][@init], e.g. fp32 absmean E1TM32:flip E1TM32:flip@init (the @init entries
 start from the fp32 entry, trained first). Default: {" ".join(DEFAULT_ENTRIES)}. Re-running the same
 command resumes an interrupted compare.
+
+With --model HF_DIR every entry trains that local Hugging Face model from its own weights (float entries:
+fp32, absmean; any E1TM rule; no @init). Default then: {" ".join(MODEL_ENTRIES)}.
 """
 
 
@@ -23,13 +26,14 @@ command resumes an interrupted compare.
 @click.argument("entries", nargs=-1)
 @click.option("--out", default=_D.out, show_default=True, help="Directory for the runs, compare.md, compare.json and PNG plots.")
 @training_options
+@model_option
 @click.option("--json", "as_json", is_flag=True, help="Print the table as one JSON document on stdout.")
 @arbs_errors
 def compare_cmd(entries, as_json, **opts):
     from arbs.compare import compare, render_markdown
     from arbs.plots import plot_compare
 
-    cfg = CompareConfig(entries=tuple(entries) or DEFAULT_ENTRIES, **opts)
+    cfg = CompareConfig(entries=tuple(entries) or None, **opts)
     with progress_bar(total=cfg.steps) as bar:
         def on_entry(e, i, n):
             bar.reset(total=cfg.steps)

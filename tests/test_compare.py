@@ -108,3 +108,18 @@ def test_table_shows_a_dash_for_an_entry_that_trained_no_step():
               ratio_fp32=None, train_bpw=11.87, infer_bpw=1.87, ms_per_step=None, peak_rss_mib=500.0)
     line = next(ln for ln in render_markdown(CompareConfig(), [row]).splitlines() if ln.startswith("| E1TM32"))
     assert line.split("|")[7].strip() == "-"
+
+
+@pytest.mark.parametrize("entry, want", [("learned-s", "cannot train a Hugging Face model"),
+                                         ("E1TM32:flip@init", "drop '@init'")])
+def test_compare_model_refuses_entries_that_cannot_take_it(tmp_path, entry, want):
+    """Refused before any run starts (the model directory is not even read)."""
+    out = tmp_path / "c"
+    res = CliRunner().invoke(main, ["compare", entry, "--model", str(tmp_path / "no-such-model"), "--out", str(out)])
+    assert res.exit_code == 1 and want in res.stderr, res.output
+    assert not out.exists()
+
+
+def test_compare_model_default_entries():
+    assert CompareConfig(model="m").parsed() == [parse_entry(e) for e in ("fp32", "absmean", "E1TM32:carry", "E1TM32:flip")]
+    assert len(CompareConfig().parsed()) == 9

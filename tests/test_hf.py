@@ -320,3 +320,45 @@ def test_hf_is_imported_only_when_used():
             "CliRunner().invoke(main, ['--help']);"
             "bad = [m for m in ('transformers', 'tokenizers') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "absmean"])
+def test_float_baselines_train_an_hf_model(tmp_path, models, text, fmt):
+    """arbs train --model DIR --format fp32/absmean: AdamW on the folded HF model (absmean: QAT of every Linear
+    and Embedding); a float checkpoint, eval and resume need nothing but the run."""
+    src = shutil.copytree(models["llama_tied_bf16"], tmp_path / "model")
+    run = tmp_path / "run"
+    r = _ok(_cli("train", "--model", src, "--format", fmt, "--data", text, "--steps", 2, "--out", run, "--json", *TRAIN))
+    doc = json.loads(r.stdout)
+    assert np.isfinite(doc["val_loss"]) and doc["val_loss_fused"] is None
+    shutil.rmtree(src)
+    ck = store.open_checkpoint(run)
+    assert ck.kind == "float" and ck.meta["format"] == fmt and ck.meta["model"]["kind"] == "hf" and ck.step_counter == 2
+    assert "hf.model.norm.weight" in ck.tensors and "hf.model.embed_tokens.weight" in ck.tensors
+    assert all("exp_avg" in t.arrays for t in ck.tensors.values())  # every parameter trained
+    e = json.loads(_ok(_cli("eval", run, "--json", "--batch-size", 2, "--batches", 2)).stdout)
+    assert e["unit"] == "token" and e["kind"] == "float" and np.isfinite(e["val_loss"])
+    _ok(_cli("train", "--resume", "--steps", 3, "--out", run))
+    assert store.open_checkpoint(run).step_counter == 3
+
+
+def test_model_refuses_other_float_baselines(tmp_path, models, text):
+    r = _cli("train", "--model", models["llama"], "--format", "learned-s", "--data", text, "--steps", 2,
+             "--out", tmp_path / "run")
+    assert r.exit_code == 1 and "fp32, absmean" in r.output and not (tmp_path / "run").exists()
+
+
+def test_compare_model_trains_every_default_entry_from_the_model(tmp_path, models, text):
+    """arbs compare --model DIR: fp32, absmean, E1TM32:carry, E1TM32:flip (the default), all from the model's weights."""
+    out = tmp_path / "cmp"
+    r = _cli("compare", "--model", models["llama"], "--data", text, "--steps", 2, "--out", out, "--json", *TRAIN)
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    doc = json.loads(r.stdout)
+    assert [d["label"] for d in doc] == ["fp32", "absmean", "E1TM32:carry", "E1TM32:carry fused", "E1TM32:flip",
+                                         "E1TM32:flip fused"]
+    assert all(np.isfinite(d["val_loss"]) for d in doc) and doc[0]["ratio_fp32"] == pytest.approx(1.0)
+    for slug in ("fp32", "absmean", "E1TM32-carry", "E1TM32-flip"):
+        ck = store.open_checkpoint(out / slug)
+        assert ck.meta["model"]["kind"] == "hf" and ck.meta["config"]["model"] == str(models["llama"])
+    md = (out / "compare.md").read_text()
+    assert "nats/token" in md and f"model `{models['llama']}`" in md

@@ -38,7 +38,10 @@ def build(meta: dict, ckpt: store.Checkpoint | None = None, *, device: str = "cp
     """The model a run's meta describes, in training form, with ``ckpt``'s state loaded if given.
 
     Returns (model, handles) where handles holds 'clock' (E1TM) or 'optimizer' (float baselines).
-    A Hugging Face run (``meta["model"]["kind"] == "hf"``) builds :func:`hf_float_model` instead of the GPT.
+    A Hugging Face run (``meta["model"]["kind"] == "hf"``) builds :func:`hf_float_model` instead of the GPT;
+    its float baselines (fp32, absmean) train that folded model with AdamW, every parameter (norm gains folded
+    into the layers as for E1TM, so every row starts from the same function), absmean quantizing each Linear
+    and Embedding as the built-in GPT's baselines do.
     """
     is_hf = hf.is_hf_meta(meta)
     cfg = None if is_hf else model_config(meta)
@@ -50,7 +53,13 @@ def build(meta: dict, ckpt: store.Checkpoint | None = None, *, device: str = "cp
     model = hf_float_model(meta, from_source=ckpt is None) if is_hf else GPT(cfg)
     fmt = meta["format"]
     if is_hf and not formats.is_e1tm(fmt):
-        raise ConfigError(f"a Hugging Face model trains in E1TM formats only; this run's format is {fmt!r}")
+        from .config import HF_FLOAT_FORMATS
+
+        if fmt not in HF_FLOAT_FORMATS:
+            raise ConfigError(f"a Hugging Face model trains in E1TM formats and {', '.join(HF_FLOAT_FORMATS)}; "
+                              f"this run's format is {fmt!r}")
+        for p in model.parameters():  # a float baseline trains every parameter (E1TM keeps them frozen)
+            p.requires_grad_(True)
     handles: dict = {}
     if formats.is_e1tm(fmt):
         init = None  # --init: a float model is loaded before ternarize_, an E1TM checkpoint's state after it

@@ -17,6 +17,9 @@ from ..errors import ConfigError
 
 SEED_LIMIT = 1 << 63  # seeds are 0 .. 2**63-1 (numpy's SeedSequence and torch.manual_seed both take them)
 # Options a resumed run may change: schedules and cadence, where and how it runs (not what it trains).
+# Float baselines a Hugging Face model (--model) trains: fp32 (AdamW on the model itself) and absmean (BitNet-style
+# QAT of its Linear and Embedding layers); the E1TM formats all.
+HF_FLOAT_FORMATS = ("fp32", "absmean")
 RESUMABLE = ("steps", "horizon", "eval_every", "eval_batches", "save_every", "keep", "threads", "device",
              "cuda_graph", "data", "out", "resume")
 
@@ -137,16 +140,17 @@ class TrainConfig:
         _check_memory(self)
 
     def _check_model(self, default_preset: str) -> None:
-        """--model: a string, without --preset, E1TM, no --init; for a new run, the directory is read and
-        checked now (config.json, a supported model_type, weights, tokenizer, memory), before anything is
-        written. A resumed run uses what it recorded and never reads the directory again."""
+        """--model: a string, without --preset, E1TM or a float format of HF_FLOAT_FORMATS, no --init; for a
+        new run, the directory is read and checked now (config.json, a supported model_type, weights, tokenizer,
+        memory), before anything is written. A resumed run uses what it recorded and never reads the directory again."""
         if not isinstance(self.model, str) or not self.model:
             raise ConfigError(f"--model must be a directory path, got {self.model!r}")
         if self.preset != default_preset:
             raise ConfigError(f"--model and --preset {self.preset!r} are exclusive: --model trains the Hugging Face "
                               "model in that directory, --preset sizes the built-in GPT; give one of them")
-        if not formats.is_e1tm(self.format):
-            raise ConfigError(f"--model trains E1TM formats only; {self.format!r} is a float baseline")
+        if not formats.is_e1tm(self.format) and self.format not in HF_FLOAT_FORMATS:
+            raise ConfigError(f"--model trains E1TM formats and the float baselines {', '.join(HF_FLOAT_FORMATS)}; "
+                              f"{self.format!r} is not one of them")
         if self.init is not None:
             raise ConfigError("--model starts from the model's own weights; --init does not apply")
         if not self.resume:
