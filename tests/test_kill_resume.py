@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from arbs import store
 from arbs_cli.main import main
+from conftest import checkpoint_arrays
 
 TRIALS = int(os.environ.get("ARBS_KILL_TRIALS", "100"))
 STEPS = 12
@@ -25,20 +26,6 @@ def _command(data, out):
             "--out", str(out)]
 
 
-def _arrays(path):
-    ck = store.open_checkpoint(path)
-    return ck.step_counter, {(n, k): a for n, t in ck.tensors.items() for k, a in t.arrays.items()}
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory):
-    p = tmp_path_factory.mktemp("data") / "corpus.txt"
-    rng = np.random.default_rng(0)
-    words = ["def", "return", "self", "import", "class", "for", "in", "if", "else", "(", ")", ":", "\n"]
-    p.write_text(" ".join(rng.choice(words, 6000)))
-    return str(p)
-
-
 @pytest.mark.slow  # TRIALS training processes killed with SIGKILL (several minutes)
 def test_kill_9_anywhere_then_resume_is_bit_identical(tmp_path, text):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -48,7 +35,7 @@ def test_kill_9_anywhere_then_resume_is_bit_identical(tmp_path, text):
                           capture_output=True, text=True, timeout=600)
     duration = time.perf_counter() - t0
     assert done.returncode == 0, done.stderr[-2000:]
-    want_step, want = _arrays(ref)
+    want_step, want = checkpoint_arrays(ref)
     assert want_step == STEPS
     rng = random.Random(1)
     outcomes = {"before the first commit": 0, "mid-run": 0, "after the end": 0}
@@ -64,7 +51,7 @@ def test_kill_9_anywhere_then_resume_is_bit_identical(tmp_path, text):
         outcomes["before the first commit" if step is None else "after the end" if step == STEPS else "mid-run"] += 1
         r = CliRunner().invoke(main, [*_command(text, run), "--resume"])
         assert r.exit_code == 0, f"trial {i} (killed at step {step}): {r.output[-2000:]}"
-        got_step, got = _arrays(run)
+        got_step, got = checkpoint_arrays(run)
         assert got_step == STEPS and got.keys() == want.keys(), f"trial {i}"
         bad = [k for k in want if not np.array_equal(got[k], want[k])]
         assert not bad, f"trial {i} (killed at step {step}): arrays differ from the uninterrupted run: {bad[:3]}"

@@ -18,6 +18,7 @@ from arbs import store
 from arbs.errors import ConfigError
 from arbs.training import TrainConfig
 from arbs_cli.main import main
+from conftest import checkpoint_arrays
 
 # non-default options everywhere, so that a resume that forgot any of them would differ
 RUN = ["--format", "E1TM16", "--context", "16", "--batch-size", "2", "--eval-every", "4", "--eval-batches", "1",
@@ -35,23 +36,18 @@ def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def arrays(path):
-    ck = store.open_checkpoint(path)
-    return {(n, k): a for n, t in ck.tensors.items() for k, a in t.arrays.items()}, ck.step_counter
-
-
 def test_resume_with_only_resume_continues_the_run_as_made(tmp_path, text):
     run = tmp_path / "r"
     r = invoke("train", *RUN, "--data", text, "--steps", 8, "--out", run)
     assert r.exit_code == 0, r.output
-    want, _ = arrays(run / "step_8")
+    _, want = checkpoint_arrays(run / "step_8")
     cut = tmp_path / "cut"  # the same run, stopped after its step-4 checkpoint
     shutil.copytree(run, cut)
     shutil.rmtree(cut / "step_8")
     (cut / "LATEST").write_text("step_4\n")
     r = invoke("train", "--resume", "--out", cut)  # no other option: every one comes from the run
     assert r.exit_code == 0, r.output
-    got, step = arrays(cut)
+    step, got = checkpoint_arrays(cut)
     assert step == 8 and got.keys() == want.keys()
     assert all(np.array_equal(got[k], want[k]) for k in want)
     cfg = store.open_checkpoint(cut).meta["config"]

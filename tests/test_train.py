@@ -17,22 +17,9 @@ from arbs import store
 from arbs.errors import ArbsError, ConfigError, NonFiniteError
 from arbs.training import TrainConfig, train
 from arbs_cli.main import main
+from conftest import checkpoint_arrays
 
 SMALL = dict(preset="tiny", context=16, batch_size=2, eval_every=3, eval_batches=2, save_every=3)
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory):
-    p = tmp_path_factory.mktemp("data") / "corpus.txt"
-    rng = np.random.default_rng(0)
-    words = ["def", "return", "self", "import", "class", "for", "in", "if", "else", "(", ")", ":", "\n"]
-    p.write_text(" ".join(rng.choice(words, 6000)))
-    return str(p)
-
-
-def _state(run):
-    ck = store.open_checkpoint(run)
-    return ck.step_counter, {(n, k): a for n, t in ck.tensors.items() for k, a in t.arrays.items()}
 
 
 def _losses(run):
@@ -52,7 +39,7 @@ def test_resume_from_a_mid_run_checkpoint_with_the_fuse_phase(tmp_path, text):
     shutil.copytree(a / "step_3", b / "step_3")
     (b / "LATEST").write_text("step_3\n")
     train(TrainConfig(out=str(b), resume=True, **kw))
-    sa, sb = _state(a), _state(b)
+    sa, sb = checkpoint_arrays(a), checkpoint_arrays(b)
     assert sa[0] == sb[0] == 8
     for k in sa[1]:
         np.testing.assert_array_equal(sa[1][k], sb[1][k], err_msg=str(k))
@@ -69,7 +56,7 @@ def test_resume_is_bit_exact(tmp_path, text, fmt, rule):
     train(TrainConfig(steps=6, out=str(a), **kw))
     train(TrainConfig(steps=3, out=str(b), **kw))
     train(TrainConfig(steps=6, out=str(b), resume=True, **kw))
-    sa, sb = _state(a), _state(b)
+    sa, sb = checkpoint_arrays(a), checkpoint_arrays(b)
     assert sa[0] == sb[0] == 6
     assert sa[1].keys() == sb[1].keys()
     for k in sa[1]:
@@ -94,7 +81,7 @@ def test_e1tm_checkpoint_holds_only_integers_and_reports_fuse_gap(tmp_path, text
 def test_fuse_phase_changes_training_but_not_the_format(tmp_path, text):
     a = train(TrainConfig(format="E1TM32", rule="carry", data=text, steps=6, out=str(tmp_path / "a"), **SMALL))
     b = train(TrainConfig(format="E1TM32", rule="carry", data=text, steps=6, fuse_phase=0.5, out=str(tmp_path / "b"), **SMALL))
-    sa, sb = _state(tmp_path / "a"), _state(tmp_path / "b")
+    sa, sb = checkpoint_arrays(tmp_path / "a"), checkpoint_arrays(tmp_path / "b")
     assert any(not np.array_equal(sa[1][k], sb[1][k]) for k in sa[1]), "the fuse phase must change what is learned"
     assert a.fuse_gap is not None and b.fuse_gap is not None
 
@@ -177,14 +164,14 @@ def test_flip_options_through_the_cli(tmp_path, text):
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, text, monkeypatch):
     run = tmp_path / "r"
     train(TrainConfig(format="E1TM32", data=text, steps=3, out=str(run), **SMALL))
-    before = _state(run)
+    before = checkpoint_arrays(run)
     import torch.nn.functional as F
 
     real = F.cross_entropy
     monkeypatch.setattr(F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
     with pytest.raises(NonFiniteError, match="last good checkpoint"):
         train(TrainConfig(format="E1TM32", data=text, steps=6, out=str(run), resume=True, **SMALL))
-    after = _state(run)
+    after = checkpoint_arrays(run)
     assert after[0] == before[0] == 3
     for k in before[1]:
         np.testing.assert_array_equal(before[1][k], after[1][k])
@@ -221,14 +208,14 @@ def test_bad_inputs_are_clear_errors(tmp_path, text):
     # resume with another rule or format: refused, checkpoint untouched
     run = tmp_path / "r"
     train(TrainConfig(format="E1TM32", rule="carry", data=text, steps=3, out=str(run), **SMALL))
-    before = _state(run)
+    before = checkpoint_arrays(run)
     with pytest.raises(ConfigError, match="rule"):
         train(TrainConfig(format="E1TM32", rule="flip", data=text, steps=6, out=str(run), resume=True, **SMALL))
     with pytest.raises(ConfigError, match="format"):
         train(TrainConfig(format="E1TM16", rule="carry", data=text, steps=6, out=str(run), resume=True, **SMALL))
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         train(TrainConfig(format="E1TM32", rule="carry", data=text, steps=6, out=str(run), **SMALL))
-    after = _state(run)
+    after = checkpoint_arrays(run)
     for k in before[1]:
         np.testing.assert_array_equal(before[1][k], after[1][k])
     # a float checkpoint whose shapes do not fit the model
