@@ -284,12 +284,95 @@ def default_corpus(max_bytes: int = DEFAULT_CORPUS_MAX_BYTES) -> Corpus:
     return Corpus(train, val, info)
 
 
+# The installation corpus ("python:all"): every text file of these kinds that this Python holds.
+INSTALL_CORPUS = "python:all"
+INSTALL_CORPUS_SUFFIXES = (".py", ".md", ".txt")
+INSTALL_CORPUS_MAX_BYTES = 4 * 2**30
+
+
+def _install_roots() -> list[tuple[str, Path]]:
+    """(label, directory) of this Python's stdlib and its site-packages directories, each once."""
+    paths = sysconfig.get_paths()
+    roots, seen = [], set()
+    for label, key in (("stdlib", "stdlib"), ("purelib", "purelib"), ("platlib", "platlib")):
+        d = Path(paths[key])
+        if d.is_dir() and d.resolve() not in seen:
+            seen.add(d.resolve())
+            roots.append((label, d))
+    return roots
+
+
+def install_corpus(max_bytes: int = INSTALL_CORPUS_MAX_BYTES) -> Corpus:
+    """``--data python:all``: every ``*.py``, ``*.md`` and ``*.txt`` file of this Python installation,
+    site-packages included: a corpus of hundreds of MB where large packages are installed (torch, triton).
+
+    Selection (deterministic for a given installation; ``info["files_sha256"]`` identifies the file list):
+
+    1. Roots, in this order, each once: ``sysconfig`` paths ``stdlib``, ``purelib``, ``platlib``. Each file is
+       named ``<root label>/<path relative to the root>`` (labels ``stdlib``, ``purelib``, ``platlib``).
+    2. Walk each root without following directory symlinks, skipping ``__pycache__`` and names starting
+       with "."; under ``stdlib`` also ``site-packages``/``dist-packages`` (walked as their own roots) and
+       files starting with ``_sysconfigdata``. Tests are kept: they are text like any other.
+    3. Keep files with those suffixes that are non-empty and have no NUL byte in their first 8 KiB; sort by
+       name; take them while the running total stays <= ``max_bytes`` (default 4 GiB).
+    4. Split by file as :func:`default_corpus` does (crc32(name) % 20 == 0 -> validation).
+    """
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) or max_bytes < MIN_CORPUS_BYTES:
+        raise ConfigError(f"install_corpus max_bytes must be an int >= {MIN_CORPUS_BYTES}; got {max_bytes!r}")
+    names: list[tuple[str, Path]] = []
+    for label, root in _install_roots():
+        for dirpath, dirnames, filenames in os.walk(root):
+            skip = {"site-packages", "dist-packages"} if label == "stdlib" else set()
+            dirnames[:] = [d for d in dirnames if d not in skip and d != "__pycache__" and not d.startswith(".")]
+            rel_dir = Path(dirpath).relative_to(root)
+            for f in filenames:
+                if f.endswith(INSTALL_CORPUS_SUFFIXES) and not f.startswith(".") and not (
+                        label == "stdlib" and f.startswith(_DEFAULT_EXCLUDED_FILE_PREFIXES)):
+                    names.append((f"{label}/{(rel_dir / f).as_posix()}", Path(dirpath) / f))
+    names.sort(key=lambda t: t[0])
+    files: list[tuple[str, bytes]] = []
+    listing = hashlib.sha256()
+    total = 0
+    for name, path in names:
+        if not path.is_file():
+            continue
+        b = _read_bytes(path)
+        if not b or b"\x00" in b[:BINARY_SNIFF_BYTES]:
+            continue
+        if total + len(b) > max_bytes:
+            break
+        files.append((name, b))
+        listing.update(f"{name}\t{len(b)}\n".encode())
+        total += len(b)
+    _check_size(total, INSTALL_CORPUS)
+    train, val, n_train, n_val = _join_split(files)
+    info = {
+        "source": INSTALL_CORPUS,
+        "kind": "install",
+        "roots": {label: root.as_posix() for label, root in _install_roots()},
+        "suffixes": list(INSTALL_CORPUS_SUFFIXES),
+        "n_files": len(files),
+        "n_train_files": n_train,
+        "n_val_files": n_val,
+        "train_bytes": int(len(train)),
+        "val_bytes": int(len(val)),
+        "sha256": _sha256(train, val),
+        "files_sha256": listing.hexdigest(),
+        "python_version": ".".join(map(str, sys.version_info[:3])),
+        "max_bytes": int(max_bytes),
+        "split": _FILE_RULE,
+    }
+    log.debug("install corpus: %s", {k: v for k, v in info.items() if k != "roots"})
+    return Corpus(train, val, info)
+
+
 # --------------------------------------------------------------------------------------------------------
 # user corpora
 
 
 def load_corpus(path: str | os.PathLike) -> Corpus:
-    """Load a corpus from a text file, a directory of text files, or a uint8 ``.npy`` array.
+    """Load a corpus from a text file, a directory of text files, or a uint8 ``.npy`` array; the name
+    ``python:all`` is :func:`install_corpus`.
 
     * ``*.npy``: must hold a 1-D uint8 array (loaded without pickle); the last 5% of bytes is validation.
     * any other file: its raw bytes (any encoding: the model is byte-level); the last 5% is validation.
@@ -307,9 +390,12 @@ def load_corpus(path: str | os.PathLike) -> Corpus:
     ArbsError
         a file cannot be read or a ``.npy`` cannot be parsed.
     """
+    if str(path) == INSTALL_CORPUS:
+        return install_corpus()
     p = Path(path)
     if not p.exists():
-        raise ConfigError(f"corpus path '{p}' does not exist; give a text file, a directory or a uint8 .npy")
+        raise ConfigError(f"corpus path '{p}' does not exist; give a text file, a directory, a uint8 .npy "
+                          f"or {INSTALL_CORPUS}")
     if p.is_dir():
         return _load_dir(p)
     if not p.is_file():  # a FIFO or a device (/dev/zero) would hang or never end

@@ -270,3 +270,32 @@ def test_load_npy_unparsable(tmp_path):
 def test_corpus_validates_arrays():
     with pytest.raises(ConfigError, match="uint8"):
         Corpus(np.zeros(3, dtype=np.int8), np.zeros(3, dtype=np.uint8), {})
+
+
+def test_install_corpus_selection_and_record():
+    """python:all takes the installation's .py/.md/.txt files in sorted name order under a cap, splits by
+    file, and records what it took; the same call gives the same bytes."""
+    import arbs.data as D
+
+    c = D.install_corpus(max_bytes=300_000)
+    info = c.info
+    assert info["kind"] == "install" and info["source"] == D.INSTALL_CORPUS == "python:all"
+    assert info["suffixes"] == [".py", ".md", ".txt"] and "stdlib" in info["roots"]
+    assert info["train_bytes"] + info["val_bytes"] <= 300_000 + len(D.FILE_SEPARATOR) * info["n_files"]
+    assert info["n_files"] == info["n_train_files"] + info["n_val_files"] and info["n_files"] > 10
+    again = D.install_corpus(max_bytes=300_000)
+    assert again.info["sha256"] == info["sha256"] and again.info["files_sha256"] == info["files_sha256"]
+    assert D.install_corpus(max_bytes=200_000).info["files_sha256"] != info["files_sha256"]
+    assert b"\x00" not in bytes(c.train[:100_000])
+
+
+def test_install_corpus_bad_cap():
+    import arbs.data as D
+
+    with pytest.raises(ConfigError, match="max_bytes must be an int >= 1024"):
+        D.install_corpus(max_bytes=10)
+
+
+def test_load_corpus_names_the_install_corpus_when_missing(tmp_path):
+    with pytest.raises(ConfigError, match="python:all"):
+        load_corpus(tmp_path / "nope")

@@ -23,8 +23,38 @@ def model() -> GPT:
 
 
 def _weights(cfg: GPTConfig) -> int:
-    d, h = cfg.d_model, cfg.mlp_ratio * cfg.d_model
-    return cfg.vocab_size * d + cfg.n_layer * (3 * d * d + d * d + 2 * d * h)
+    d, h = cfg.d_model, cfg.hidden_size
+    mlp = 3 * d * h if cfg.mlp == "swiglu" else 2 * d * h
+    return cfg.vocab_size * d + cfg.n_layer * (3 * d * d + d * d + mlp)
+
+
+def test_mlp_kinds_and_old_configs():
+    """swiglu is the default; a config saved without 'mlp' (before the key existed) reads back as gelu; an
+    unknown kind is refused by name."""
+    assert SMALL.mlp == "swiglu" and SMALL.hidden_size == 96  # 2/3 * 4 * 32 = 85.3 -> next multiple of 32
+    assert get_preset("base").hidden_size == 2048
+    old = {k: v for k, v in SMALL.to_dict().items() if k != "mlp"}
+    g = GPTConfig.from_dict(old)
+    assert g.mlp == "gelu" and g.hidden_size == 128
+    assert GPTConfig.from_dict(SMALL.to_dict()) == SMALL
+    with pytest.raises(ConfigError, match="mlp must be one of swiglu, gelu"):
+        GPTConfig(n_layer=1, n_head=2, d_model=32, context=16, mlp="relu")
+    x = torch.randn(2, 3, 32)
+    for cfg in (SMALL, g):
+        torch.manual_seed(0)
+        m = GPT(cfg).blocks[0].mlp
+        h = m.fc(x)
+        want = (m.proj(F.silu(h[..., :96]) * h[..., 96:]) if cfg.mlp == "swiglu" else m.proj(F.gelu(h)))
+        torch.testing.assert_close(m(x), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["tiny", "base"])
+def test_gelu_presets_keep_their_shape(name):
+    """Runs made before swiglu keep building the model they were trained with."""
+    cfg = GPTConfig.from_dict({k: v for k, v in get_preset(name).to_dict().items() if k != "mlp"})
+    with torch.device("meta"):
+        m = GPT(cfg)
+    assert m.blocks[0].mlp.fc.weight.shape == (4 * cfg.d_model, cfg.d_model)
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

@@ -10,6 +10,10 @@ from .. import formats
 from ..errors import ConfigError
 
 
+MLP_KINDS = ("swiglu", "gelu")
+SWIGLU_MULTIPLE = 32  # swiglu hidden widths are rounded up to a multiple of this
+
+
 def init_std(d_model: int) -> float:
     """Std of the weight init: GPT-2's 0.02 at its width 768, scaled as 1/sqrt(d_model)."""
     return 0.02 * math.sqrt(768 / d_model)
@@ -29,7 +33,11 @@ class GPTConfig:
     context : int
         Longest sequence the model accepts (RoPE has no table, but training sets the useful length).
     mlp_ratio : int
-        MLP hidden width is ``mlp_ratio * d_model``.
+        Sets the MLP hidden width (see :attr:`hidden_size`).
+    mlp : str
+        ``"swiglu"`` (the default: Llama's gated MLP, ``proj(silu(gate) * up)``, so the model is a standard
+        Llama that transformers and llama.cpp run) or ``"gelu"`` (``proj(gelu(fc(x)))``, the MLP of runs made
+        before arbs 0.x; a checkpoint whose config lacks the key was trained with it).
     """
 
     vocab_size: int = 256
@@ -38,9 +46,14 @@ class GPTConfig:
     d_model: int
     context: int
     mlp_ratio: int = 4
+    mlp: str = "swiglu"
 
     def __post_init__(self) -> None:
+        if self.mlp not in MLP_KINDS:
+            raise ConfigError(f"GPTConfig.mlp must be one of {', '.join(MLP_KINDS)}; got {self.mlp!r}")
         for f in dataclasses.fields(self):
+            if f.name == "mlp":
+                continue
             v = getattr(self, f.name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"GPTConfig.{f.name} must be a positive int; got {v!r}")
@@ -59,18 +72,27 @@ class GPTConfig:
     def head_size(self) -> int:
         return self.d_model // self.n_head
 
+    @property
+    def hidden_size(self) -> int:
+        """MLP hidden width: ``mlp_ratio * d_model`` for gelu; for swiglu two thirds of that (three matrices
+        instead of two: about the same weight count), rounded up to a multiple of 32, as Llama does."""
+        if self.mlp == "gelu":
+            return self.mlp_ratio * self.d_model
+        return -(-2 * self.mlp_ratio * self.d_model // 3 // SWIGLU_MULTIPLE) * SWIGLU_MULTIPLE
+
     def to_dict(self) -> dict:
         """Plain JSON-able dict (for checkpoint attrs)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> GPTConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error (a newer or foreign config)."""
+        """Inverse of :meth:`to_dict`; unknown keys are an error (a newer or foreign config). A config
+        without ``mlp`` was written before the key existed, by a model with the gelu MLP."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"GPTConfig: unknown keys {unknown}; known keys: {sorted(names)}")
-        return cls(**d)
+        return cls(**{"mlp": "gelu", **d})
 
 
 def _divisor_hint(d_model: int, n_head: int) -> int:

@@ -94,13 +94,21 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """``proj(silu(gate) * up)`` with gate and up the two halves of ``fc``'s output (swiglu, Llama's), or
+    ``proj(gelu(fc(x)))`` (gelu). H is ``cfg.hidden_size``."""
+
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.fc = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=False)
-        self.proj = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=False)  # residual projection
+        self.gated = cfg.mlp == "swiglu"
+        H = cfg.hidden_size
+        self.fc = nn.Linear(cfg.d_model, 2 * H if self.gated else H, bias=False)  # swiglu: rows [gate; up]
+        self.proj = nn.Linear(H, cfg.d_model, bias=False)  # residual projection
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x)))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+        if self.gated:
+            gate, up = self.fc(x).chunk(2, dim=-1)  # (B, T, H) each
+            return self.proj(F.silu(gate) * up)  # (B, T, H) -> (B, T, C)
+        return self.proj(F.gelu(self.fc(x)))  # (B, T, C) -> (B, T, H) -> (B, T, C)
 
 
 class Block(nn.Module):

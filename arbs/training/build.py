@@ -31,7 +31,7 @@ def model_config(meta: dict) -> GPTConfig:
         extra = sorted(set(m) - known) if isinstance(m, dict) else m
         raise ConfigError(f"the checkpoint's model config has {extra!r}, which this arbs does not know "
                           f"(it knows {sorted(known)}); it was likely written by another arbs version")
-    return GPTConfig(**m)
+    return GPTConfig.from_dict(m)
 
 
 def build(meta: dict, ckpt: store.Checkpoint | None = None, *, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
@@ -87,12 +87,13 @@ def build(meta: dict, ckpt: store.Checkpoint | None = None, *, device: str = "cp
     return model, handles
 
 
-def hf_run_record(model_dir: str, *, context: int | None, run_dir: Path, resume: bool) -> dict:
+def hf_run_record(model_dir: str, *, context: int | None, run_dir: Path, resume: bool, writer: bool = True) -> dict:
     """``{"model": identity, "hf": record}`` of a Hugging Face run (arbs.models.hf.run_record): from the
     run's own checkpoint when it resumes one (the model directory is not read again), else from
-    ``model_dir``. The caller holds the run's writer lock."""
+    ``model_dir``. The caller holds the run's writer lock (``writer``; else, a data-parallel rank other than 0,
+    the run is only read)."""
     if resume and run_dir.is_dir() and store.list_checkpoints(run_dir):
-        meta = store.open_latest_for_resume(run_dir).meta
+        meta = (store.open_latest_for_resume(run_dir) if writer else store.open_checkpoint(run_dir)).meta
         if not hf.is_hf_meta(meta):
             raise ConfigError(f"--resume {run_dir}: the run trains the built-in GPT, not a Hugging Face model; "
                               "resume it without --model")
