@@ -32,7 +32,7 @@ def test_mlp_kinds_and_old_configs():
     """swiglu is the default; a config saved without 'mlp' (before the key existed) reads back as gelu; an
     unknown kind is refused by name."""
     assert SMALL.mlp == "swiglu" and SMALL.hidden_size == 96  # 2/3 * 4 * 32 = 85.3 -> next multiple of 32
-    assert get_preset("base").hidden_size == 2048
+    assert get_preset("base").hidden_size == 2048 and get_preset("small").hidden_size == 768  # 256-blocks
     old = {k: v for k, v in SMALL.to_dict().items() if k != "mlp"}
     g = GPTConfig.from_dict(old)
     assert g.mlp == "gelu" and g.hidden_size == 128

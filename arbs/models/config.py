@@ -11,7 +11,6 @@ from ..errors import ConfigError
 
 
 MLP_KINDS = ("swiglu", "gelu")
-SWIGLU_MULTIPLE = 32  # swiglu hidden widths are rounded up to a multiple of this
 
 
 def init_std(d_model: int) -> float:
@@ -75,10 +74,13 @@ class GPTConfig:
     @property
     def hidden_size(self) -> int:
         """MLP hidden width: ``mlp_ratio * d_model`` for gelu; for swiglu two thirds of that (three matrices
-        instead of two: about the same weight count), rounded up to a multiple of 32, as Llama does."""
+        instead of two: about the same weight count), rounded up as Llama does: to a multiple of 256 where
+        ``d_model`` is one (every weight row then fills whole 256-weight blocks, as GGUF's TQ1_0/TQ2_0 need),
+        else of 32."""
         if self.mlp == "gelu":
             return self.mlp_ratio * self.d_model
-        return -(-2 * self.mlp_ratio * self.d_model // 3 // SWIGLU_MULTIPLE) * SWIGLU_MULTIPLE
+        multiple = 256 if self.d_model % 256 == 0 else 32
+        return -(-2 * self.mlp_ratio * self.d_model // 3 // multiple) * multiple
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (for checkpoint attrs)."""
