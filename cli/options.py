@@ -1,5 +1,5 @@
-"""Options declared once and shared by commands: the rule parameters (from formats.PARAMS) and the
-training options of ``train`` and ``compare`` (defaults from TrainConfig)."""
+"""Options declared once and shared by commands: the rule parameters (from formats.PARAMS), the
+training options of ``train`` and ``compare`` (defaults from TrainConfig), and ``train``'s data-parallel ones."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def rule_param_options(names=tuple(formats.PARAMS)):
 
 _TRAINING = [
     click.option("--preset", default=_D.preset, show_default=True, help="Built-in model size: tiny (CPU), small, base (GPU)."),
-    click.option("--data", default=None, help="Text file, directory of text files, or uint8 .npy. Default: the Python standard library's *.py sources."),
+    click.option("--data", default=None, help="Text file, directory of text files, uint8 .npy, or python:all (every *.py/*.md/*.txt of this Python installation, site-packages included). Default: the Python standard library's *.py sources."),
     click.option("--steps", type=int, default=_D.steps, show_default=True, help="Total optimizer steps (a resumed run trains up to this)."),
     click.option("--batch-size", type=int, default=_D.batch_size, show_default=True, help="Sequences per step."),
     click.option("--context", type=int, default=None, help="Bytes per sequence (default: the preset's)."),
@@ -63,3 +63,16 @@ def model_option(f):
         help="Train the Hugging Face causal LM in this local directory (config.json, model.safetensors, "
              "tokenizer.json; Llama, Mistral, Qwen2, GPT-2) instead of the built-in GPT: norms folded, weights "
              "converted to E1TM, data tokenized with its tokenizer. Not with --preset. See docs/models.md.")(f)
+
+
+def data_parallel_options(f):
+    """``--micro-batches M`` and ``--nproc N`` (arbs train; docs/distributed.md)."""
+    return _apply(f, [
+        click.option("--micro-batches", type=int, default=None,
+                     help="Micro-batches per step on each rank: --batch-size is split into world size x M slots, each "
+                          "voting on its own (--micro-batch-votes). [default: 1; on --resume, what keeps the run's "
+                          "slot count at this world size]"),
+        click.option("--nproc", type=int, default=None,
+                     help="Start N data-parallel processes on this machine (torchrun --nproc-per-node N -m arbs_cli "
+                          "train ...; gloo on the CPU, NCCL on GPUs)."),
+    ])

@@ -1,6 +1,8 @@
 """arbs train."""
 
 import math
+import os
+import subprocess
 import sys
 
 import click
@@ -11,7 +13,7 @@ from arbs.errors import ArbsError, ConfigError
 from arbs.training.config import TrainConfig
 
 from .common import arbs_errors, echo_json, progress_bar
-from .options import model_option, rule_param_options, training_options
+from .options import data_parallel_options, model_option, rule_param_options, training_options
 
 _D = TrainConfig()
 
@@ -37,9 +39,17 @@ _D = TrainConfig()
 @click.option("--cuda-graph/--no-cuda-graph", default=_D.cuda_graph, show_default=True,
               help="--device cuda with carry/flip: replay each step (forward, backward, votes) from one CUDA graph; "
               "the same kernels and integers, without Python per layer.")
+@data_parallel_options
+@click.option("--micro-batch-votes", type=click.Choice(["sum", "accumulate"]), default=_D.micro_batch_votes,
+              show_default=True,
+              help="E1TM with several micro-batch slots per step: 'sum' votes on each slot's gradient and sums the "
+                   "integer votes (exact over ranks: N ranks x M == 1 rank x N*M, bit for bit); 'accumulate' sums the "
+                   "float gradients (all-reduced) and votes once.")
+@click.option("--dist-timeout", type=int, default=_D.dist_timeout, show_default=True,
+              help="torch.distributed: seconds a rank waits for a dead or hung one before it stops with an error.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document with the result on stdout.")
 @arbs_errors
-def train_cmd(fmt, as_json, **opts):
+def train_cmd(fmt, as_json, nproc, **opts):
     """Train the built-in byte GPT (or a local Hugging Face model: --model); E1TM keeps integer state on disk.
 
     Writes checkpoints step_<N>/, LATEST, metrics.jsonl and loss.png into --out, shows a progress bar
@@ -51,6 +61,8 @@ def train_cmd(fmt, as_json, **opts):
     from arbs.training.config import resume_config
 
     ctx = click.get_current_context()
+    if nproc is not None:
+        sys.exit(_spawn(ctx, nproc))
     opts["format"] = fmt
     if opts["model"] is not None and ctx.get_parameter_source("preset") is ParameterSource.COMMANDLINE:
         raise ConfigError("--model and --preset are exclusive: --model trains the Hugging Face model in that "
@@ -73,6 +85,8 @@ def train_cmd(fmt, as_json, **opts):
                       f"({rec['val_bpb']:.4f} bits/{unit})", file=sys.stderr)
 
         res = train(cfg, on_step=on_step, on_eval=on_eval)
+    if os.environ.get("RANK", "0") != "0":  # data parallel: rank 0 reports, plots and prints
+        return
     try:
         plot_run(res.run_dir)
     except ArbsError as e:  # the run is saved; a missing picture is worth a warning, not a failure
@@ -92,3 +106,28 @@ def train_cmd(fmt, as_json, **opts):
         click.echo(f"after fuse      {res.val_loss_fused:.4f} nats/{unit} (fuse gap {res.fuse_gap:+.4f})")
     if not math.isnan(res.ms_per_step):
         click.echo(f"{res.ms_per_step:.1f} ms/step; loss curve: {res.run_dir / 'loss.png'}")
+
+
+def _spawn(ctx: click.Context, nproc: int) -> int:
+    """``arbs train --nproc N ...``: run this command under ``torchrun --nproc-per-node N`` on this machine
+    (without --nproc); returns torchrun's exit status."""
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be an integer >= 1, got {nproc}")
+    if "WORLD_SIZE" in os.environ:
+        raise ConfigError("--nproc starts torchrun itself; under torchrun (WORLD_SIZE is set) leave it out")
+    argv = []
+    for p in ctx.command.params:
+        if p.name == "nproc" or ctx.get_parameter_source(p.name) is not ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[p.name]
+        if p.is_flag and p.secondary_opts:  # --cuda-graph/--no-cuda-graph
+            argv.append(p.opts[0] if value else p.secondary_opts[0])
+        elif p.is_flag:
+            if value:
+                argv.append(p.opts[0])
+        else:
+            argv += [p.opts[0], str(value)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m", "arbs_cli",
+           "train", *argv]
+    click.echo(f"starting: {' '.join(cmd)}", err=True)
+    return subprocess.call(cmd)

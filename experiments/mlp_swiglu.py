@@ -4,16 +4,28 @@ Trains the tiny preset with each MLP (gelu: the model before; swiglu: the new de
 hidden 2/3 * 4d rounded up to 32) as fp32 AdamW and E1TM32 flip, seeds 0..2, the default 1000 steps on the
 default corpus, and prints val loss per run plus each cell's mean and spread (max - min over seeds).
 
-    python experiments/mlp_swiglu.py [--seeds 0 1 2] [--steps 1000] [--out /tmp/mlp_swiglu]
+    python experiments/mlp_swiglu.py [--seeds 0 1 2] [--steps 1000] [--jobs 12] [--out /tmp/mlp_swiglu]
+
+Each run uses one torch thread; --jobs runs that many at once (a many-core machine does all 12 together).
 """
 
 import argparse
 import dataclasses
 import json
 import statistics
+from concurrent.futures import ProcessPoolExecutor
 
 from arbs.models import config as model_config
 from arbs.training import TrainConfig, train
+
+
+def one(mlp: str, fmt: str, seed: int, steps: int, out: str) -> dict:
+    model_config.PRESETS["tiny"] = dataclasses.replace(model_config.PRESETS["tiny"], mlp=mlp)
+    r = train(TrainConfig(format=fmt, seed=seed, steps=steps, threads=1, out=f"{out}/{mlp}-{fmt}-{seed}"))
+    rec = {"mlp": mlp, "format": fmt, "seed": seed, "val_loss": r.val_loss, "val_loss_fused": r.val_loss_fused,
+           "ms_per_step": r.ms_per_step}
+    print(json.dumps(rec), flush=True)
+    return rec
 
 
 def main():
@@ -21,19 +33,15 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--out", default="/tmp/mlp_swiglu")
+    ap.add_argument("--jobs", type=int, default=1)
     a = ap.parse_args()
-    tiny = model_config.PRESETS["tiny"]
+    runs = [(mlp, fmt, seed) for mlp in ("gelu", "swiglu") for fmt in ("fp32", "E1TM32") for seed in a.seeds]
+    with ProcessPoolExecutor(a.jobs) as pool:
+        recs = list(pool.map(one, *zip(*runs), [a.steps] * len(runs), [a.out] * len(runs)))
     results = {}
-    for mlp in ("gelu", "swiglu"):
-        model_config.PRESETS["tiny"] = dataclasses.replace(tiny, mlp=mlp)
-        for fmt in ("fp32", "E1TM32"):
-            for seed in a.seeds:
-                r = train(TrainConfig(format=fmt, seed=seed, steps=a.steps, out=f"{a.out}/{mlp}-{fmt}-{seed}"))
-                v = r.val_loss_fused if r.val_loss_fused is not None else r.val_loss
-                results.setdefault((mlp, fmt), []).append(v)
-                print(json.dumps({"mlp": mlp, "format": fmt, "seed": seed, "val_loss": r.val_loss,
-                                  "val_loss_fused": r.val_loss_fused, "ms_per_step": r.ms_per_step}), flush=True)
-    model_config.PRESETS["tiny"] = tiny
+    for r in recs:
+        v = r["val_loss_fused"] if r["val_loss_fused"] is not None else r["val_loss"]
+        results.setdefault((r["mlp"], r["format"]), []).append(v)
     print("| mlp | format | val loss per seed (fused for E1TM) | mean | spread |")
     print("|---|---|---|---:|---:|")
     for (mlp, fmt), vs in results.items():

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import formats, ops
-from ..errors import ConfigError
+from ..errors import ConfigError, IntegerRangeError, NonFiniteError
 from . import custom_ops
 
 
@@ -56,6 +56,10 @@ class Clock:
     device_counts: torch.Tensor | None = field(default=None, repr=False)
 
     sched: torch.Tensor | None = field(default=None, repr=False)  # cuda.sched: [step_counter, vote gain]
+    # integer vote sums (micro_batches(model), data_parallel): each backward's votes are kept as integer counts
+    # (E1TMWeight._counts) and step() applies their sum (all-reduced over the ranks by ``reducer``) once
+    vote_sum: bool = False
+    reducer: object | None = field(default=None, repr=False)  # arbs.distributed.Reducer, or None: one process
 
 
 def _out_dtype(dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -110,6 +114,9 @@ class E1TMWeight(_ReadOnlyWeights, nn.Module):
         self._names = clock.scheme.arrays()
         self._pending = 0
         self._grad_sum: torch.Tensor | None = None
+        self._counts: dict[str, np.ndarray] | None = None  # vote sums of this step's micro-batches (vote_sum)
+        self._micro = 0  # micro-batches voted into _counts this step
+        self._nonfinite = 0  # of them, those whose gradient held NaN/inf (no votes taken; step() raises)
         self._rows_cols = formats.tensor_view(self.shape)
         self._views = None  # state_arrays' cache: [(name, buffer, numpy view)]
         self._key = custom_ops.register(self)  # names this layer to the custom ops
@@ -250,13 +257,28 @@ class E1TMWeight(_ReadOnlyWeights, nn.Module):
         if last:
             self.flush(state)
 
-    def flush(self, state=None) -> None:
-        """Vote on the summed gradient now, if there is one (``state``: tensors to update instead of the buffers)."""
+    def flush(self, state=None, *, count: bool | None = None) -> None:
+        """Vote on the summed gradient now, if there is one (``state``: tensors to update instead of the buffers).
+
+        ``count`` (default: the clock's ``vote_sum``, or a process group is active): keep the votes as integer
+        counts of one micro-batch (:meth:`count_votes`) for ``arbs.nn.step`` to sum and apply, instead of
+        applying them now."""
         grad, self._grad_sum, self._pending = self._grad_sum, None, 0
         if grad is None:
             return
-        self.invalidate()
+        c = self.clock
+        if count is None:
+            count = c.vote_sum or c.reducer is not None or _dp_active()
         tp = self.T_packed if state is None else state[0]
+        if count:
+            if tp.is_cuda or state is not None:
+                raise ConfigError(
+                    "integer vote sums (--micro-batches > 1, torch.distributed) run on the CPU only in this version; "
+                    "on a GPU train one process with one micro-batch per step, or use --micro-batch-votes "
+                    "accumulate (docs/distributed.md)")
+            self.count_votes(grad)
+            return
+        self.invalidate()
         if tp.is_cuda:  # the bf16/float32 gradient goes to the kernels as is; counts read at step()
             from . import cuda
 
@@ -269,9 +291,154 @@ class E1TMWeight(_ReadOnlyWeights, nn.Module):
         for k in self.clock.stats:
             self.clock.stats[k] += getattr(st, k)
 
+    # -- integer vote sums (micro-batches, data parallel) ---------------------------------------------
+    def count_votes(self, grad: torch.Tensor) -> None:
+        """Add one micro-batch's integer votes on ``grad`` (the gradient of W_eff) to this step's counts,
+        changing no state: ``delta`` (int64 (rows, ng), the group votes -sum sign(g)*T, when the scales are
+        voted) and ``trits`` (int32 (rows, cols_p), flip's counter steps, when the trits vote). The draws of
+        flip's stochastic votes are keyed by the micro-batch's global slot (``slot_seed``): slot 0 draws what a
+        plain vote draws. A NaN/inf gradient adds no votes and is counted; ``step`` then raises."""
+        from .. import distributed
+
+        c = self.clock
+        red = c.reducer
+        slot = distributed.slot_of(self._micro, red.rank, red.world) if red is not None else self._micro
+        self._micro += 1
+        plan = vote_plan(c)
+        arrays = self.state_arrays()
+        g2 = grad.detach().float().reshape(self._rows_cols).contiguous().numpy()
+        rows, ng = arrays["E"].shape
+        if self._counts is None:
+            self._counts = {}
+            if plan.scales:
+                self._counts["delta"] = np.zeros((rows, ng), np.int64)
+            if plan.trits:
+                self._counts["trits"] = np.zeros(arrays["flip_accum"].shape, np.int32)
+        seed = distributed.slot_seed(c.seed, slot)
+
+        def scratch(tp):  # zero state: after one vote, corr_accum holds delta and flip_accum the trit votes
+            st = {"T_packed": tp, "E": np.zeros((rows, ng), np.int8), "corr_accum": np.zeros((rows, ng), np.int64)}
+            if plan.trits:
+                st["flip_accum"] = np.zeros(arrays["flip_accum"].shape, np.int8)
+            return st
+
+        def vote(st, scales):
+            ops.vote_unchecked(st, g2, plan.scheme, step_counter=c.step_counter, seed=seed,
+                               tensor=self.tensor_index, scales=scales)
+
+        st = scratch(arrays["T_packed"].copy())  # a copy: the scratch scheme may move a trit at +-127
+        try:
+            vote(st, plan.scales)
+        except NonFiniteError:
+            self._nonfinite += 1
+            return
+        if plan.scales:
+            self._counts["delta"] += st["corr_accum"]
+        if plan.trits:
+            votes = st["flip_accum"]
+            if plan.full_range:  # vote_max 127: a +-127 vote may have moved a scratch trit; vote again on all-(+1)
+                # and all-(-1) trits, where +127 (resp. -127) cannot move one: take whichever kept its vote
+                cols_p = votes.shape[1]
+                ones = np.ones((rows, cols_p), np.int8)
+                up = scratch(ops.pack(ones, 1)[:, :arrays["T_packed"].shape[1]].copy())
+                down = scratch(ops.pack(-ones, 1)[:, :arrays["T_packed"].shape[1]].copy())
+                vote(up, False)
+                vote(down, False)
+                votes = np.where(up["flip_accum"] != 0, up["flip_accum"], down["flip_accum"])
+            self._counts["trits"] += votes
+
+    def take_counts(self, plan: VotePlan) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """This step's summed (delta, trits) per ``plan`` (zeros where no micro-batch voted), and forget them."""
+        counts, self._counts, self._micro = self._counts or {}, None, 0
+        rows, ng = self._buffers["E"].shape
+        delta = trits = None
+        if plan.scales:
+            delta = counts.get("delta")
+            delta = np.zeros((rows, ng), np.int64) if delta is None else delta
+        if plan.trits:
+            trits = counts.get("trits")
+            trits = np.zeros(tuple(self._buffers["flip_accum"].shape), np.int32) if trits is None else trits
+        return delta, trits
+
+    def apply_counts(self, delta: np.ndarray | None, trits: np.ndarray | None) -> None:
+        """Apply summed votes once, in place: ``corr_accum += delta`` with the rule's carry into E (the same
+        kernel a plain vote uses), then flip's counters ``c = clamp(c + trits, -theta, theta)``, a trit moving at
+        +-theta (c = 0 then), as ``flip_into`` does for one vote. Counts go to ``clock.stats``."""
+        from ..kernels import cpu
+
+        c = self.clock
+        s = c.scheme
+        arrays = self.state_arrays()
+        self.invalidate()
+        carries = sats = flips = 0
+        if delta is not None:
+            corr = arrays["corr_accum"]
+            limit = s.carry_limit
+            if limit == 0 and corr.size:  # average: corr_accum only grows; never let it wrap
+                room = formats.INT64_MAX - max(int(np.abs(delta).max()), 0)
+                if max(int(corr.max()), -int(corr.min())) > room:
+                    raise IntegerRangeError("corr_accum would leave int64 with this step's vote sum; refusing to vote")
+            delta = np.ascontiguousarray(delta, np.int64)
+            carries, sats = cpu.kernel("apply_votes", corr.size * 16)(corr, arrays["E"], delta, limit)
+        if trits is not None:
+            theta = s.params["theta"]
+            rows, cols = self._rows_cols
+            T = ops.unpack(arrays["T_packed"], cols)  # (rows, cols) int8
+            fa = arrays["flip_accum"]  # (rows, cols_p) int8; padding is never touched
+            v = np.clip(fa[:, :cols].astype(np.int64) + trits[:, :cols], -theta, theta)
+            up = (v == theta) & (T < 1)
+            down = (v == -theta) & (T > -1)
+            moved = up | down
+            flips = int(moved.sum())
+            v[moved] = 0
+            fa[:, :cols] = v.astype(np.int8)
+            if flips:
+                T = T + up.astype(np.int8) - down.astype(np.int8)
+                arrays["T_packed"][...] = ops.pack(T, s.gs)
+        for k, n in (("carries", carries), ("saturations", sats), ("flips", flips)):
+            c.stats[k] += int(n)
+
     def extra_repr(self) -> str:
         s = self.clock.scheme
         return f"shape={self.shape}, format={s.format}, rule={s.rule}"
+
+
+def _dp_active() -> bool:
+    """A process group with several ranks is initialized (then votes are summed over the ranks at step)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@dataclass(frozen=True)
+class VotePlan:
+    """What one step's integer votes hold, the same on every rank: ``scales`` (group votes into corr_accum; not in
+    the fuse phase), ``trits`` (flip's counter steps; not past the vote horizon), ``trit_max`` (largest |step| of
+    one vote), and the ``scheme`` that computes one micro-batch's votes on a zero scratch state (never carries, and
+    moves no trit unless ``full_range``: vote_max = 127 = the largest theta)."""
+
+    scales: bool
+    trits: bool
+    trit_max: int
+    full_range: bool
+    scheme: formats.Scheme
+
+
+def vote_plan(clock: Clock) -> VotePlan:
+    from .. import schedule
+
+    s = clock.scheme
+    p = s.params
+    trits = "flip_accum" in s.arrays() and (p["gain"] == 0 or schedule.trit_vote_gain(p, clock.step_counter) > 0)
+    trit_max = (p["vote_max"] if p["gain"] > 0 else 1) if trits else 0
+    if "flip_accum" in s.arrays():
+        hi = {n: formats.PARAMS[n].hi for n in ("K", "theta")}
+        scratch = formats.make_scheme(s.format, "flip", K=hi["K"], theta=hi["theta"], gain=p["gain"],
+                                      horizon=p["horizon"], vote_max=p["vote_max"])
+    else:  # average: corr_accum += delta, no carry
+        scratch = formats.make_scheme(s.format, "average")
+    return VotePlan(scales=not clock.fuse_phase, trits=trits, trit_max=trit_max,
+                    full_range=trits and trit_max >= formats.PARAMS["theta"].hi, scheme=scratch)
 
 
 # -- the autograd Functions: the custom ops while dynamo traces, the layer's methods otherwise ---------------

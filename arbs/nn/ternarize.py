@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .. import formats, ops, store
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteError
 from .layers import (
     Clock,
     E1TMEmbedding,
@@ -170,10 +170,26 @@ def enter_fuse_phase_(model: nn.Module) -> dict[str, int]:
 
 
 def step(model: nn.Module) -> int:
-    """End one training step: vote any pending summed gradients, then step_counter += 1. Returns it."""
+    """End one training step: vote any pending summed gradients, then step_counter += 1. Returns it.
+
+    With integer vote sums (inside :func:`micro_batches`, or when torch.distributed is initialized with several
+    ranks: :func:`data_parallel`) the votes every backward kept as integer counts are summed (over the ranks:
+    an exact integer all-reduce) and applied once, the same on every rank. Under torch.distributed, gradients
+    summed inside :func:`accumulate` are all-reduced (float32 SUM) before their one vote."""
     clock = model_clock(model)
-    for m in e1tm_modules(model).values():
+    mods = e1tm_modules(_unwrap_ddp(model, clock))
+    red = _reducer(clock)
+    pending = [m for m in mods.values() if m._grad_sum is not None] if red is not None else []
+    if pending:  # accumulate under torch.distributed: one vote on the ranks' summed float gradient
+        for m in pending:
+            m._grad_sum = m._grad_sum.detach().float().contiguous()
+        red.sum_floats([m._grad_sum for m in pending], "summed float gradients (accumulate)")
+        for m in pending:
+            m.flush(count=False)
+    for m in mods.values():
         m.flush()
+    if (clock.vote_sum or red is not None) and not pending:
+        _apply_vote_sums(mods, clock, red)
     if clock.device_counts is not None or clock.sched is not None:  # state on a GPU
         from . import cuda
 
@@ -182,7 +198,127 @@ def step(model: nn.Module) -> int:
         cuda.write_sched(clock)
     else:
         clock.step_counter += 1
+    if red is not None and red.check_every and clock.step_counter % red.check_every == 0:
+        check_ranks(model)
     return clock.step_counter
+
+
+def _unwrap_ddp(model: nn.Module, clock: Clock) -> nn.Module:
+    """``model``, or the module a DistributedDataParallel wraps, after checking that DDP reduces over the ranks
+    arbs sums the votes over (DDP handles float parameters only; arbs the E1TM votes)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if not isinstance(model, DDP):
+        return model
+    red = _reducer(clock)
+    if red is None:
+        raise ConfigError("the model is wrapped in DistributedDataParallel but no process group with several ranks "
+                          "is active, so arbs cannot sum the E1TM votes; initialize torch.distributed first")
+    import torch.distributed as dist
+
+    ddp_ranks = dist.get_process_group_ranks(model.process_group)
+    arbs_ranks = dist.get_process_group_ranks(red.group or dist.group.WORLD)
+    if sorted(ddp_ranks) != sorted(arbs_ranks):
+        raise ConfigError(
+            f"DistributedDataParallel reduces over ranks {sorted(ddp_ranks)} but arbs sums this model's E1TM votes "
+            f"over ranks {sorted(arbs_ranks)}: the E1TM weights would train on other ranks than the float ones. "
+            "Pass the same group to both: arbs.nn.data_parallel(model, group=...) and DDP(..., process_group=...)")
+    return model.module
+
+
+def _reducer(clock: Clock):
+    """The clock's Reducer: the one :func:`data_parallel` set, else one over the default group when
+    torch.distributed is initialized with several ranks (every rank then sums its votes), else None."""
+    if clock.reducer is None:
+        from .. import distributed
+
+        if distributed.is_active():
+            clock.reducer = distributed.Reducer()
+            clock.vote_sum = True
+    return clock.reducer
+
+
+def _apply_vote_sums(mods: dict[str, E1TMWeight], clock: Clock, red) -> None:
+    """Sum every layer's integer vote counts over the micro-batches (and the ranks) and apply them once."""
+    from .layers import vote_plan
+
+    plan = vote_plan(clock)
+    gs = clock.scheme.gs
+    nonfinite = sum(m._nonfinite for m in mods.values())
+    micro = max((m._micro for m in mods.values()), default=0)
+    for m in mods.values():
+        m._nonfinite = 0
+    counts = [m.take_counts(plan) for m in mods.values()]
+    deltas = [d for d, _ in counts if d is not None]
+    trits = [t for _, t in counts if t is not None]
+    slots = micro
+    if red is not None:
+        if not red.checked:  # before the first update: the ranks start from the same state and rule
+            red.same(state_digest(mods, clock), "integer states at the first step",
+                     hint="Start every rank from the same checkpoint (or the same seed and init)")
+            red.checked = True
+        control = red.sum_ints([np.array([nonfinite, micro], np.int64)], 2**62, "the step's control counts")[0]
+        nonfinite, slots = int(control[0]), int(control[1])
+        deltas = red.sum_ints(deltas, slots * gs, "scale votes (corr_accum deltas)")
+        trits = red.sum_ints(trits, slots * plan.trit_max, "trit votes (flip_accum steps)")
+    if nonfinite:
+        raise NonFiniteError(f"{nonfinite} micro-batch gradient(s) of E1TM weights held NaN/inf at step "
+                             f"{clock.step_counter}; no vote of this step was applied")
+    it_d, it_t = iter(deltas), iter(trits)
+    for m in mods.values():
+        m.apply_counts(next(it_d) if plan.scales else None, next(it_t) if plan.trits else None)
+
+
+def state_digest(model_or_mods, clock: Clock | None = None) -> int:
+    """A 64-bit hash of a model's E1TM integer state, rule, step_counter, seed and fuse phase: what data-parallel
+    ranks compare."""
+    from .. import distributed
+
+    mods = model_or_mods if isinstance(model_or_mods, dict) else e1tm_modules(model_or_mods)
+    clock = clock if clock is not None else next(iter(mods.values())).clock
+    head = repr((clock.scheme, clock.step_counter, clock.seed, clock.fuse_phase)).encode()
+    return distributed.digest([head, *(a for m in mods.values() for a in _cpu_arrays(m).values())])
+
+
+@contextlib.contextmanager
+def micro_batches(model: nn.Module):
+    """Within this block every backward votes on its own gradient into integer counts (one micro-batch each) and
+    ``step(model)`` applies their sum once: N ranks x M micro-batches == 1 rank x N*M, bit for bit. Under
+    torch.distributed with several ranks this is how every step votes anyway (:func:`data_parallel`)."""
+    clock = model_clock(model)
+    before = clock.vote_sum
+    clock.vote_sum = True
+    try:
+        yield
+    finally:
+        clock.vote_sum = before
+
+
+def data_parallel(model: nn.Module, group=None, *, check_every: int | None = None) -> nn.Module:
+    """Sum this model's E1TM votes over the ranks of ``group`` (None: the default process group) at every
+    ``step(model)``, exactly (integer all-reduce), and compare a hash of the ranks' integer state at the first
+    step and every ``check_every`` steps (default ``arbs.distributed.DEFAULT_CHECK_EVERY``; 0: never).
+
+    Without this call the same happens over the default group whenever torch.distributed is initialized with
+    several ranks; call it to pick another group or the check cadence. Float parameters are yours: wrap the
+    model in DistributedDataParallel for them (its process group must be the same). Returns ``model``."""
+    from .. import distributed
+
+    clock = model_clock(model)
+    red = distributed.Reducer(group, **({} if check_every is None else {"check_every": check_every}))
+    clock.reducer = red
+    clock.vote_sum = True
+    return model
+
+
+def check_ranks(model: nn.Module) -> None:
+    """Under data parallelism: DistributedError unless every rank holds the same integer state now."""
+    clock = model_clock(model)
+    red = _reducer(clock)
+    if red is not None:
+        red.same(state_digest(model), f"integer states at step {clock.step_counter}",
+                 hint="the ranks diverged: a rank voted without the all-reduce, or its state was changed outside "
+                      "arbs.nn.step; resume every rank from the last checkpoint")
 
 
 @contextlib.contextmanager
@@ -276,7 +412,7 @@ def save(model: nn.Module, run_dir, *, meta: Mapping | None = None, keep: int | 
     """
     clock = model_clock(model)
     mods = e1tm_modules(model)
-    pending = [n for n, m in mods.items() if getattr(m, "_grad_sum", None) is not None]
+    pending = [n for n, m in mods.items() if m._grad_sum is not None or m._counts is not None]
     if pending:
         raise ConfigError(f"the model has gradients not yet voted on (inside arbs.nn.accumulate?) in {pending[:3]}; "
                           "call arbs.nn.step(model) before saving")

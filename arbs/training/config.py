@@ -21,7 +21,9 @@ SEED_LIMIT = 1 << 63  # seeds are 0 .. 2**63-1 (numpy's SeedSequence and torch.m
 # QAT of its Linear and Embedding layers); the E1TM formats all.
 HF_FLOAT_FORMATS = ("fp32", "absmean")
 RESUMABLE = ("steps", "horizon", "eval_every", "eval_batches", "save_every", "keep", "threads", "device",
-             "cuda_graph", "data", "out", "resume")
+             "cuda_graph", "data", "out", "resume", "micro_batches", "dist_timeout")
+MICRO_BATCH_VOTES = ("sum", "accumulate")  # how a step's micro-batches vote (docs/distributed.md)
+DEFAULT_DIST_TIMEOUT_S = 300  # arbs.distributed.DEFAULT_TIMEOUT_S (this module imports no torch)
 
 
 def _cuda_available() -> bool:
@@ -106,12 +108,20 @@ class TrainConfig:
     warmup: int = 50
     baseline_threshold: float = 0.5  # learned-s/factorized: trits are 0 below this multiple of mean|W|
     threads: int | None = None
+    # micro-batches per step on each rank: the global batch (--batch-size) is split into world size x this many
+    # slots. None: 1 for a new run; on --resume, the run's slot count divided by the world size.
+    micro_batches: int | None = None
+    # sum: each micro-batch votes into integer counts, summed (over the ranks: exact integer all-reduce) and applied
+    # once per step; accumulate: the micro-batches' float gradients are summed (all-reduced) and voted on once
+    micro_batch_votes: str = "sum"
+    dist_timeout: int = DEFAULT_DIST_TIMEOUT_S  # torch.distributed: seconds a collective waits for a dead or hung rank
 
     def __post_init__(self):
         for name, lo in (("steps", 1), ("batch_size", 1), ("eval_every", 1), ("save_every", 1), ("eval_batches", 1),
                          ("seed", 0), ("warmup", 0)):
             _check_int(name, getattr(self, name), lo, SEED_LIMIT if name == "seed" else None)
-        for name, lo in (("context", 2), ("keep", 1), ("threads", 1)):
+        _check_int("dist_timeout", self.dist_timeout, 1)
+        for name, lo in (("context", 2), ("keep", 1), ("threads", 1), ("micro_batches", 1)):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), lo)
         for name in ("lr", "weight_decay", "baseline_threshold"):
@@ -133,6 +143,16 @@ class TrainConfig:
         if self.fuse_phase is not None and not (isinstance(self.fuse_phase, (int, float))
                                                 and 0.0 <= self.fuse_phase <= 1.0):
             raise ConfigError(f"--fuse-phase is a fraction of the steps, 0..1; got {self.fuse_phase!r}")
+        if self.micro_batch_votes not in MICRO_BATCH_VOTES:
+            raise ConfigError(f"--micro-batch-votes must be one of {', '.join(MICRO_BATCH_VOTES)}, "
+                              f"got {self.micro_batch_votes!r}")
+        if self.micro_batches is not None and self.batch_size % self.micro_batches:
+            raise ConfigError(f"--batch-size {self.batch_size} does not split into --micro-batches "
+                              f"{self.micro_batches}; use a multiple of {self.micro_batches}")
+        if (self.device == "cuda" and formats.is_e1tm(self.format) and (self.micro_batches or 1) > 1
+                and self.micro_batch_votes == "sum"):
+            raise ConfigError("--micro-batches > 1 with --micro-batch-votes sum runs on the CPU only in this version; "
+                              "on a GPU use --micro-batch-votes accumulate")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not _cuda_available():
@@ -197,6 +217,11 @@ class TrainConfig:
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("out", "resume")}
         if self.model is None:  # a built-in GPT run records what it did before --model existed
             del d["model"]
+        # how a step is spread over ranks and micro-batches is the launch's, not the run's: the run records its
+        # slot count in meta["micro_batch_slots"]; the vote rule only when not the default
+        del d["micro_batches"], d["dist_timeout"]
+        if self.micro_batch_votes == "sum":
+            del d["micro_batch_votes"]
         if formats.is_e1tm(self.format):
             d.update(self.rule_params(), rule=self.resolved_rule, fuse_phase=self.resolved_fuse_phase)
         return d
@@ -253,7 +278,9 @@ def run_meta(cfg: TrainConfig, corpus_info: dict, hf: dict | None = None) -> dic
     return m
 
 
-IDENTITY_KEYS = ("format", "rule", "rule_params", "preset", "model", "seed", "batch_size", "data")
+# micro_batch_slots / micro_batch_votes: recorded only when a step has several slots (None: one)
+IDENTITY_KEYS = ("format", "rule", "rule_params", "preset", "model", "seed", "batch_size", "data",
+                 "micro_batch_slots", "micro_batch_votes")
 # Rule parameters a resume may change: a schedule, not the model (--resume --steps N --horizon N extends a run).
 RESUME_MAY_CHANGE = ("horizon",)
 
