@@ -40,6 +40,7 @@ class TensorFuse:
     groups: int
     changed: int  # groups whose fused E differs from E
     clipped: int  # groups whose rint(E + Xi) left [-128, 127] and were clipped
+    grid_rel_l2: float | None = None  # --grid: ||W_grid - W_fused|| / ||W_fused|| (the grid's cost)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class FuseReport:
     tensors: tuple[TensorFuse, ...]
     source: str | None = None
     path: str | None = None
+    grid: int | None = None  # weights per shared E along a row when fused onto a coarser grid
 
     @property
     def groups(self) -> int:
@@ -93,14 +95,18 @@ def _require_training(ckpt, action: str) -> formats.Scheme:
     return formats.make_scheme(ckpt.format, ckpt.rule, **(ckpt.rule_params or {}))
 
 
-def fuse_checkpoint(ckpt, *, keep_accum: bool = False):
+def fuse_checkpoint(ckpt, *, keep_accum: bool = False, grid: int | None = None):
     """Fuse a training checkpoint in memory.
 
     Parameters
     ----------
-    ckpt : store.Checkpoint of kind "e1tm", not fused.
+    ckpt : store.Checkpoint of kind "e1tm", not fused (with ``grid``, a fused one is accepted too: its E
+        are moved onto the grid).
     keep_accum : export option A (training state copied unchanged, ``meta["export"] = "keep-accum"``)
         instead of option B (fused ``T_packed`` + ``E`` only).
+    grid : fuse onto a coarser scale grid: every ``grid`` consecutive weights of a row share one E
+        (``ops.fuse_to_grid``; 256 is the block of llama.cpp's TQ1_0/TQ2_0, which then hold the model
+        exactly). ``meta["fused_from"]["grid"]`` records it. Not with ``keep_accum``.
 
     Returns
     -------
@@ -111,16 +117,27 @@ def fuse_checkpoint(ckpt, *, keep_accum: bool = False):
     ------
     ConfigError if ``ckpt`` is already fused or is not an E1TM checkpoint.
     """
+    if grid is not None and keep_accum:
+        raise ConfigError("--grid fuses the scales; it cannot be combined with --keep-accum (which keeps them)")
+    if grid is not None and ckpt.kind == "e1tm" and ckpt.fused:
+        return _regrid(ckpt, grid)
     scheme = _require_training(ckpt, "fused")
+    if grid is not None:
+        ops.grid_groups(scheme.gs, grid)  # ConfigError before any work when the grid does not tile the groups
     step = int(ckpt.step_counter)
     reports = []
     tensors = {}
     for name, ts in ckpt.tensors.items():
         shape = tuple(ts.shape)
         E_fused, st = ops.fuse(ts.arrays, shape, scheme, step)
+        rel = None
+        if grid is not None:
+            E_fused, gst = ops.fuse_to_grid(ts.arrays, shape, scheme, step, block=grid)
+            st = ops.FuseStats(st.groups, gst.clipped, st.changed)
+            rel = gst.rel_l2
         # count real moves: a tie |Xi| = 1/2 rounds half to even, and a clipped group may stay put
         changed = int(np.count_nonzero(E_fused != ts.arrays["E"]))
-        reports.append(TensorFuse(name, shape, st.groups, changed, st.clipped))
+        reports.append(TensorFuse(name, shape, st.groups, changed, st.clipped, rel))
         if st.clipped:
             log.warning("%s: %d group(s) clipped to the int8 range of E while fusing", name, st.clipped)
         if keep_accum:
@@ -140,10 +157,32 @@ def fuse_checkpoint(ckpt, *, keep_accum: bool = False):
             "rule_params": dict(ckpt.rule_params or {}),
             "step_counter": step,
         }
+        if grid is not None:
+            meta["fused_from"]["grid"] = grid
         out = replace(ckpt, fused=True, rule=None, rule_params={}, step_counter=None, tensors=tensors, meta=meta, path=None)
         mode = "fused"
-    report = FuseReport(mode, ckpt.format, ckpt.rule, step, tuple(reports))
+    report = FuseReport(mode, ckpt.format, ckpt.rule, step, tuple(reports), grid=grid)
     log.info("%s %d tensors: %d of %d groups changed E, %d clipped", mode, len(reports), report.changed, report.groups, report.clipped)
+    return out, report
+
+
+def _regrid(ckpt, grid: int):
+    """A fused checkpoint with its E moved onto the ``grid`` (ops.fuse_to_grid with Xi = 0)."""
+    ops.grid_groups(ckpt.gs, grid)
+    src = ckpt.meta.get("fused_from", {}) if isinstance(ckpt.meta, dict) else {}
+    reports, tensors = [], {}
+    for name, ts in ckpt.tensors.items():
+        shape = tuple(ts.shape)
+        E_grid, gst = ops.fuse_to_grid(ts.arrays, shape, None, None, gs=ckpt.gs, block=grid)
+        changed = int(np.count_nonzero(E_grid != ts.arrays["E"]))
+        reports.append(TensorFuse(name, shape, gst.groups, changed, gst.clipped, gst.rel_l2))
+        tensors[name] = store.TensorState(name=name, shape=shape,
+                                          arrays={"T_packed": np.array(ts.arrays["T_packed"], copy=True), "E": E_grid})
+    meta = copy.deepcopy(dict(ckpt.meta or {}))
+    meta.setdefault("fused_from", {})["grid"] = grid
+    out = replace(ckpt, tensors=tensors, meta=meta, path=None)
+    report = FuseReport("fused", ckpt.format, src.get("rule"), int(src.get("step_counter") or 0), tuple(reports),
+                        grid=grid)
     return out, report
 
 
@@ -179,6 +218,7 @@ def fuse_path(
     *,
     keep_accum: bool = False,
     keep: int | None = None,
+    grid: int | None = None,
 ) -> FuseReport:
     """Open the checkpoint at ``src`` (run dir -> LATEST, or a step_<N> dir), fuse it, save it to ``out``.
 
@@ -188,7 +228,8 @@ def fuse_path(
     source's step_counter (a fused checkpoint has no step_counter of its own; N says what it was fused
     from), so fusing the same step twice into one run dir fails: step dirs are never overwritten. Any
     other non-empty directory, a file, and the source's own run dir are refused (ConfigError). The
-    input is never modified. ``keep`` is passed to ``store.save_checkpoint``.
+    input is never modified. ``keep`` is passed to ``store.save_checkpoint``; ``grid`` to
+    :func:`fuse_checkpoint`.
     """
     src_p = Path(src)
     ckpt = store.open_checkpoint(src_p)
@@ -196,7 +237,7 @@ def fuse_path(
     root = _source_root(src_p, ckpt_dir)
     out_dir = default_out(root, keep_accum) if out is None else Path(out)
     _check_out(out_dir, root, ckpt_dir)
-    new, report = fuse_checkpoint(ckpt, keep_accum=keep_accum)
+    new, report = fuse_checkpoint(ckpt, keep_accum=keep_accum, grid=grid)
     with store.run_lock(out_dir):  # one writer per run dir: a second fuse into out_dir gets RunLockedError
         path = store.save_checkpoint(out_dir, new, keep=keep, step=report.step_counter)
     log.info("wrote %s checkpoint to %s", report.mode, path)

@@ -256,3 +256,84 @@ def convert(w: np.ndarray, scheme: formats.Scheme, *, name: str = "tensor") -> t
     err = float(np.linalg.norm(w_eff.astype(np.float64) - w.astype(np.float64)))
     rel = err / norm if norm > 0 else 0.0
     return state, ConvertStats(rel, int((n_nz == 0).sum()), clipped)
+
+
+@dataclass(frozen=True)
+class GridStats:
+    groups: int
+    blocks: int  # grid blocks (block weights of a row; a row's last block may be shorter)
+    changed: int  # groups whose grid E differs from the plain fused E (``fuse``)
+    clipped: int  # blocks whose rounded exponent left [-128, 127]
+    rel_l2: float  # ||W_grid - W_fused|| / ||W_fused||: what the coarser grid costs against the plain fuse
+
+
+def grid_groups(gs: int, block: int) -> int:
+    """Groups per grid block; ConfigError unless ``block`` is a positive multiple of ``gs``."""
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1 or block % gs:
+        raise ConfigError(f"a scale grid of {block!r} weights does not tile groups of gs={gs}: choose a multiple "
+                          f"of {gs} (TQ1_0/TQ2_0 need 256; variants with gs dividing 256: E1TM4/8/16/32/64)")
+    return block // gs
+
+
+def fuse_to_grid(state, shape, scheme: formats.Scheme | None, step_counter: int | None, *, gs: int | None = None,
+                 block: int = 256) -> tuple[np.ndarray, GridStats]:
+    """Fuse scales onto a coarser grid: every ``block`` consecutive weights of a row share one E.
+
+    Per block, with ``E_real = E + Xi`` per group (Xi = 0 for a fused state) and ``n_g`` its non-zero trits,
+    ``E_block = clip(rint(log2(sum_g n_g 2**E_real_g / sum_g n_g)), -128, 127)``: the power of two nearest (in
+    log2) to the L2-optimal common scale of the block's non-zero weights. A block without non-zero trits gets
+    ``rint(mean E_real)``. Every group of the block gets ``E_block``: the result is an E array of the usual
+    (rows, n_groups) shape that TQ1_0/TQ2_0 (one scale per 256 weights) hold exactly when ``block == 256`` and
+    cols is a multiple of 256. Inputs are not modified.
+
+    Parameters
+    ----------
+    state : dict with ``T_packed`` (uint8) and ``E`` (int8) and, for a training state, ``corr_accum`` (int64).
+    shape : the tensor's logical shape.
+    scheme, step_counter : of a training state (Xi from ``scheme.xi_ratio(step_counter)``); None for a fused
+        state, which then needs ``gs``.
+    block : weights per grid block along a row, a multiple of gs.
+
+    Returns
+    -------
+    (E_grid int8 (rows, n_groups), GridStats)
+    """
+    rows, cols = formats.tensor_view(shape)
+    if scheme is not None:
+        check_state(state, shape, scheme)
+        gs = scheme.gs
+        num, den = _checked_xi_ratio(state, scheme, int(step_counter or 0))
+        xi = (num * state["corr_accum"].astype(np.float64) / den) if den else np.zeros(state["E"].shape)
+    else:
+        if gs is None:
+            raise ConfigError("fuse_to_grid of a fused state needs gs")
+        _check(state["T_packed"], "T_packed", np.uint8, formats.array_shape("T_packed", rows, cols, gs))
+        _check(state["E"], "E", np.int8, formats.array_shape("E", rows, cols, gs))
+        xi = np.zeros(state["E"].shape)
+    per = grid_groups(gs, block)
+    E = state["E"]
+    ng = E.shape[1]
+    cols_p = formats.padded_cols(cols, gs)
+    nnz = np.count_nonzero(unpack(state["T_packed"], cols_p).reshape(rows, ng, gs), axis=2)  # (rows, ng)
+    E_real = E.astype(np.float64) + xi  # (rows, ng)
+    nb = -(-ng // per)
+    pad = nb * per - ng
+    Er = np.pad(E_real, ((0, 0), (0, pad))).reshape(rows, nb, per)
+    nr = np.pad(nnz, ((0, 0), (0, pad))).reshape(rows, nb, per).astype(np.float64)
+    real = np.pad(np.ones(E.shape, bool), ((0, 0), (0, pad))).reshape(rows, nb, per)
+    big = np.where(nr > 0, Er, -np.inf).max(axis=2, keepdims=True)  # (rows, nb, 1)
+    big = np.where(np.isfinite(big), big, 0.0)
+    total = nr.sum(axis=2)
+    with np.errstate(divide="ignore"):
+        log_mean = big[..., 0] + np.log2((nr * np.exp2(Er - big)).sum(axis=2) / np.maximum(total, 1))
+    mean_E = (Er * real).sum(axis=2) / real.sum(axis=2)
+    Eb = np.rint(np.where(total > 0, log_mean, mean_E))  # (rows, nb)
+    clipped = int(((Eb < formats.E_MIN) | (Eb > formats.E_MAX)).sum())
+    Eb = np.clip(Eb, formats.E_MIN, formats.E_MAX)
+    E_grid = np.repeat(Eb, per, axis=1)[:, :ng].astype(np.int8)
+    E_plain = np.clip(np.rint(E_real), formats.E_MIN, formats.E_MAX)
+    ref = (nnz * np.exp2(2 * E_plain)).sum()
+    err = (nnz * (np.exp2(E_grid.astype(np.float64)) - np.exp2(E_plain)) ** 2).sum()
+    rel = float(np.sqrt(err / ref)) if ref > 0 else 0.0
+    changed = int(np.count_nonzero(E_grid != E_plain))
+    return E_grid, GridStats(E.size, rows * nb, changed, clipped, rel)

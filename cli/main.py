@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "compare": "compare:compare_cmd",
     "convert": "convert:convert_cmd",
     "fuse": "fuse:fuse_cmd",
+    "export": "export:export_cmd",
     "inspect": "inspect:inspect_cmd",
 }
 

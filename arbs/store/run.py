@@ -34,7 +34,7 @@ import os
 from pathlib import Path
 
 from ..errors import ArbsError, ConfigError, CorruptStoreError, StoreNotFoundError
-from . import durable
+from . import durable, portable
 from .checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from .encoding import is_int
 from .layout import (
@@ -340,7 +340,8 @@ def open_checkpoint(path, *, verify: bool = True, kind: str | None = None) -> Ch
     Parameters
     ----------
     path : str or os.PathLike
-        A checkpoint directory (opened as is), or a run directory: its newest committed checkpoint that
+        A portable E1TM file (``arbs export --to e1tm``; :func:`arbs.store.portable.read_portable`), a
+        checkpoint directory (opened as is), or a run directory: its newest committed checkpoint that
         passes verification (LATEST is only a hint; a newer checkpoint that fails with CorruptStoreError
         is skipped with a warning naming it).
     verify, kind : see :func:`arbs.store.checkpoint.read_checkpoint`.
@@ -353,6 +354,8 @@ def open_checkpoint(path, *, verify: bool = True, kind: str | None = None) -> Ch
         non-canonical ``step_`` name (``step_00005``) raises CorruptStoreError.
     """
     p = Path(path)
+    if portable.is_portable(p):  # a file: the portable E1TM file of 'arbs export --to e1tm'
+        return portable.read_portable(p, kind=kind)
     if _is_checkpoint_dir(p):
         return read_checkpoint(p, verify=verify, kind=kind)
     return _open_newest(p, verify=verify, kind=kind, writer=False)
