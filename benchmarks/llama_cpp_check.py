@@ -97,8 +97,24 @@ def main(argv=None) -> int:
     ap.add_argument("--gen", type=int, default=64, help="bytes to generate for the timing")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+    ap.add_argument("--extra-bufts", action="store_true",
+                    help="let llama.cpp use its CPU extra buffer types (weight repacking, AMX). Off by default: on "
+                         "this AMX_INT8 CPU with llama-cpp-python 0.3.36 they segfault on q4_0/q8_0 models, llama.cpp's "
+                         "own quantization of the same bf16 file included")
     a = ap.parse_args(argv)
+    import llama_cpp
     from llama_cpp import Llama
+
+    if not a.extra_bufts:
+        default_params = llama_cpp.llama_model_default_params
+
+        def without_extra_bufts():
+            p = default_params()
+            p.use_extra_bufts = False
+            return p
+
+        llama_cpp.llama_model_default_params = without_extra_bufts
+        llama_cpp.llama.llama_cpp.llama_model_default_params = without_extra_bufts
 
     torch.set_num_threads(a.threads)
     out = Path(a.out)
