@@ -26,14 +26,13 @@ import dataclasses
 import logging
 import lzma
 import os
-import secrets
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import formats, store
+from .store import durable
 from .errors import ConfigError
 from .fuse import checkpoint_weights, fuse_checkpoint
 from .models import hf
@@ -323,59 +322,6 @@ def _transformers():
 # output paths: refuse existing ones unless forced; write beside, move into place
 
 
-def _check_out(out: Path, force: bool, *, directory: bool) -> None:
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise ConfigError(f"output '{out}' exists; choose another path or pass --force to replace it")
-        if directory != out.is_dir():
-            raise ConfigError(f"output '{out}' exists and is {'not ' if directory else ''}a directory; "
-                              f"--to {'hf writes a directory' if directory else 'gguf/e1tm write one file'}: "
-                              "choose another path")
-    if not out.parent.is_dir():
-        raise ConfigError(f"the directory of output '{out}' does not exist ('{out.parent}'); create it first")
-
-
-def _tmp_sibling(out: Path) -> Path:
-    return out.parent / f"{store.TMP_PREFIX}export-{out.name}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def _place_file(tmp: Path, out: Path, force: bool) -> None:
-    from .store import durable
-
-    durable.fsync_path(tmp)
-    if force:
-        os.replace(tmp, out)
-    else:
-        try:
-            os.link(tmp, out)
-        except FileExistsError:
-            raise ConfigError(f"output '{out}' appeared while exporting; nothing was replaced") from None
-        os.unlink(tmp)
-    durable.fsync_dir(out.parent)
-
-
-def _place_dir(tmp: Path, out: Path, force: bool) -> None:
-    from .store import durable
-
-    durable.fsync_tree(tmp)
-    if out.exists():
-        if not force:
-            raise ConfigError(f"output '{out}' appeared while exporting; nothing was replaced")
-        durable.remove_dir(out)
-    os.rename(tmp, out)
-    durable.fsync_dir(out.parent)
-
-
-def _cleanup(tmp: Path) -> None:
-    if tmp.is_dir():
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-
-
 # --------------------------------------------------------------------------------------------------------
 # the three targets
 
@@ -399,7 +345,7 @@ def export(src, out, *, to: str, type: str | None = None, force: bool = False, f
         if to != "gguf":
             raise ConfigError(f"--type applies to --to gguf; --to {to} has no types")
     out_p = Path(out)
-    _check_out(out_p, force, directory=to == "hf")
+    durable.check_output(out_p, force, directory=to == "hf")
     m = load_model(src, fuse=fuse, grid=grid)
     if to == "e1tm":
         return _export_e1tm(m, out_p, force)
@@ -469,7 +415,7 @@ def _export_hf(m: _Model, out: Path, force: bool) -> ExportReport:
     if missing or unexpected:  # a mapping bug, not an input error
         raise AssertionError(f"HF state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model = model.to(dtype)
-    tmp = _tmp_sibling(out)
+    tmp = durable.tmp_sibling(out, "export")
     try:
         tmp.mkdir()
         model.save_pretrained(tmp, safe_serialization=True)
@@ -491,9 +437,9 @@ def _export_hf(m: _Model, out: Path, force: bool) -> ExportReport:
             bad = [t.name for t in tensors if not t.exact]
             raise AssertionError(f"written tensors differ from the model's weights: {bad[:5]}")
         nbytes = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
-        _place_dir(tmp, out, force)
+        durable.place(tmp, out, force)
     except BaseException:
-        _cleanup(tmp)
+        durable.discard(tmp)
         raise
     return _report(m, "hf", out, nbytes, tensors=tuple(tensors), dtype="bfloat16" if exact_bf16 else "float32")
 
@@ -723,7 +669,7 @@ def _export_gguf(m: _Model, out: Path, force: bool, type: str | None, allow_loss
                f"{type},q4_0)" if shape_only else
                "\nOmit --type to give each tensor the smallest exact type, or pass --allow-lossy to quantize anyway "
                "(the error of each tensor is reported)"))
-    tmp = _tmp_sibling(out)
+    tmp = durable.tmp_sibling(out, "export")
     tensors = []
     try:
         w = gguf.GGUFWriter(os.fspath(tmp), "llama")
@@ -761,9 +707,9 @@ def _export_gguf(m: _Model, out: Path, force: bool, type: str | None, allow_loss
         w.write_tensors_to_file()
         w.close()
         nbytes = tmp.stat().st_size
-        _place_file(tmp, out, force)
+        durable.place(tmp, out, force)
     except BaseException:
-        _cleanup(tmp)
+        durable.discard(tmp)
         raise
     lossy = [t for t in tensors if not t.exact]
     if lossy:

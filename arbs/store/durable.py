@@ -9,7 +9,7 @@ import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..errors import CorruptStoreError
+from ..errors import ConfigError, CorruptStoreError
 from .layout import TMP_PREFIX
 
 _FSYNC_THREADS = 16
@@ -101,3 +101,65 @@ def replace_durable(path: Path, data: bytes) -> None:
             pass
         raise
     fsync_dir(path.parent)
+
+
+# --------------------------------------------------------------------------------------------------------
+# outputs a command creates (export): built beside their final path, then placed whole
+
+
+def tmp_sibling(out: Path, tag: str) -> Path:
+    """A fresh ``.tmp-`` path beside ``out`` to build it in (the run's writer removes stale ones)."""
+    out = Path(out)
+    return out.parent / f"{TMP_PREFIX}{tag}-{out.name}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def check_output(out: Path, replace: bool, *, directory: bool) -> None:
+    """ConfigError unless ``out`` may be written: absent (or ``replace`` and of the same kind), parent present."""
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        if not replace:
+            raise ConfigError(f"output '{out}' exists; choose another path or pass --force to replace it")
+        if directory != out.is_dir():
+            raise ConfigError(f"output '{out}' exists and is {'not ' if directory else ''}a directory; "
+                              f"expected {'a directory' if directory else 'one file'}: choose another path")
+    if not out.parent.is_dir():
+        raise ConfigError(f"the directory of output '{out}' does not exist ('{out.parent}'); create it first")
+
+
+def place(tmp: Path, out: Path, replace: bool) -> None:
+    """Move the finished file or directory ``tmp`` to ``out`` durably (fsynced first, parent fsynced after).
+
+    Without ``replace`` an ``out`` that appeared meanwhile is never clobbered (a file is hard-linked into
+    place, which fails if ``out`` exists): ConfigError. A crash leaves the old ``out`` or the new one.
+    """
+    tmp, out = Path(tmp), Path(out)
+    if tmp.is_dir():
+        fsync_tree(tmp)
+        if out.exists():
+            if not replace:
+                raise ConfigError(f"output '{out}' appeared while it was being written; nothing was replaced")
+            remove_dir(out)
+        os.rename(tmp, out)
+    else:
+        fsync_path(tmp)
+        if replace:
+            os.replace(tmp, out)
+        else:
+            try:
+                os.link(tmp, out)
+            except FileExistsError:
+                raise ConfigError(f"output '{out}' appeared while it was being written; nothing was replaced") from None
+            os.unlink(tmp)
+    fsync_dir(out.parent)
+
+
+def discard(tmp: Path) -> None:
+    """Remove an unfinished ``tmp`` output (file or directory), ignoring what is already gone."""
+    tmp = Path(tmp)
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass

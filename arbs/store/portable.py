@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import struct
 from pathlib import Path
 
@@ -31,7 +30,6 @@ from .. import formats
 from ..errors import ConfigError, CorruptStoreError, FormatVersionError, StoreNotFoundError
 from . import durable
 from .checkpoint import Checkpoint, TensorState, check_checkpoint
-from .layout import TMP_PREFIX
 
 PORTABLE_VERSION = 1
 MAX_BYTES = 1 << 40  # what a reader accepts: far above any model arbs trains, below what hangs a machine
@@ -89,26 +87,14 @@ def write_portable(path, ckpt: Checkpoint, *, overwrite: bool = False) -> int:
     """
     p = Path(path)
     data = portable_bytes(ckpt)
-    if p.exists() and not overwrite:
-        raise ConfigError(f"output '{p}' exists; choose another path or pass --force to replace it")
-    tmp = p.parent / f"{TMP_PREFIX}{p.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    durable.check_output(p, overwrite, directory=False)
+    tmp = durable.tmp_sibling(p, "e1tm")
     try:
         durable.write_durable(tmp, data, "xb")
-        if overwrite:
-            os.replace(tmp, p)
-        else:
-            try:
-                os.link(tmp, p)  # fails if p appeared meanwhile: never clobbers
-            except FileExistsError:
-                raise ConfigError(f"output '{p}' exists; choose another path or pass --force to replace it") from None
-            os.unlink(tmp)
+        durable.place(tmp, p, overwrite)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        durable.discard(tmp)
         raise
-    durable.fsync_dir(p.parent)
     return len(data)
 
 
