@@ -1,7 +1,8 @@
 """torch.distributed glue for data-parallel E1TM training: exact integer vote sums across ranks.
 
 Votes are small integers, so ranks SUM them exactly (``dist.all_reduce`` on int8/int32/int64 tensors, never
-float, never AVG): the result does not depend on the reduction order and every rank applies the same update.
+float, never AVG): the result does not depend on the reduction order and every rank applies the same update, by
+default the mean vote (:func:`mean_votes`: the sum divided by the slot count, rounded by a counter-based hash).
 :class:`Reducer` is what ``arbs.nn.step`` and the training loop call: it picks a wire dtype wide enough for the
 largest possible sum (:func:`wire_dtype`), records the bytes it sends, compares hashes of the ranks' states, and
 turns a failed collective (a rank died, hung past the timeout, lost its connection) into a
@@ -63,6 +64,45 @@ def slot_seed(seed: int, slot: int) -> int:
     if slot == 0:
         return seed
     return schedule.mix64(seed ^ ((slot * schedule.GOLDEN64) & ((1 << 64) - 1)))
+
+
+def mean_votes(sums: np.ndarray, slots: int, key: int) -> np.ndarray:
+    """The mean vote: integer vote sums over ``slots`` micro-batch slots divided by ``slots``, stochastically
+    rounded, so a step moves the state as far as one vote does on average whatever the slot count.
+
+    Each element ``s = q * slots + r`` (``0 <= r < slots``) becomes ``q + 1`` when its draw
+    ``h = mix64(key ^ (i * GOLDEN64 mod 2**64))`` (i: its C-order index) has ``h mod slots < r``, else ``q``: the
+    expectation is ``s / slots`` (up to ``slots / 2**64``), the result lies between ``floor(s / slots)`` and
+    ``ceil(s / slots)``, and it is a pure function of (the sum, slots, key): identical on every rank and in every
+    layout with the same slot count. ``slots == 1`` returns the sums unchanged. ``key``:
+    ``schedule.mean_vote_key(seed, tensor, step_counter, part)``.
+
+    Parameters
+    ----------
+    sums : integer array, any shape: the exact vote sums (not modified).
+    slots : int >= 1: the step's micro-batch slot count (world size x micro-batches).
+    key : int, 0 <= key < 2**64.
+
+    Returns
+    -------
+    int64 array of ``sums``' shape (a new array).
+    """
+    if slots < 1:
+        raise ValueError(f"slots must be >= 1, got {slots}")
+    s = np.asarray(sums).astype(np.int64)  # a copy
+    if slots == 1 or s.size == 0:
+        return s
+    q, r = np.divmod(s, np.int64(slots))  # floor division: 0 <= r < slots, also for negative sums
+    i = np.arange(s.size, dtype=np.uint64).reshape(s.shape)
+    h = _mix64_array(np.uint64(key) ^ (i * np.uint64(schedule.GOLDEN64)))
+    return q + ((h % np.uint64(slots)) < r.astype(np.uint64))
+
+
+def _mix64_array(x: np.ndarray) -> np.ndarray:
+    """schedule.mix64 on a uint64 array (arithmetic wraps mod 2**64)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 def slot_rows(batch_size: int, slots: int, slot: int) -> slice:

@@ -54,3 +54,15 @@ def vote_key(seed: int, tensor: int, step_counter: int) -> int:
     draws u = (mix64(key ^ (i * GOLDEN64 mod 2**64)) >> 40) / 2**24. No RNG state is stored, so a
     resumed run draws the same numbers. (The GPU kernel gets vote_base and mixes in the step itself.)"""
     return mix64(vote_base(seed, tensor) ^ step_counter)
+
+
+# Salts that separate the mean vote's rounding draws (arbs.distributed.mean_votes) from every vote's own draws:
+# one stream for the scale votes (corr_accum deltas), one for flip's counter steps.
+MEAN_VOTE_SALTS = {"scales": 0x5CA1E5D1F0E2A7B3, "trits": 0x7E1757E9C0A4D1B5}
+
+
+def mean_vote_key(seed: int, tensor: int, step_counter: int, part: str) -> int:
+    """Counter-based key of the stochastic rounding that divides one tensor's summed votes (``part``: "scales" or
+    "trits") by the step's slot count: ``mix64(vote_key(seed, tensor, step_counter) ^ MEAN_VOTE_SALTS[part])``.
+    Element i of the count array (C order) draws ``mix64(key ^ (i * GOLDEN64 mod 2**64))``. No RNG state."""
+    return mix64(vote_key(seed, tensor, step_counter) ^ MEAN_VOTE_SALTS[part])

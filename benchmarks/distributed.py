@@ -6,11 +6,13 @@ does to learning (issue 16; docs/distributed.md).
    all-reduce of the same model's weights.
 2. CPU step time at equal global batch: 1 process (1 micro-batch; 2 micro-batches) vs 2 ranks x 1 micro-batch
    (one thread per process), from ``arbs.training.train``'s ms_per_step.
-3. Learning at equal global batch (--batch-size, split into 2 micro-batches): integer-vote sum vs one vote on the
-   summed float gradient (``accumulate``), validation loss per seed; and 2 ranks x 1 == 1 rank x 2 (same final
-   loss expected: the states are bit-identical).
+3. Learning at equal global batch (--batch-size, split into 2 micro-batches): the integer mean vote (the sum
+   divided by the slot count, stochastically rounded), the plain integer sum, and one vote on the summed float
+   gradient (``accumulate``), validation loss per seed; and 2 ranks x 1 == 1 rank x 2 for the first of --votes that
+   is an integer rule (same final loss expected: the states are bit-identical).
 
-    python benchmarks/distributed.py [--steps 300] [--seeds 0 1] [--time-steps 30] [--out /tmp/arbs_dp_bench]
+    python benchmarks/distributed.py [--steps 300] [--seeds 0 1] [--time-steps 30] [--votes mean sum accumulate]
+        [--parts bytes time learn] [--out /tmp/arbs_dp_bench]
 """
 
 import argparse
@@ -93,6 +95,10 @@ def main() -> None:
     ap.add_argument("--time-steps", type=int, default=30, help="steps of each step-time run")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--votes", nargs="+", default=["mean", "sum", "accumulate"],
+                    choices=["mean", "sum", "accumulate"], help="--micro-batch-votes rules of the learning comparison")
+    ap.add_argument("--parts", nargs="+", default=["bytes", "time", "learn"], choices=["bytes", "time", "learn"],
+                    help="which measurements to run")
     ap.add_argument("--out", default=None, help="directory for the runs (default: a temporary one)")
     a = ap.parse_args()
     tmp = Path(a.out or tempfile.mkdtemp(prefix="arbs_dp_bench_"))
@@ -101,7 +107,16 @@ def main() -> None:
     print(f"torch {torch.__version__}, gloo, CPU, {os.cpu_count()} cores, one thread per process; tiny preset, "
           f"E1TM32; global batch {a.batch_size} x 128 bytes")
 
-    # 1. bytes on the wire
+    if "bytes" in a.parts:
+        _bytes(tmp)
+    if "time" in a.parts:
+        _time(a, tmp)
+    if "learn" in a.parts:
+        _learn(a, tmp)
+
+
+def _bytes(tmp: Path) -> None:
+    """1. bytes on the wire"""
     bout = tmp / "bytes.json"
     mp.start_processes(_bytes_worker, args=(2, _port(), str(bout)), nprocs=2, join=True, start_method="spawn")
     rows = json.loads(bout.read_text())
@@ -114,7 +129,9 @@ def main() -> None:
         what = "; ".join(f"{s[0]} ({s[1]}: {s[2]})" for s in sent)
         print(f"| {rule} | {what} | {total} | {total / n:.4f} | {4 * n} | {2 * n} |")
 
-    # 2. step time at equal global batch
+
+def _time(a, tmp: Path) -> None:
+    """2. step time at equal global batch"""
     base = dict(format="E1TM32", batch_size=a.batch_size, eval_every=10**6, eval_batches=1, save_every=10**6,
                 threads=1, steps=a.time_steps)
     print(f"\n## CPU step time, equal global batch {a.batch_size}, {a.time_steps} steps (first step left out)")
@@ -127,25 +144,34 @@ def main() -> None:
             ms = _two_ranks(cfg, tmp)["ms_per_step"] if world == 2 else train(TrainConfig(**cfg)).ms_per_step
             print(f"| {label} | {rule} | {ms:.1f} |")
 
-    # 3. learning at equal global batch
+
+def _learn(a, tmp: Path) -> None:
+    """3. learning at equal global batch"""
+    names = {"mean": "integer mean vote", "sum": "integer-vote sum", "accumulate": "vote on summed gradient"}
+    ints = [v for v in a.votes if v != "accumulate"]
     print(f"\n## validation loss (nats/byte) after {a.steps} steps, flip, global batch {a.batch_size} in 2 "
           "micro-batches")
-    print("| seed | integer-vote sum | vote on summed gradient (accumulate) | 2 ranks x 1 (sum) |")
-    print("|---|---|---|---|")
+    cols = [names[v] + f" ({v})" for v in a.votes] + ([f"2 ranks x 1 ({ints[0]})"] if ints else [])
+    print("| seed | " + " | ".join(cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
     learn = dict(format="E1TM32", rule="flip", batch_size=a.batch_size, eval_every=a.steps, eval_batches=16,
                  save_every=a.steps, threads=1, steps=a.steps, micro_batches=2)
-    res = {"sum": [], "accumulate": []}
+    res = {v: [] for v in a.votes}
     for seed in a.seeds:
         row = {}
-        for votes in ("sum", "accumulate"):
+        for votes in a.votes:
             cfg = learn | {"seed": seed, "micro_batch_votes": votes, "out": str(tmp / f"learn_{votes}_{seed}")}
             row[votes] = train(TrainConfig(**cfg)).val_loss
             res[votes].append(row[votes])
-        two = "-"
-        if seed == a.seeds[0]:
-            cfg = learn | {"seed": seed, "micro_batches": 1, "out": str(tmp / f"learn_2ranks_{seed}")}
-            two = f"{_two_ranks(cfg, tmp)['val_loss']:.4f}"
-        print(f"| {seed} | {row['sum']:.4f} | {row['accumulate']:.4f} | {two} |")
+        cells = [f"{row[v]:.4f}" for v in a.votes]
+        if ints:
+            two = "-"
+            if seed == a.seeds[0]:
+                cfg = learn | {"seed": seed, "micro_batches": 1, "micro_batch_votes": ints[0],
+                               "out": str(tmp / f"learn_2ranks_{seed}")}
+                two = f"{_two_ranks(cfg, tmp)['val_loss']:.4f}"
+            cells.append(two)
+        print(f"| {seed} | " + " | ".join(cells) + " |", flush=True)
     for votes, v in res.items():
         spread = f" (spread over seeds {max(v) - min(v):.4f})" if len(v) > 1 else ""
         print(f"mean {votes}: {statistics.mean(v):.4f}{spread}")

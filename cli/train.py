@@ -40,11 +40,12 @@ _D = TrainConfig()
               help="--device cuda with carry/flip: replay each step (forward, backward, votes) from one CUDA graph; "
               "the same kernels and integers, without Python per layer.")
 @data_parallel_options
-@click.option("--micro-batch-votes", type=click.Choice(["sum", "accumulate"]), default=_D.micro_batch_votes,
-              show_default=True,
-              help="E1TM with several micro-batch slots per step: 'sum' votes on each slot's gradient and sums the "
-                   "integer votes (exact over ranks: N ranks x M == 1 rank x N*M, bit for bit); 'accumulate' sums the "
-                   "float gradients (all-reduced) and votes once.")
+@click.option("--micro-batch-votes", type=click.Choice(["mean", "sum", "accumulate"]),
+              default=_D.micro_batch_votes, show_default=True,
+              help="E1TM with several micro-batch slots per step: 'mean' votes on each slot's gradient, sums the "
+                   "integer votes exactly (over ranks too: N ranks x M == 1 rank x N*M, bit for bit) and divides the "
+                   "sum by the slot count with deterministic stochastic rounding; 'sum' applies the sum undivided; "
+                   "'accumulate' sums the float gradients (all-reduced) and votes once.")
 @click.option("--dist-timeout", type=int, default=_D.dist_timeout, show_default=True,
               help="torch.distributed: seconds a rank waits for a dead or hung one before it stops with an error.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document with the result on stdout.")

@@ -1,4 +1,5 @@
-"""Data-parallel training (issue 16): integer vote sums over micro-batches and over torch.distributed ranks (gloo, CPU).
+"""Data-parallel training (issue 16): integer vote sums over micro-batches and over torch.distributed ranks (gloo, CPU),
+applied as the mean vote (the exact sum divided by the slot count, rounded by a counter-based hash).
 
 The central property: N ranks x M micro-batches == 1 rank x N*M micro-batches, bit for bit, for every rule,
 across a save at one world size and a resume at another. Multi-process parts start 2 processes (spawn, or
@@ -20,7 +21,7 @@ import torch.multiprocessing as mp
 from click.testing import CliRunner
 
 import arbs.nn as arbs_nn
-from arbs import distributed, store
+from arbs import distributed, schedule, store
 from arbs.errors import ConfigError
 from arbs.training import train
 from arbs.training.config import TrainConfig, resume_config
@@ -77,16 +78,90 @@ def _gpt(rule, **params):
     return arbs_nn.ternarize_(model, "E1TM32", rule, seed=5, **params)
 
 
-def _train_nn(model, steps, micro, *, sum_votes):
+def _train_nn(model, steps, micro, *, votes):
+    """``steps`` steps of 4 sequences in ``micro`` micro-batches; votes: "mean", "sum" or "accumulate"."""
     for s in range(steps):
         x = torch.randint(0, 256, (4, 17), generator=torch.Generator().manual_seed(s))
         n = 4 // micro
-        with arbs_nn.micro_batches(model) if sum_votes else arbs_nn.accumulate(model):
+        with (arbs_nn.accumulate(model) if votes == "accumulate" else
+              arbs_nn.micro_batches(model, mean=votes == "mean")):
             for m in range(micro):
                 _, loss = model(x[m * n:(m + 1) * n, :-1], x[m * n:(m + 1) * n, 1:])
                 loss.backward()
             arbs_nn.step(model)
     return arbs_nn.tensor_states(model)
+
+
+# -- the mean vote ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("slots", [2, 3, 4, 7])
+def test_mean_votes_round_stochastically_without_bias(slots):
+    """Every residue of s / slots, positive and negative: each result is floor or ceil of s / slots, multiples
+    divide exactly, and the mean over many elements is s / slots (a floor, a round-to-nearest, or draws that ignore
+    the residue all fail this)."""
+    n = 60_000
+    for s in range(-2 * slots - 1, 2 * slots + 2):
+        out = distributed.mean_votes(np.full(n, s, np.int64), slots, schedule.mean_vote_key(3, 1, 9, "trits"))
+        assert out.dtype == np.int64 and out.shape == (n,)
+        lo = s // slots
+        assert set(np.unique(out)) <= {lo, lo + 1}, (s, np.unique(out))
+        if s % slots == 0:
+            assert (out == s // slots).all()
+        # binomial: 5 standard deviations of the fraction rounded up
+        frac = (out - lo).mean()
+        p = s / slots - lo
+        assert abs(frac - p) <= 5 * np.sqrt(p * (1 - p) / n) + 1e-12, (s, frac, p)
+
+
+def test_mean_votes_are_a_pure_function_of_sum_slots_and_key():
+    sums = np.arange(-40, 40, dtype=np.int64).reshape(8, 10)
+    key = schedule.mean_vote_key(0, 2, 5, "scales")
+    a = distributed.mean_votes(sums, 4, key)
+    assert np.array_equal(a, distributed.mean_votes(sums.astype(np.int32), 4, key))  # dtype in: no matter
+    assert a.shape == sums.shape and np.array_equal(sums, np.arange(-40, 40).reshape(8, 10))  # input untouched
+    assert np.array_equal(distributed.mean_votes(sums, 1, key), sums)  # one slot: the plain vote
+    # other draws for another step, tensor or part; never the same stream as the votes' own key
+    others = [schedule.mean_vote_key(0, 2, 6, "scales"), schedule.mean_vote_key(0, 3, 5, "scales"),
+              schedule.mean_vote_key(0, 2, 5, "trits"), schedule.mean_vote_key(1, 2, 5, "scales")]
+    assert all(not np.array_equal(a, distributed.mean_votes(sums, 4, k)) for k in others)
+    assert key != schedule.vote_key(0, 2, 5)
+
+
+def _rounded(summed, slots, seed, tensor, step, part):
+    return distributed.mean_votes(summed, slots, schedule.mean_vote_key(seed, tensor, step, part))
+
+
+@pytest.mark.parametrize("rule,params,array,part", [
+    ("average", {}, "corr_accum", "scales"),               # average: corr_accum += delta, no carry
+    ("flip", {"theta": 127, "horizon": 4}, "flip_accum", "trits"),  # no counter reaches theta in one step
+])
+def test_a_mean_vote_step_applies_the_rounded_mean_of_the_summed_votes(rule, params, array, part):
+    """One step of 4 micro-batches: the state moves by mean_votes(the plain sum's move, 4, key(seed, tensor_index,
+    step, part)) in every tensor, and by at most one vote's reach."""
+    torch.set_num_threads(1)
+    start = arbs_nn.tensor_states(_gpt(rule, **params))
+    summed = _train_nn(_gpt(rule, **params), 1, 4, votes="sum")
+    model = _gpt(rule, **params)
+    mean = _train_nn(model, 1, 4, votes="mean")
+    index = {f"{n}.weight": m.tensor_index for n, m in arbs_nn.e1tm_modules(model).items()}
+    reach = 32 if part == "scales" else 3  # gs; vote_max
+    moved = 0
+    for name, (_, a0) in start.items():
+        s = summed[name][1][array].astype(np.int64) - a0[array]
+        got = mean[name][1][array].astype(np.int64) - a0[array]
+        want = _rounded(s, 4, 5, index[name], 0, part)
+        assert np.array_equal(got, want), (name, int((got != want).sum()))
+        assert np.abs(got).max() <= reach
+        moved += int(np.abs(s).sum() > np.abs(got).sum())
+    assert moved  # the sum moves farther than the mean: the division is applied
+
+
+@pytest.mark.parametrize("rule,params", [*RULES.items(), ("flip", {"gain": 0})])
+def test_mean_and_sum_differ_with_several_micro_batches(rule, params):
+    torch.set_num_threads(1)
+    a = _train_nn(_gpt(rule, **params), 2, 2, votes="mean")
+    b = _train_nn(_gpt(rule, **params), 2, 2, votes="sum")
+    assert any(not np.array_equal(a[n][1][k], b[n][1][k]) for n in a for k in a[n][1])
 
 
 @pytest.mark.parametrize("rule,params", [*RULES.items(), ("flip", {"gain": 0}),
@@ -95,17 +170,18 @@ def test_one_micro_batch_of_vote_sums_is_the_plain_vote(rule, params):
     """The cut between 'votes of a micro-batch' and 'apply the summed votes' changes nothing for one micro-batch
     (vote_max 127 included: the scratch vote may move a trit there)."""
     torch.set_num_threads(1)
-    plain = _train_nn(_gpt(rule, **params), 3, 1, sum_votes=False)
-    summed = _train_nn(_gpt(rule, **params), 3, 1, sum_votes=True)
-    for name, (_, arrays) in plain.items():
-        for k, a in arrays.items():
-            assert np.array_equal(a, summed[name][1][k]), (name, k)
+    plain = _train_nn(_gpt(rule, **params), 3, 1, votes="accumulate")
+    for votes in ("mean", "sum"):
+        counted = _train_nn(_gpt(rule, **params), 3, 1, votes=votes)
+        for name, (_, arrays) in plain.items():
+            for k, a in arrays.items():
+                assert np.array_equal(a, counted[name][1][k]), (votes, name, k)
 
 
 def test_vote_sums_differ_from_one_vote_on_the_summed_gradient():
     torch.set_num_threads(1)
-    a = _train_nn(_gpt("flip"), 2, 2, sum_votes=True)
-    b = _train_nn(_gpt("flip"), 2, 2, sum_votes=False)
+    a = _train_nn(_gpt("flip"), 2, 2, votes="mean")
+    b = _train_nn(_gpt("flip"), 2, 2, votes="accumulate")
     assert any(not np.array_equal(a[n][1][k], b[n][1][k]) for n in a for k in a[n][1])
 
 
@@ -182,7 +258,8 @@ def test_two_ranks_equal_one_rank_with_two_micro_batches_across_save_and_resume(
     train(TrainConfig(**SMALL, rule=rule, **params, steps=4, micro_batches=2, data=text, out=str(ref)))
     run = root / f"dp2_{rule}"
     assert not _same_arrays(checkpoint_arrays(run / "step_2"), checkpoint_arrays(ref / "step_2"))
-    assert store.open_checkpoint(run).meta["micro_batch_slots"] == 2
+    meta = store.open_checkpoint(run).meta
+    assert meta["micro_batch_slots"] == 2 and meta["micro_batch_votes"] == "mean"
     train(resume_config(run, steps=4, threads=1))
     assert not _same_arrays(checkpoint_arrays(run / "step_4"), checkpoint_arrays(ref / "step_4"))
 
@@ -258,3 +335,21 @@ def test_cli_micro_batches_trains_and_resume_checks_the_slot_count(tmp_path, tex
     assert r.exit_code == 1 and "votes on 2 micro-batch slot(s)" in r.stderr and "--micro-batches 2" in r.stderr
     r = CliRunner().invoke(main, [*args, "--steps", "2", "--micro-batches", "3"])
     assert r.exit_code == 1 and "multiple of 3" in r.stderr
+
+
+def test_a_sum_run_resumes_with_the_sum_and_a_legacy_record_without_the_rule_too(tmp_path, text, monkeypatch):
+    """--micro-batch-votes sum stays the run's rule on resume, also for a run recorded when sum was the default (its
+    config left the rule out; its identity, meta["micro_batch_votes"], has it)."""
+    run = tmp_path / "run"
+    train(TrainConfig(**SMALL, rule="carry", steps=1, micro_batches=2, micro_batch_votes="sum", data=text,
+                      out=str(run)))
+    assert resume_config(run, steps=2).micro_batch_votes == "sum"
+    real = store.open_checkpoint
+
+    def legacy(*args, **kwargs):
+        ck = real(*args, **kwargs)
+        del ck.meta["config"]["micro_batch_votes"]
+        return ck
+
+    monkeypatch.setattr(store, "open_checkpoint", legacy)
+    assert resume_config(run, steps=2).micro_batch_votes == "sum"

@@ -59,6 +59,9 @@ class Clock:
     # integer vote sums (micro_batches(model), data_parallel): each backward's votes are kept as integer counts
     # (E1TMWeight._counts) and step() applies their sum (all-reduced over the ranks by ``reducer``) once
     vote_sum: bool = False
+    # ... and divides that sum by the step's slot count S with stochastic rounding (arbs.distributed.mean_votes):
+    # the mean vote, which moves the state as far per step as one vote; False: the plain sum (S times as far)
+    vote_mean: bool = True
     reducer: object | None = field(default=None, repr=False)  # arbs.distributed.Reducer, or None: one process
 
 

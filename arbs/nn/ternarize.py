@@ -174,7 +174,8 @@ def step(model: nn.Module) -> int:
 
     With integer vote sums (inside :func:`micro_batches`, or when torch.distributed is initialized with several
     ranks: :func:`data_parallel`) the votes every backward kept as integer counts are summed (over the ranks:
-    an exact integer all-reduce) and applied once, the same on every rank. Under torch.distributed, gradients
+    an exact integer all-reduce), divided by the slot count for the mean vote (the default) and applied once,
+    the same on every rank. Under torch.distributed, gradients
     summed inside :func:`accumulate` are all-reduced (float32 SUM) before their one vote."""
     clock = model_clock(model)
     mods = e1tm_modules(_unwrap_ddp(model, clock))
@@ -239,7 +240,8 @@ def _reducer(clock: Clock):
 
 
 def _apply_vote_sums(mods: dict[str, E1TMWeight], clock: Clock, red) -> None:
-    """Sum every layer's integer vote counts over the micro-batches (and the ranks) and apply them once."""
+    """Sum every layer's integer vote counts over the micro-batches (and the ranks), divide them by the slot count
+    (``clock.vote_mean``) and apply them once."""
     from .layers import vote_plan
 
     plan = vote_plan(clock)
@@ -264,9 +266,26 @@ def _apply_vote_sums(mods: dict[str, E1TMWeight], clock: Clock, red) -> None:
     if nonfinite:
         raise NonFiniteError(f"{nonfinite} micro-batch gradient(s) of E1TM weights held NaN/inf at step "
                              f"{clock.step_counter}; no vote of this step was applied")
+    if clock.vote_mean and slots > 1:  # the mean vote: the exact sums divided by S, rounded by the counter hash
+        deltas, trits = _mean_votes(mods, clock, slots, deltas, trits, plan)
     it_d, it_t = iter(deltas), iter(trits)
     for m in mods.values():
         m.apply_counts(next(it_d) if plan.scales else None, next(it_t) if plan.trits else None)
+
+
+def _mean_votes(mods: dict[str, E1TMWeight], clock: Clock, slots: int, deltas: list, trits: list, plan):
+    """The step's summed votes divided by ``slots``, each element stochastically rounded with draws keyed by
+    (seed, tensor_index, step_counter) alone (``arbs.distributed.mean_votes``): the same on every rank and in every
+    layout of the same slot count."""
+    from .. import distributed, schedule
+
+    def mean(counts, part):
+        return [distributed.mean_votes(a, slots, schedule.mean_vote_key(clock.seed, m.tensor_index,
+                                                                         clock.step_counter, part))
+                for m, a in zip(mods.values(), counts, strict=True)]
+
+    return (mean(deltas, "scales") if plan.scales else deltas,
+            mean(trits, "trits") if plan.trits else trits)
 
 
 def state_digest(model_or_mods, clock: Clock | None = None) -> int:
@@ -281,23 +300,29 @@ def state_digest(model_or_mods, clock: Clock | None = None) -> int:
 
 
 @contextlib.contextmanager
-def micro_batches(model: nn.Module):
+def micro_batches(model: nn.Module, *, mean: bool = True):
     """Within this block every backward votes on its own gradient into integer counts (one micro-batch each) and
-    ``step(model)`` applies their sum once: N ranks x M micro-batches == 1 rank x N*M, bit for bit. Under
-    torch.distributed with several ranks this is how every step votes anyway (:func:`data_parallel`)."""
+    ``step(model)`` applies them once: N ranks x M micro-batches == 1 rank x N*M, bit for bit. Under
+    torch.distributed with several ranks this is how every step votes anyway (:func:`data_parallel`).
+
+    ``mean`` (default): the exact sum over the S slots of the step (micro-batches x ranks) is divided by S with
+    deterministic stochastic rounding (``arbs.distributed.mean_votes``), so a step moves the state as far as one
+    vote on average; S = 1 is the plain vote. False: the plain sum is applied (S times as far)."""
     clock = model_clock(model)
-    before = clock.vote_sum
-    clock.vote_sum = True
+    before = clock.vote_sum, clock.vote_mean
+    clock.vote_sum, clock.vote_mean = True, bool(mean)
     try:
         yield
     finally:
-        clock.vote_sum = before
+        clock.vote_sum, clock.vote_mean = before
 
 
-def data_parallel(model: nn.Module, group=None, *, check_every: int | None = None) -> nn.Module:
+def data_parallel(model: nn.Module, group=None, *, check_every: int | None = None, mean: bool = True) -> nn.Module:
     """Sum this model's E1TM votes over the ranks of ``group`` (None: the default process group) at every
     ``step(model)``, exactly (integer all-reduce), and compare a hash of the ranks' integer state at the first
     step and every ``check_every`` steps (default ``arbs.distributed.DEFAULT_CHECK_EVERY``; 0: never).
+    ``mean`` (default): apply the mean vote, the sum divided by the slot count with deterministic stochastic
+    rounding (see :func:`micro_batches`); False: apply the plain sum.
 
     Without this call the same happens over the default group whenever torch.distributed is initialized with
     several ranks; call it to pick another group or the check cadence. Float parameters are yours: wrap the
@@ -307,7 +332,7 @@ def data_parallel(model: nn.Module, group=None, *, check_every: int | None = Non
     clock = model_clock(model)
     red = distributed.Reducer(group, **({} if check_every is None else {"check_every": check_every}))
     clock.reducer = red
-    clock.vote_sum = True
+    clock.vote_sum, clock.vote_mean = True, bool(mean)
     return model
 
 

@@ -22,7 +22,7 @@ SEED_LIMIT = 1 << 63  # seeds are 0 .. 2**63-1 (numpy's SeedSequence and torch.m
 HF_FLOAT_FORMATS = ("fp32", "absmean")
 RESUMABLE = ("steps", "horizon", "eval_every", "eval_batches", "save_every", "keep", "threads", "device",
              "cuda_graph", "data", "out", "resume", "micro_batches", "dist_timeout")
-MICRO_BATCH_VOTES = ("sum", "accumulate")  # how a step's micro-batches vote (docs/distributed.md)
+MICRO_BATCH_VOTES = ("mean", "sum", "accumulate")  # how a step's micro-batches vote (docs/distributed.md)
 DEFAULT_DIST_TIMEOUT_S = 300  # arbs.distributed.DEFAULT_TIMEOUT_S (this module imports no torch)
 
 
@@ -111,9 +111,10 @@ class TrainConfig:
     # micro-batches per step on each rank: the global batch (--batch-size) is split into world size x this many
     # slots. None: 1 for a new run; on --resume, the run's slot count divided by the world size.
     micro_batches: int | None = None
-    # sum: each micro-batch votes into integer counts, summed (over the ranks: exact integer all-reduce) and applied
-    # once per step; accumulate: the micro-batches' float gradients are summed (all-reduced) and voted on once
-    micro_batch_votes: str = "sum"
+    # mean: each micro-batch votes into integer counts, summed exactly (over the ranks: integer all-reduce), divided
+    # by the slot count with deterministic stochastic rounding and applied once per step; sum: the same without the
+    # division; accumulate: the micro-batches' float gradients are summed (all-reduced) and voted on once
+    micro_batch_votes: str = "mean"
     dist_timeout: int = DEFAULT_DIST_TIMEOUT_S  # torch.distributed: seconds a collective waits for a dead or hung rank
 
     def __post_init__(self):
@@ -150,8 +151,9 @@ class TrainConfig:
             raise ConfigError(f"--batch-size {self.batch_size} does not split into --micro-batches "
                               f"{self.micro_batches}; use a multiple of {self.micro_batches}")
         if (self.device == "cuda" and formats.is_e1tm(self.format) and (self.micro_batches or 1) > 1
-                and self.micro_batch_votes == "sum"):
-            raise ConfigError("--micro-batches > 1 with --micro-batch-votes sum runs on the CPU only in this version; "
+                and self.micro_batch_votes != "accumulate"):
+            raise ConfigError(f"--micro-batches > 1 with --micro-batch-votes {self.micro_batch_votes} runs on the CPU "
+                              "only in this version; "
                               "on a GPU use --micro-batch-votes accumulate")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}")
@@ -220,7 +222,7 @@ class TrainConfig:
         # how a step is spread over ranks and micro-batches is the launch's, not the run's: the run records its
         # slot count in meta["micro_batch_slots"]; the vote rule only when not the default
         del d["micro_batches"], d["dist_timeout"]
-        if self.micro_batch_votes == "sum":
+        if self.micro_batch_votes == "mean":  # runs recorded before "mean" existed: see resume_config
             del d["micro_batch_votes"]
         if formats.is_e1tm(self.format):
             d.update(self.rule_params(), rule=self.resolved_rule, fuse_phase=self.resolved_fuse_phase)
@@ -313,6 +315,8 @@ def resume_config(run_dir, **given) -> TrainConfig:
         return TrainConfig(**given, out=str(run_dir), resume=True)
     meta = store.open_checkpoint(run_dir).meta
     recorded = meta.get("config") if isinstance(meta.get("config"), dict) else _legacy_recorded(meta)
+    if "micro_batch_votes" in meta:  # a run of several slots records its vote rule (older ones left "sum" out)
+        recorded = recorded | {"micro_batch_votes": meta["micro_batch_votes"]}
     return TrainConfig.resumed(run_dir, recorded, **given)
 
 

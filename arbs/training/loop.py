@@ -6,7 +6,7 @@ uninterrupted one.
 
 Data parallel (torchrun, docs/distributed.md): the global batch of a step is split into world size x
 ``micro_batches`` slots; rank r's m-th micro-batch is slot ``m * world + r``. E1TM votes are summed exactly
-(integer all-reduce, ``arbs.nn.step``), float baselines' gradients with a float32 SUM all-reduce. Rank 0 takes the
+(integer all-reduce, ``arbs.nn.step``) and, by default, divided by the slot count (the mean vote), float baselines' gradients with a float32 SUM all-reduce. Rank 0 takes the
 writer lock and writes checkpoints and metrics; the others wait at a barrier.
 """
 
@@ -120,9 +120,9 @@ def _train(cfg: TrainConfig, run_dir: Path, on_step, on_eval, red=None) -> Train
     slots = world * micro
     clock = handles.get("clock")
     if clock is not None and red is not None:
-        arbs_nn.data_parallel(model)
-    elif clock is not None and slots > 1 and cfg.micro_batch_votes == "sum":
-        clock.vote_sum = True
+        arbs_nn.data_parallel(model, mean=cfg.micro_batch_votes != "sum")
+    elif clock is not None and slots > 1 and cfg.micro_batch_votes != "accumulate":
+        clock.vote_sum, clock.vote_mean = True, cfg.micro_batch_votes == "mean"
 
     def save(step: int) -> None:
         if rank0:
