@@ -36,6 +36,10 @@ _D = TrainConfig()
 @click.option("--fuse-phase", type=float, default=None,
               help="E1TM: final fraction of steps trained with the scales fused into E and frozen (only trits "
               "learn), so the fused checkpoint is the trained one [default: 0.25 for flip, 0 for carry and average].")
+@click.option("--fuse-grid", type=int, default=None,
+              help="E1TM: at the fuse phase, fuse the scales onto a grid of this many weights per row (a multiple "
+              "of gs) that share one E; 256 makes the trained model exactly what GGUF TQ1_0/TQ2_0 hold "
+              "(docs/deploy.md) [default: one E per group].")
 @click.option("--cuda-graph/--no-cuda-graph", default=_D.cuda_graph, show_default=True,
               help="--device cuda with carry/flip: replay each step (forward, backward, votes) from one CUDA graph; "
               "the same kernels and integers, without Python per layer.")

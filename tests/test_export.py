@@ -298,3 +298,29 @@ def test_bad_inputs_exit_1_and_write_nothing(runs, tmp_path):
     # usage errors: exit 2
     assert _cli("export", runs / "fused", "--to", "onnx", out).exit_code == 2
     assert _cli("export", runs / "fused", "--to", "gguf", out, "--type", "q3_k").exit_code == 2
+
+
+def test_training_with_fuse_grid_ends_as_an_exact_tq_model(text, tmp_path):
+    """arbs train --fuse-grid 256: the fuse phase fuses onto the 256-weight grid, so the trained model IS the
+    TQ1_0 model (every weight tensor of the default export tq1_0, exact); a resume keeps the grid; bad grids
+    and a rule without a fuse phase are refused before anything is written."""
+    run = tmp_path / "run"
+    grid = ["--preset", "small", "--context", "16", "--batch-size", "2", "--eval-every", "2", "--eval-batches", "1",
+            "--fuse-phase", "0.5", "--fuse-grid", "256", "--data", text]
+    _ok(_cli("train", "--steps", 2, "--out", run, *grid))
+    _ok(_cli("train", "--resume", "--steps", 3, "--out", run))
+    ck = store.open_checkpoint(run)
+    assert ck.step_counter == 3 and ck.meta["config"]["fuse_grid"] == 256
+    for name, t in ck.tensors.items():
+        E = t.arrays["E"]
+        per_block = E.reshape(E.shape[0], -1, 256 // ck.gs)  # (rows, blocks, groups per block)
+        assert (per_block == per_block[..., :1]).all(), name
+        assert not t.arrays["corr_accum"].any(), name
+    rep = ex.export(run, tmp_path / "m.gguf", to="gguf", fuse=True)
+    types = {t.dtype for t in rep.tensors if len(t.shape) == 2}
+    assert types == {"tq1_0"} and all(t.exact for t in rep.tensors)
+    _refused(_cli("train", "--steps", 2, "--fuse-grid", 48, "--out", tmp_path / "b1"), "--fuse-grid 48", "multiple of 32")
+    _refused(_cli("train", "--steps", 2, "--rule", "carry", "--fuse-grid", 256, "--out", tmp_path / "b2"),
+             "--fuse-phase")
+    _refused(_cli("train", "--steps", 2, "--format", "fp32", "--fuse-grid", 256, "--out", tmp_path / "b3"), "E1TM")
+    assert not (tmp_path / "b1").exists() and not (tmp_path / "b2").exists() and not (tmp_path / "b3").exists()

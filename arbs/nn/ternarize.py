@@ -150,16 +150,21 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def enter_fuse_phase_(model: nn.Module) -> dict[str, int]:
+def enter_fuse_phase_(model: nn.Module, grid: int | None = None) -> dict[str, int]:
     """Start the fuse phase: every E1TM tensor's scale becomes its fused value (E = rint(E + Xi), clipped
     to int8; corr_accum = 0) and later votes leave E and corr_accum alone, so the model trained from
-    here on is exactly the one ``fuse`` exports. Idempotent. Returns {'groups', 'clipped', 'changed'}."""
+    here on is exactly the one ``fuse`` exports. With ``grid`` (a multiple of gs, e.g. 256) every ``grid``
+    consecutive weights of a row share one E (:func:`arbs.ops.fuse_to_grid`), so the trained model is one
+    that GGUF's TQ1_0/TQ2_0 hold exactly. Idempotent. Returns {'groups', 'clipped', 'changed'}."""
     clock = model_clock(model)
     out = {"groups": 0, "clipped": 0, "changed": 0}
     with torch.no_grad():
         for m in e1tm_modules(model).values():
             arrays = _cpu_arrays(m)
-            E_fused, st = ops.fuse(arrays, m.shape, clock.scheme, clock.step_counter)
+            if grid is None:
+                E_fused, st = ops.fuse(arrays, m.shape, clock.scheme, clock.step_counter)
+            else:
+                E_fused, st = ops.fuse_to_grid(arrays, m.shape, clock.scheme, clock.step_counter, block=grid)
             m.E.copy_(torch.from_numpy(E_fused))
             m.corr_accum.zero_()
             m.invalidate()

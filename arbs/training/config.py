@@ -100,6 +100,9 @@ class TrainConfig:
     # so the fused checkpoint is the trained one. None: 0.25 for flip, 0 for carry/average (nothing of
     # theirs would learn in it)
     fuse_phase: float | None = None
+    # E1TM: enter the fuse phase onto a coarser scale grid: every fuse_grid consecutive weights of a row share
+    # one E (256: GGUF's TQ1_0/TQ2_0 hold the trained model exactly; docs/deploy.md). None: one E per group.
+    fuse_grid: int | None = None
     device: str = "cpu"
     cuda_graph: bool = True  # --device cuda, carry/flip: capture each step in a CUDA graph (same integers, less Python)
     # float baselines (AdamW on latent float weights)
@@ -144,6 +147,8 @@ class TrainConfig:
         if self.fuse_phase is not None and not (isinstance(self.fuse_phase, (int, float))
                                                 and 0.0 <= self.fuse_phase <= 1.0):
             raise ConfigError(f"--fuse-phase is a fraction of the steps, 0..1; got {self.fuse_phase!r}")
+        if self.fuse_grid is not None:
+            self._check_fuse_grid()
         if self.micro_batch_votes not in MICRO_BATCH_VOTES:
             raise ConfigError(f"--micro-batch-votes must be one of {', '.join(MICRO_BATCH_VOTES)}, "
                               f"got {self.micro_batch_votes!r}")
@@ -181,6 +186,18 @@ class TrainConfig:
             src = hf.read_source(self.model)
             hf.run_record(src, context=self.context)  # --context within the model's positions
             hf.check_memory(src, batch_size=self.batch_size, context=self.context)
+
+    def _check_fuse_grid(self) -> None:
+        g = self.fuse_grid
+        if not formats.is_e1tm(self.format):
+            raise ConfigError(f"--fuse-grid applies to E1TM formats; {self.format!r} is a float baseline")
+        gs = formats.variant_gs(self.format)
+        if isinstance(g, bool) or not isinstance(g, int) or g < gs or g % gs:
+            raise ConfigError(f"--fuse-grid {g!r} does not tile the groups of {self.format} (gs {gs}): give a multiple "
+                              f"of {gs} (256 for GGUF TQ1_0/TQ2_0, which E1TM4/8/16/32/64 can reach)")
+        if self.resolved_fuse_phase == 0:
+            raise ConfigError(f"--fuse-grid fuses the scales when the fuse phase starts, but rule "
+                              f"{self.resolved_rule!r} runs without one here; add --fuse-phase (e.g. 0.25)")
 
     @property
     def resolved_fuse_phase(self) -> float:
@@ -224,6 +241,8 @@ class TrainConfig:
         del d["micro_batches"], d["dist_timeout"]
         if self.micro_batch_votes == "mean":  # runs recorded before "mean" existed: see resume_config
             del d["micro_batch_votes"]
+        if self.fuse_grid is None:  # runs recorded before --fuse-grid existed had none
+            del d["fuse_grid"]
         if formats.is_e1tm(self.format):
             d.update(self.rule_params(), rule=self.resolved_rule, fuse_phase=self.resolved_fuse_phase)
         return d

@@ -218,9 +218,10 @@ class _Stepper:
             for g in opt.param_groups:
                 g["lr"] = self.cfg.lr_at(step)
         elif step >= self.fuse_from and not clock.fuse_phase:  # idempotent, so a resumed run does the same
-            st = arbs_nn.enter_fuse_phase_(model)
-            log.info("fuse phase from step %d: scales fused into E (%d of %d groups changed, %d clipped)",
-                     step, st["changed"], st["groups"], st["clipped"])
+            st = arbs_nn.enter_fuse_phase_(model, grid=self.cfg.fuse_grid)
+            log.info("fuse phase from step %d: scales fused into E%s (%d of %d groups changed, %d clipped)", step,
+                     f" on a {self.cfg.fuse_grid}-weight grid" if self.cfg.fuse_grid else "",
+                     st["changed"], st["groups"], st["clipped"])
         if self.slots == 1 and self.red is None:
             return self._plain(x, y, step), stop
         accumulate = clock is not None and self.cfg.micro_batch_votes == "accumulate"
