@@ -121,7 +121,8 @@ def main():
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    names = {"all": (*PARTS["dense"], *PARTS["scratch"]), "report": ()}.get(a.part, PARTS.get(a.part, ()))
+    # "all": the most telling comparisons first, so a run cut short by a time limit still has them
+    names = {"all": ("dense", "flip", "flip@init", "bitnet", "carry@init"), "report": ()}.get(a.part, PARTS.get(a.part, ()))
     for name in names:
         train(name, a, out)
     print(report(a, out))
