@@ -1,0 +1,335 @@
+"""Levers for flip fine-tuning from a float Hugging Face model (issue 14 item 4), prototyped without touching arbs/.
+
+Runs ``arbs train`` (the product's CLI, every option passed through) with monkeypatches, each off unless asked for:
+
+- ``--fa-init residual``: after ``ops.convert`` makes a tensor's step-0 state, set each weight's flip counter
+  from where its float value sits between the ternary decision boundaries, instead of 0. Convert decides
+  ``T = clamp(rint(x), -1, 1)`` with ``x = w / a`` (``a`` = mean|w| of the group), so ``x - T`` is the
+  residual the trit leaves (boundaries at ``x - T = +-0.5``); the counter takes it in counter units,
+  ``flip_accum = clamp(rint(2 * theta * FA_SCALE * (x - T)), -(theta - 1), theta - 1)``: a weight just
+  below a boundary starts ``~theta`` counts from flipping across it, one sitting on its trit starts at 0,
+  and a weight beyond +-1.5 a starts saturated (a full 2*theta from flipping back). The state stays
+  integer and within the checkpoint's ``|flip_accum| <= theta``.
+- ``--reset R``: after a trit moves, its counter becomes ``-R * direction`` (the product: 0), so a trit
+  just moved sits R counts from its own boundary back instead of theta: R near theta makes the counter a
+  continuous latent across moves, as a float QAT latent is.
+- ``--frozen-trits 4096x256``: tensors of that (rows, cols) view keep their step-0 trits (their scales
+  still vote): here the token embedding and the head, an ablation of where trit moves cost loss. (On the
+  GPU the flips counter still counts their reverted moves.) ``--frozen-index 0,29``: the same by tensor
+  index (the model's E1TM tensors in module order: for the 4-layer Llama 0 is the embedding, 29 the head).
+- ``--tensor-norm 4096x256``: those tensors' trit votes use the rms of the whole tensor's gradient, not of
+  each row's (a torch re-statement of the kernel's update with that one change; its own random draws; on
+  the GPU with ``--no-cuda-graph``): an embedding row's gradient is non-zero only for the batch's tokens
+  and a head row's is small for rare tokens, and row normalization gives both full-size votes.
+- ``--corpus PATH.npz``: the built-in corpus as saved on another machine (``train``, ``val``, ``info``), so
+  a GPU machine with another Python standard library trains and evaluates on the same bytes.
+- ``--warmup-frac F``: flip's vote schedule (``arbs.schedule.trit_vote_gain``) with a linear warmup over the
+  first ``F * horizon`` steps (the product: ``horizon // 20``, F = 0.05), then the same cosine to 0 at the
+  horizon.
+
+Everything else is the product's code path: CPU kernels, checkpoints, evals, the fuse phase and the fused
+eval. The checkpoints' ``meta["config"]`` records the plain options only; the patches are in this script's
+log line, so such a run does not resume bit-exactly with plain ``arbs train``.
+
+    HF_HUB_OFFLINE=1 python experiments/hf_flip_levers.py --fa-init residual -- \
+        --model /tmp/hfl/model --format E1TM32 --rule flip --theta 64 --context 128 --steps 300 \
+        --eval-every 100 --out /tmp/hfy/t64res --json
+
+Results and the story: docs/research/training.md (flip fine-tuning levers), logs in docs/research/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+
+from arbs import formats, ops, schedule
+
+
+def patch_residual_init(fa_scale: float = 1.0) -> None:
+    orig = ops.convert
+
+    def convert(w, scheme, *, name="tensor"):
+        state, stats = orig(w, scheme, name=name)
+        if "flip_accum" not in state:
+            return state, stats
+        theta = scheme.params["theta"]
+        w = np.asarray(w, np.float64)
+        rows, cols = formats.tensor_view(w.shape)
+        gs = scheme.gs
+        cols_p = formats.padded_cols(cols, gs)
+        ng = cols_p // gs
+        wp = np.zeros((rows, cols_p), np.float64)
+        wp[:, :cols] = w.reshape(rows, cols)
+        n_real = np.zeros((rows, cols_p))
+        n_real[:, :cols] = 1
+        a = np.abs(wp).reshape(rows, ng, gs).sum(2) / np.maximum(n_real.reshape(rows, ng, gs).sum(2), 1)
+        safe = np.where(a > 0, a, 1.0)
+        x = wp / np.repeat(safe, gs, axis=1)
+        T = ops.unpack(state["T_packed"], cols_p).astype(np.float64)
+        fa = np.rint(2.0 * theta * fa_scale * (x - T))
+        fa = np.clip(fa, -(theta - 1), theta - 1)
+        fa[:, cols:] = 0  # padding is never voted on
+        fa[np.repeat(a == 0, gs, axis=1)] = 0
+        state["flip_accum"] = fa.astype(np.int8)
+        return state, stats
+
+    ops.convert = convert
+
+
+def patch_warmup(frac: float) -> None:
+    def trit_vote_gain(params, step_counter):
+        gain, horizon = params.get("gain", 0), params.get("horizon", 0)
+        if gain == 0:
+            return 0.0
+        if horizon == 0:
+            return float(gain)
+        warmup = max(1, int(horizon * frac))
+        if step_counter < warmup:
+            return gain * (step_counter + 1) / warmup
+        f = min(1.0, (step_counter - warmup) / max(1, horizon - warmup))
+        return gain * 0.5 * (1.0 + math.cos(math.pi * f))
+
+    schedule.trit_vote_gain = trit_vote_gain
+
+
+def patch_reset(R: int) -> None:
+    """After a trit moves, set its counter to ``-R * (direction of the move)`` instead of 0 (the product):
+    R = 0 is the product's full hysteresis (a moved trit needs theta counts to move back); R -> theta - 1
+    keeps the counter continuous across the move, as a float latent weight is (the new trit sits right at
+    the boundary it just crossed, so a few opposite votes move it back). Wraps the CPU vote
+    (``ops.vote_unchecked``) and the GPU one (``arbs.nn.cuda.vote_async``): T before and after the vote are
+    compared and the moved positions' counters rewritten; everything else is the product's kernel."""
+    if R == 0:
+        return
+    orig = ops.vote_unchecked
+
+    def vote_unchecked(state, g2, scheme, **kw):
+        if "flip_accum" not in state:
+            return orig(state, g2, scheme, **kw)
+        if R >= scheme.params["theta"]:
+            raise SystemExit(f"--reset {R} must be below theta {scheme.params['theta']}")
+        before = state["T_packed"].copy()
+        st = orig(state, g2, scheme, **kw)
+        if st.flips:
+            fa = state["flip_accum"]
+            cols_p = fa.shape[1]
+            d = ops.unpack(state["T_packed"], cols_p).astype(np.int16) - ops.unpack(before, cols_p)
+            moved = d != 0
+            fa[moved] = (-R * d[moved]).astype(np.int8)
+        return st
+
+    ops.vote_unchecked = vote_unchecked
+
+    try:
+        import torch
+
+        from arbs.nn import cuda
+    except ImportError:  # no GPU support installed: the CPU wrapper is enough
+        return
+    orig_async = cuda.vote_async
+    pow3 = {}
+
+    def trits(tp, cols_p):
+        key = tp.device
+        if key not in pow3:
+            pow3[key] = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int16, device=tp.device)
+        t = (tp.to(torch.int16).unsqueeze(-1) // pow3[key]) % 3 - 1
+        return t.reshape(tp.shape[0], -1)[:, :cols_p]
+
+    def vote_async(layer, grad):
+        if not hasattr(layer, "flip_accum") or layer.flip_accum is None:
+            return orig_async(layer, grad)
+        before = layer.T_packed.clone()
+        counters = orig_async(layer, grad)
+        fa = layer.flip_accum
+        d = trits(layer.T_packed, fa.shape[1]) - trits(before, fa.shape[1])
+        fa.copy_(torch.where(d != 0, (-R * d).to(torch.int8), fa))
+        return counters
+
+    cuda.vote_async = vote_async
+
+
+def patch_frozen_trits(shapes: list[tuple[int, int]], indices: list[int] = ()) -> None:
+    """Tensors of these (rows, cols) shapes keep their trits and counters (their scales still vote, as
+    carry's do): an ablation that says which tensors' trit moves cost loss. Wraps the same two functions
+    as :func:`patch_reset` (apply after it)."""
+    if not shapes and not indices:
+        return
+    orig = ops.vote_unchecked
+
+    def vote_unchecked(state, g2, scheme, **kw):
+        if "flip_accum" not in state or (tuple(g2.shape) not in shapes and kw.get("tensor") not in indices):
+            return orig(state, g2, scheme, **kw)
+        tp, fa = state["T_packed"].copy(), state["flip_accum"].copy()
+        st = orig(state, g2, scheme, **kw)
+        state["T_packed"][...] = tp
+        state["flip_accum"][...] = fa
+        return type(st)(st.carries, st.saturations, 0)
+
+    ops.vote_unchecked = vote_unchecked
+    try:
+        from arbs import formats as F
+        from arbs.nn import cuda
+    except ImportError:
+        return
+    orig_async = cuda.vote_async
+
+    def vote_async(layer, grad):
+        if not hasattr(layer, "flip_accum") or layer.flip_accum is None \
+                or (tuple(F.tensor_view(layer.shape)) not in shapes and layer.tensor_index not in indices):
+            return orig_async(layer, grad)
+        tp, fa = layer.T_packed.clone(), layer.flip_accum.clone()
+        counters = orig_async(layer, grad)
+        layer.T_packed.copy_(tp)
+        layer.flip_accum.copy_(fa)
+        return counters
+
+    cuda.vote_async = vote_async
+
+
+def _tensor_norm_flip(T_packed, fa, g, *, theta: int, vote_max: int, gain_m: float, gen=None) -> None:
+    """flip's trit update in torch with the vote magnitude normalized by the rms of the whole tensor's
+    gradient instead of its row's: a = min(vote_max, gain_m * |g| / rms(g over the tensor)), k its stochastic
+    rounding, counter += -sign(g) * k, trit moves at +-theta (counter back to 0), as the product's kernel
+    otherwise does. In place on T_packed (uint8 (rows, nb)) and fa (int8 (rows, cols_p)); g (rows, cols)."""
+    import torch
+
+    rows, nb = T_packed.shape
+    cols_p = fa.shape[1]
+    cols = g.shape[1]
+    g = g.float()
+    rms = g.pow(2).mean().sqrt()
+    if not math.isfinite(float(rms)) or float(rms) == 0.0:  # a host sync: run with --no-cuda-graph on a GPU
+        return
+    a = torch.clamp(gain_m * g.abs() / rms.clamp_min(1e-30), max=float(vote_max))
+    u = torch.rand(a.shape, device=a.device, generator=gen)
+    k = torch.floor(a) + (u < a - torch.floor(a)).float()
+    r = torch.zeros((rows, cols_p), dtype=torch.int32, device=g.device)
+    r[:, :cols] = (-torch.sign(g) * k).to(torch.int32)
+    pow3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int16, device=T_packed.device)
+    t = ((T_packed.to(torch.int16).unsqueeze(-1) // pow3) % 3 - 1).reshape(rows, nb * 5)
+    T = t[:, :cols_p].to(torch.int32)
+    v = torch.clamp(fa.to(torch.int32) + r, -theta, theta)
+    up = (v == theta) & (T < 1)
+    down = (v == -theta) & (T > -1)
+    T = T + up.to(torch.int32) - down.to(torch.int32)
+    v = torch.where(up | down, torch.zeros_like(v), v)
+    fa.copy_(v.to(torch.int8))
+    t = t.to(torch.int32)
+    t[:, :cols_p] = T
+    packed = ((t.reshape(rows, nb, 5) + 1) * pow3.to(torch.int32)).sum(-1)
+    T_packed.copy_(packed.to(torch.uint8))
+
+
+def patch_tensor_norm(shapes: list[tuple[int, int]], indices: list[int] = ()) -> None:
+    """Tensors of these shapes / indices vote their trits with tensor-rms-normalized magnitudes
+    (:func:`_tensor_norm_flip`); their scales vote as the product's. CPU and GPU (pass --no-cuda-graph on
+    the GPU: the gain is read on the host)."""
+    if not shapes and not indices:
+        return
+    import torch
+
+    orig = ops.vote_unchecked
+
+    def vote_unchecked(state, g2, scheme, **kw):
+        if "flip_accum" not in state or (tuple(g2.shape) not in shapes and kw.get("tensor") not in indices):
+            return orig(state, g2, scheme, **kw)
+        tp, fa = state["T_packed"].copy(), state["flip_accum"].copy()
+        st = orig(state, g2, scheme, **kw)
+        state["T_packed"][...] = tp
+        state["flip_accum"][...] = fa
+        gain_m = schedule.trit_vote_gain(scheme.params, kw["step_counter"])
+        if gain_m <= 0:
+            return type(st)(st.carries, st.saturations, 0)
+        before = tp.copy()
+        _tensor_norm_flip(torch.from_numpy(state["T_packed"]), torch.from_numpy(state["flip_accum"]),
+                          torch.from_numpy(np.ascontiguousarray(g2)), theta=scheme.params["theta"],
+                          vote_max=scheme.params["vote_max"], gain_m=gain_m)
+        flips = int((ops.unpack(state["T_packed"], fa.shape[1]) != ops.unpack(before, fa.shape[1])).sum())
+        return type(st)(st.carries, st.saturations, flips)
+
+    ops.vote_unchecked = vote_unchecked
+    try:
+        from arbs import formats as F
+        from arbs.nn import cuda
+    except ImportError:
+        return
+    orig_async = cuda.vote_async
+
+    def vote_async(layer, grad):
+        if not hasattr(layer, "flip_accum") or layer.flip_accum is None \
+                or (tuple(F.tensor_view(layer.shape)) not in shapes and layer.tensor_index not in indices):
+            return orig_async(layer, grad)
+        tp, fa = layer.T_packed.clone(), layer.flip_accum.clone()
+        counters = orig_async(layer, grad)
+        layer.T_packed.copy_(tp)
+        layer.flip_accum.copy_(fa)
+        scheme = layer.clock.scheme
+        gain_m = schedule.trit_vote_gain(scheme.params, layer.clock.step_counter)
+        if gain_m > 0:
+            rows, cols = F.tensor_view(layer.shape)
+            _tensor_norm_flip(layer.T_packed, layer.flip_accum, grad.detach().reshape(rows, cols),
+                              theta=scheme.params["theta"], vote_max=scheme.params["vote_max"], gain_m=gain_m)
+        return counters
+
+    cuda.vote_async = vote_async
+
+
+def patch_corpus(path: str) -> None:
+    """Make ``data.default_corpus()`` return the corpus saved in ``path`` (np.savez: train, val, info as
+    JSON bytes): the same bytes on a machine whose Python standard library differs."""
+    import json
+
+    from arbs import data
+
+    z = np.load(path)
+    corpus = data.Corpus(z["train"], z["val"], json.loads(bytes(z["info"]).decode()))
+    data.default_corpus = lambda *a, **k: corpus
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, rest = argv[:i], argv[i + 1:]
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--fa-init", choices=("zero", "residual"), default="zero")
+    ap.add_argument("--fa-scale", type=float, default=1.0, help="residual init: counters = scale * 2*theta*(x-T)")
+    ap.add_argument("--warmup-frac", type=float, default=None, help="vote-gain warmup as a fraction of horizon")
+    ap.add_argument("--reset", type=int, default=0, help="counter after a trit moves: -R*direction (product: 0)")
+    ap.add_argument("--frozen-trits", default="", help="ROWSxCOLS,... tensors whose trits never move")
+    ap.add_argument("--frozen-index", default="", help="tensor indices (model order; Llama: 0 = embedding, "
+                    "last = head) whose trits never move")
+    ap.add_argument("--tensor-norm", default="", help="ROWSxCOLS,... tensors whose trit votes are normalized by "
+                    "the tensor's gradient rms instead of the row's")
+    ap.add_argument("--tensor-norm-index", default="", help="the same by tensor index (29: the Llama's head)")
+    ap.add_argument("--corpus", default=None, help="an .npz of the built-in corpus (train, val, info) to use as it")
+    a = ap.parse_args(argv)
+    if a.corpus:
+        patch_corpus(a.corpus)
+    if a.fa_init == "residual":
+        patch_residual_init(a.fa_scale)
+    if a.warmup_frac is not None:
+        patch_warmup(a.warmup_frac)
+    patch_reset(a.reset)
+    patch_frozen_trits([tuple(int(v) for v in x.split("x")) for x in a.frozen_trits.split(",") if x],
+                       [int(x) for x in a.frozen_index.split(",") if x])
+    patch_tensor_norm([tuple(int(v) for v in x.split("x")) for x in a.tensor_norm.split(",") if x],
+                      [int(x) for x in a.tensor_norm_index.split(",") if x])
+    print(f"hf_flip_levers: fa_init={a.fa_init} fa_scale={a.fa_scale} warmup_frac={a.warmup_frac} reset={a.reset} frozen_trits={a.frozen_trits!r} frozen_index={a.frozen_index!r} tensor_norm={a.tensor_norm!r}/{a.tensor_norm_index!r} "
+          f"arbs train {' '.join(rest)}", file=sys.stderr, flush=True)
+    from arbs_cli.main import main as arbs_main
+
+    return arbs_main(["train", *rest], standalone_mode=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
