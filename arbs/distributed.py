@@ -94,15 +94,8 @@ def mean_votes(sums: np.ndarray, slots: int, key: int) -> np.ndarray:
         return s
     q, r = np.divmod(s, np.int64(slots))  # floor division: 0 <= r < slots, also for negative sums
     i = np.arange(s.size, dtype=np.uint64).reshape(s.shape)
-    h = _mix64_array(np.uint64(key) ^ (i * np.uint64(schedule.GOLDEN64)))
+    h = schedule.mix64_array(np.uint64(key) ^ (i * np.uint64(schedule.GOLDEN64)))
     return q + ((h % np.uint64(slots)) < r.astype(np.uint64))
-
-
-def _mix64_array(x: np.ndarray) -> np.ndarray:
-    """schedule.mix64 on a uint64 array (arithmetic wraps mod 2**64)."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
 
 
 def slot_rows(batch_size: int, slots: int, slot: int) -> slice:

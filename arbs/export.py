@@ -297,7 +297,7 @@ def _hf_state(m: _Model, model) -> dict[str, tuple[str, np.ndarray]]:
 
 
 def _hf_model_for(m: _Model):
-    tf = _transformers()
+    tf = hf.load_transformers()
     rec = m.ckpt.meta.get("hf")
     if not isinstance(rec, dict) or not isinstance(rec.get("config"), dict):
         raise ConfigError(f"{_where(m.ckpt)} has no 'hf' record (config) in its meta")
@@ -307,19 +307,6 @@ def _hf_model_for(m: _Model):
         d["tie_word_embeddings"] = False  # a head untied while folding
     config = tf.AutoConfig.for_model(mt, **d)
     return tf.AutoModelForCausalLM.from_config(config)
-
-
-def _transformers():
-    try:
-        import transformers
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise ConfigError("--to hf needs transformers and tokenizers: pip install 'arbs[hf]'") from e
-    transformers.utils.logging.disable_progress_bar()
-    return transformers
-
-
-# --------------------------------------------------------------------------------------------------------
-# output paths: refuse existing ones unless forced; write beside, move into place
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -394,7 +381,7 @@ def _export_hf(m: _Model, out: Path, force: bool) -> ExportReport:
     import torch
     from safetensors.numpy import load_file
 
-    tf = _transformers()
+    tf = hf.load_transformers()
     if m.is_hf:
         model = _hf_model_for(m)
         state = _hf_state(m, model)

@@ -2,12 +2,15 @@
 
 No RNG state is stored anywhere: a draw is a pure function of (seed, tensor index, step_counter,
 element index), so a resumed run draws the same numbers. The kernels (numba and Triton) carry the same
-arithmetic; these are the Python definitions the spec and the tests use.
+arithmetic; these are the Python (and numpy) definitions the spec, the tests and the data-parallel mean
+vote use.
 """
 
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 
 def trit_vote_gain(params: dict[str, int], step_counter: int) -> float:
@@ -42,6 +45,13 @@ def mix64(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
     return x ^ (x >> 31)
+
+
+def mix64_array(x: np.ndarray) -> np.ndarray:
+    """:func:`mix64` on a uint64 array, elementwise (uint64 arithmetic wraps mod 2**64)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 def vote_base(seed: int, tensor: int) -> int:

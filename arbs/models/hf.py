@@ -84,7 +84,9 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2"
                 "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8}
 
 
-def _transformers():
+def load_transformers():
+    """The transformers module (progress bars off: library code never prints); ConfigError naming the extra
+    when it is not installed."""
     try:
         import transformers
     except ImportError as e:  # pragma: no cover - depends on the install
@@ -339,7 +341,7 @@ def hf_config(config: dict):
     """The transformers config object of a config.json dict, made deterministic for training: every
     dropout probability 0 (dropout would draw from torch's global RNG, and a resumed run must replay
     exactly), the cache off."""
-    tf = _transformers()
+    tf = load_transformers()
     d = dict(config)
     mt = d.pop("model_type")
     c = tf.AutoConfig.for_model(mt, **d)
@@ -500,7 +502,7 @@ def fold_(model: nn.Module, model_type: str, *, head: str = "keep") -> FoldRepor
 def load_pretrained(source: Source) -> nn.Module:
     """The HF model of ``source`` with its weights, in float32 (bf16/fp16 widened exactly), eval mode,
     dropout 0, from the local directory only."""
-    tf = _transformers()
+    tf = load_transformers()
     kw = {"dtype": torch.float32} if _version(tf) >= (4, 56) else {"torch_dtype": torch.float32}
     if hasattr(tf.PreTrainedModel, "set_use_kernels"):  # transformers 5 would swap in hub kernels by default
         kw["use_kernels"] = False
@@ -523,7 +525,7 @@ def _version(tf) -> tuple[int, int]:
 
 def from_config(config: dict) -> nn.Module:
     """The HF model of a config.json dict with freshly initialized float32 weights (torch's RNG)."""
-    tf = _transformers()
+    tf = load_transformers()
     return tf.AutoModelForCausalLM.from_config(hf_config(config), attn_implementation="sdpa").float()
 
 

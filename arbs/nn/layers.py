@@ -271,7 +271,9 @@ class E1TMWeight(_ReadOnlyWeights, nn.Module):
             return
         c = self.clock
         if count is None:
-            count = c.vote_sum or c.reducer is not None or _dp_active()
+            from .. import distributed
+
+            count = c.vote_sum or c.reducer is not None or distributed.is_active()
         tp = self.T_packed if state is None else state[0]
         if count:
             if tp.is_cuda or state is not None:
@@ -404,13 +406,6 @@ class E1TMWeight(_ReadOnlyWeights, nn.Module):
     def extra_repr(self) -> str:
         s = self.clock.scheme
         return f"shape={self.shape}, format={s.format}, rule={s.rule}"
-
-
-def _dp_active() -> bool:
-    """A process group with several ranks is initialized (then votes are summed over the ranks at step)."""
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 @dataclass(frozen=True)
