@@ -253,6 +253,8 @@ def convert_state_dict(
     gain: int | None = None,
     horizon: int | None = None,
     vote_max: int | None = None,
+    vote_norm: int | None = None,
+    reset: int | None = None,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     meta: Mapping[str, Any] | None = None,
@@ -263,7 +265,7 @@ def convert_state_dict(
     ----------
     tensors : mapping name -> numpy array or torch tensor.
     format : E1TM variant name (``formats.VARIANTS``).
-    rule : update rule (``formats.RULES``); ``K``, ``theta``, ``gain``, ``horizon``, ``vote_max`` are its
+    rule : update rule (``formats.RULES``); ``K``, ``theta``, ``gain``, ``horizon``, ``vote_max``, ``vote_norm``, ``reset`` are its
         integer parameters (None: the default of ``formats.PARAMS``); passing one the rule does not
         take is a ConfigError.
     include : fnmatch patterns (``"*.weight"``); when given, only matching tensors are converted.
@@ -284,7 +286,8 @@ def convert_state_dict(
     NonFiniteError naming the tensor if a selected tensor holds NaN/inf.
     """
     gs = formats.variant_gs(format)
-    params = formats.rule_params(rule, K=K, theta=theta, gain=gain, horizon=horizon, vote_max=vote_max)
+    params = formats.rule_params(rule, K=K, theta=theta, gain=gain, horizon=horizon, vote_max=vote_max,
+                                 vote_norm=vote_norm, reset=reset)
     scheme = formats.make_scheme(format, rule, **params)
     include = _check_patterns(include, "include")
     exclude = _check_patterns(exclude, "exclude")
@@ -415,6 +418,8 @@ def convert_hf_dir(
     gain: int | None = None,
     horizon: int | None = None,
     vote_max: int | None = None,
+    vote_norm: int | None = None,
+    reset: int | None = None,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     context: int | None = None,
@@ -441,7 +446,8 @@ def convert_hf_dir(
     source = hf.read_source(src, tokenizer=False)
     hf.check_memory(source, context=context)
     model_meta, record = hf.run_record(source, context=context, head=head)
-    params = formats.rule_params(rule, K=K, theta=theta, gain=gain, horizon=horizon, vote_max=vote_max)
+    params = formats.rule_params(rule, K=K, theta=theta, gain=gain, horizon=horizon, vote_max=vote_max,
+                                 vote_norm=vote_norm, reset=reset)
     gs = formats.variant_gs(format)
     model, fold = hf.load_folded(source, context=model_meta["context"], head=head)
     stats: dict = {}

@@ -56,7 +56,7 @@ RULES: dict[str, RuleSpec] = {
         "integrating scale: Xi = corr_accum/(K*gs); a full K*gs carries into E",
     ),
     "flip": RuleSpec(
-        "flip", ("K", "theta", "gain", "horizon", "vote_max"), ("flip_accum",),
+        "flip", ("K", "theta", "gain", "horizon", "vote_max", "vote_norm", "reset"), ("flip_accum",),
         "carry for scales plus an int8 counter per weight that moves trits -1 <-> 0 <-> +1 at +-theta",
     ),
 }
@@ -86,6 +86,10 @@ PARAMS: dict[str, ParamSpec] = {p.name: p for p in (
     ParamSpec("gain", 4, 0, 1 << 10, None, "flip: stochastic vote gain; 0 = every weight votes -sign(g) each step"),
     ParamSpec("horizon", 0, 0, 1 << 40, None, "flip: step where the vote schedule ends; 0 = constant"),
     ParamSpec("vote_max", 3, 1, 127, 1, "flip with gain > 0: largest counter step of one vote"),
+    ParamSpec("vote_norm", 0, 0, 1, 0, "flip with gain > 0: |g| is measured against the rms of 0 = its row, "
+              "1 = its whole tensor"),
+    ParamSpec("reset", 0, 0, 126, 0, "flip: a trit that moves starts its counter at -reset*direction; 0 = afresh, "
+              "theta-1 = where it crossed (below theta)"),
 )}
 DEFAULT_RULE = "flip"
 
@@ -174,6 +178,8 @@ def rule_params(rule: str, **given: int | None) -> dict[str, int]:
         if not lo <= int(v) <= hi:
             raise ConfigError(f"rule {rule!r} parameter {p}={v} is out of range; expected {lo}..{hi}")
         out[p] = int(v)
+    if out.get("reset", 0) >= out.get("theta", 1 << 30):
+        raise ConfigError(f"rule {rule!r} parameter reset={out['reset']} must be below theta={out['theta']}")
     return out
 
 

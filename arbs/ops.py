@@ -167,7 +167,8 @@ def vote_unchecked(state, g2: np.ndarray, scheme: formats.Scheme, *, step_counte
         if gain_m > 0 or scheme.params["gain"] == 0:  # gain > 0 past the horizon: trits are final
             key = np.uint64(schedule.vote_key(seed, tensor, step_counter))
             flips = cpu.kernel("flip_into", g2.size)(g2, state["T_packed"], state["flip_accum"],
-                                                     scheme.params["theta"], gain_m, scheme.params["vote_max"], key)
+                                                     scheme.params["theta"], gain_m, scheme.params["vote_max"], key,
+                                                     scheme.params["vote_norm"] == 1, scheme.params["reset"])
     return VoteStats(carries, sats, flips)
 
 

@@ -99,6 +99,9 @@ def patch_warmup(frac: float) -> None:
     schedule.trit_vote_gain = trit_vote_gain
 
 
+RESET = [0]  # --reset R, also used by the tensor-normalized update
+
+
 def patch_reset(R: int) -> None:
     """After a trit moves, set its counter to ``-R * (direction of the move)`` instead of 0 (the product):
     R = 0 is the product's full hysteresis (a moved trit needs theta counts to move back); R -> theta - 1
@@ -106,6 +109,7 @@ def patch_reset(R: int) -> None:
     the boundary it just crossed, so a few opposite votes move it back). Wraps the CPU vote
     (``ops.vote_unchecked``) and the GPU one (``arbs.nn.cuda.vote_async``): T before and after the vote are
     compared and the moved positions' counters rewritten; everything else is the product's kernel."""
+    RESET[0] = R
     if R == 0:
         return
     orig = ops.vote_unchecked
@@ -220,7 +224,7 @@ def _tensor_norm_flip(T_packed, fa, g, *, theta: int, vote_max: int, gain_m: flo
     up = (v == theta) & (T < 1)
     down = (v == -theta) & (T > -1)
     T = T + up.to(torch.int32) - down.to(torch.int32)
-    v = torch.where(up | down, torch.zeros_like(v), v)
+    v = torch.where(up, torch.full_like(v, -RESET[0]), torch.where(down, torch.full_like(v, RESET[0]), v))
     fa.copy_(v.to(torch.int8))
     t = t.to(torch.int32)
     t[:, :cols_p] = T
@@ -228,18 +232,19 @@ def _tensor_norm_flip(T_packed, fa, g, *, theta: int, vote_max: int, gain_m: flo
     T_packed.copy_(packed.to(torch.uint8))
 
 
-def patch_tensor_norm(shapes: list[tuple[int, int]], indices: list[int] = ()) -> None:
-    """Tensors of these shapes / indices vote their trits with tensor-rms-normalized magnitudes
-    (:func:`_tensor_norm_flip`); their scales vote as the product's. CPU and GPU (pass --no-cuda-graph on
-    the GPU: the gain is read on the host)."""
-    if not shapes and not indices:
+def patch_tensor_norm(shapes: list[tuple[int, int]], indices: list[int] = (), every: bool = False) -> None:
+    """Tensors of these shapes / indices (every E1TM tensor with ``every``) vote their trits with
+    tensor-rms-normalized magnitudes (:func:`_tensor_norm_flip`); their scales vote as the product's. CPU and
+    GPU (pass --no-cuda-graph on the GPU: the gain is read on the host)."""
+    if not shapes and not indices and not every:
         return
     import torch
 
     orig = ops.vote_unchecked
 
     def vote_unchecked(state, g2, scheme, **kw):
-        if "flip_accum" not in state or (tuple(g2.shape) not in shapes and kw.get("tensor") not in indices):
+        if "flip_accum" not in state or (not every and tuple(g2.shape) not in shapes
+                                         and kw.get("tensor") not in indices):
             return orig(state, g2, scheme, **kw)
         tp, fa = state["T_packed"].copy(), state["flip_accum"].copy()
         st = orig(state, g2, scheme, **kw)
@@ -265,7 +270,7 @@ def patch_tensor_norm(shapes: list[tuple[int, int]], indices: list[int] = ()) ->
 
     def vote_async(layer, grad):
         if not hasattr(layer, "flip_accum") or layer.flip_accum is None \
-                or (tuple(F.tensor_view(layer.shape)) not in shapes and layer.tensor_index not in indices):
+                or (not every and tuple(F.tensor_view(layer.shape)) not in shapes and layer.tensor_index not in indices):
             return orig_async(layer, grad)
         tp, fa = layer.T_packed.clone(), layer.flip_accum.clone()
         counters = orig_async(layer, grad)
@@ -311,6 +316,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tensor-norm", default="", help="ROWSxCOLS,... tensors whose trit votes are normalized by "
                     "the tensor's gradient rms instead of the row's")
     ap.add_argument("--tensor-norm-index", default="", help="the same by tensor index (29: the Llama's head)")
+    ap.add_argument("--tensor-norm-all", action="store_true", help="every tensor's trit votes tensor-normalized")
     ap.add_argument("--corpus", default=None, help="an .npz of the built-in corpus (train, val, info) to use as it")
     a = ap.parse_args(argv)
     if a.corpus:
@@ -323,8 +329,8 @@ def main(argv=None) -> int:
     patch_frozen_trits([tuple(int(v) for v in x.split("x")) for x in a.frozen_trits.split(",") if x],
                        [int(x) for x in a.frozen_index.split(",") if x])
     patch_tensor_norm([tuple(int(v) for v in x.split("x")) for x in a.tensor_norm.split(",") if x],
-                      [int(x) for x in a.tensor_norm_index.split(",") if x])
-    print(f"hf_flip_levers: fa_init={a.fa_init} fa_scale={a.fa_scale} warmup_frac={a.warmup_frac} reset={a.reset} frozen_trits={a.frozen_trits!r} frozen_index={a.frozen_index!r} tensor_norm={a.tensor_norm!r}/{a.tensor_norm_index!r} "
+                      [int(x) for x in a.tensor_norm_index.split(",") if x], a.tensor_norm_all)
+    print(f"hf_flip_levers: fa_init={a.fa_init} fa_scale={a.fa_scale} warmup_frac={a.warmup_frac} reset={a.reset} frozen_trits={a.frozen_trits!r} frozen_index={a.frozen_index!r} tensor_norm={a.tensor_norm!r}/{a.tensor_norm_index!r}/all={a.tensor_norm_all} "
           f"arbs train {' '.join(rest)}", file=sys.stderr, flush=True)
     from arbs_cli.main import main as arbs_main
 

@@ -40,9 +40,11 @@ def one_json(result) -> dict:
 
 
 def test_convert_takes_every_rule_parameter_of_the_table(tmp_path, float_file):
-    r = invoke("convert", float_file, "--gain", 0, "--vote-max", 1, "--theta", 8, "--out", tmp_path / "a", "--json")
+    r = invoke("convert", float_file, "--gain", 0, "--vote-max", 1, "--theta", 8, "--vote-norm", 1, "--reset", 7,
+               "--out", tmp_path / "a", "--json")
     assert r.exit_code == 0, r.stderr
-    assert one_json(r)["rule_params"] == {"K": 16, "theta": 8, "gain": 0, "horizon": 0, "vote_max": 1}  # flip
+    assert one_json(r)["rule_params"] == {"K": 16, "theta": 8, "gain": 0, "horizon": 0, "vote_max": 1, "vote_norm": 1,
+                                          "reset": 7}  # flip
     r = invoke("convert", float_file, "--out", tmp_path / "b", "--json")
     assert one_json(r)["rule_params"] == {n: p.default for n, p in formats.PARAMS.items()}
     r = invoke("convert", float_file, "--rule", "carry", "--gain", 2, "--out", tmp_path / "c")

@@ -21,6 +21,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:mypy_extensions.TypedDict is dep
 FAST = settings(max_examples=50, deadline=None)
 
 
+FLIP_DEFAULTS = {"K": 16, "theta": 16, "gain": 4, "horizon": 0, "vote_max": 3, "vote_norm": 0, "reset": 0}
+
+
 def test_constants():
     assert formats.FORMAT_VERSION == 1
     assert formats.TRITS_PER_BYTE == 5
@@ -30,8 +33,9 @@ def test_constants():
     assert formats.DEFAULT_VARIANT == "E1TM32"
     assert all(name == f"E1TM{gs}" for name, gs in formats.VARIANTS.items())
     assert list(formats.RULES) == ["average", "carry", "flip"]
-    assert {n: p.default for n, p in formats.PARAMS.items()} == {"K": 16, "theta": 16, "gain": 4, "horizon": 0, "vote_max": 3}
-    assert {n: p.absent for n, p in formats.PARAMS.items() if p.absent is not None} == {"vote_max": 1}
+    assert {n: p.default for n, p in formats.PARAMS.items()} == FLIP_DEFAULTS
+    assert {n: p.absent for n, p in formats.PARAMS.items() if p.absent is not None} == \
+        {"vote_max": 1, "vote_norm": 0, "reset": 0}
     assert formats.DEFAULT_RULE == "flip"
 
 
@@ -123,12 +127,13 @@ def test_theoretical_bpw_examples():
 def test_rule_params():
     assert formats.rule_params("average") == {}
     assert formats.rule_params("carry") == {"K": 16}
-    assert formats.rule_params("flip") == {"K": 16, "theta": 16, "gain": 4, "horizon": 0, "vote_max": 3}
-    assert formats.rule_params("flip", K=3, theta=None) == {"K": 3, "theta": 16, "gain": 4, "horizon": 0, "vote_max": 3}
+    assert formats.rule_params("flip") == FLIP_DEFAULTS
+    assert formats.rule_params("flip", K=3, theta=None) == FLIP_DEFAULTS | {"K": 3}
     with pytest.raises(ConfigError, match="rule 'carry' takes no parameter theta"):
         formats.rule_params("carry", theta=3)
     assert formats.recorded_rule_params("flip", {"K": 2, "theta": 3, "gain": 0, "horizon": 0}) == \
-        {"K": 2, "theta": 3, "gain": 0, "horizon": 0, "vote_max": 1}  # written before vote_max existed
+        {"K": 2, "theta": 3, "gain": 0, "horizon": 0, "vote_max": 1, "vote_norm": 0, "reset": 0}  # written before
+    # vote_max, vote_norm and reset existed
     with pytest.raises(ConfigError, match="rule_params has keys"):
         formats.recorded_rule_params("flip", {"K": 2})
     assert formats.rule_params("carry", K=np.int64(5)) == {"K": 5} and type(formats.rule_params("carry", K=np.int64(5))["K"]) is int
@@ -141,6 +146,12 @@ def test_rule_params():
     for bad in [dict(vote_max=0), dict(vote_max=128)]:
         with pytest.raises(ConfigError, match="vote_max"):
             formats.rule_params("flip", **bad)
+    for bad in [dict(vote_norm=2), dict(vote_norm=-1), dict(reset=-1), dict(reset=127)]:
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            formats.rule_params("flip", **bad)
+    with pytest.raises(ConfigError, match="reset=16 must be below theta=16"):
+        formats.rule_params("flip", theta=16, reset=16)
+    assert formats.rule_params("flip", theta=64, reset=63)["reset"] == 63
     assert formats.rule_params("carry", K=1 << 20) == {"K": 1 << 20}
 
 

@@ -193,17 +193,18 @@ def test_apply_votes_matches_reference(impl, rows, ng, seed, limit, scale):
 @FAST
 @given(rows=rows_st, cols=cols_st, seed=S.seeds, theta=st.sampled_from([1, 2, 3, 8, 127]),
        gain_m=st.sampled_from([0.0, 0.3, 4.0]), vote_max=st.sampled_from([1, 2, 3, 127]),
-       key=st.integers(0, 2**64 - 1))
-def test_flip_matches_reference(impl, variant, rows, cols, seed, theta, gain_m, vote_max, key):
+       key=st.integers(0, 2**64 - 1), tensor_norm=st.booleans(), reset_frac=st.sampled_from([0.0, 0.5, 1.0]))
+def test_flip_matches_reference(impl, variant, rows, cols, seed, theta, gain_m, vote_max, key, tensor_norm, reset_frac):
+    reset = min(theta - 1, int(reset_frac * theta))
     s = random_state(np.random.default_rng(seed), formats.make_scheme(variant, "flip", theta=theta), (rows, cols))
     Tp, fa = s["T_packed"], s["flip_accum"]  # flip_accum within +-theta (planted), 0 on padding
     rng = np.random.default_rng(seed + 2)
     grad = rng.standard_normal((rows, cols)).astype(np.float32)
     if grad.size:
         grad.flat[rng.integers(0, grad.size, max(1, grad.size // 5))] = 0.0
-    want_tp, want_fa, want_n = ref.flip(grad, Tp, fa, theta, gain_m, key, vote_max)
+    want_tp, want_fa, want_n = ref.flip(grad, Tp, fa, theta, gain_m, key, vote_max, tensor_norm, reset)
     tp, f = Tp.copy(), fa.copy()
-    n = K("flip_into", impl)(grad, tp, f, theta, gain_m, vote_max, np.uint64(key))
+    n = K("flip_into", impl)(grad, tp, f, theta, gain_m, vote_max, np.uint64(key), tensor_norm, reset)
     assert_same(tp, want_tp, f"flip T_packed {variant} theta={theta}")
     assert_same(f, want_fa, f"flip flip_accum {variant} theta={theta}")
     assert n == want_n
@@ -355,7 +356,7 @@ def test_all_kernels_many_rows(variant, rows, cols):
             assert_same(c, want_av[0], "apply_votes corr")
             assert_same(e, want_av[1], "apply_votes E")
             tp, f = Tp.copy(), fa.copy()
-            assert K("flip_into", impl)(grad, tp, f, 2, 0.0, 1, np.uint64(0)) == want_fl[2]
+            assert K("flip_into", impl)(grad, tp, f, 2, 0.0, 1, np.uint64(0), False, 0) == want_fl[2]
             assert_same(tp, want_fl[0], "flip T_packed")
             assert_same(f, want_fl[1], "flip flip_accum")
             out = np.empty_like(E)
@@ -397,7 +398,7 @@ def test_stochastic_votes_keep_the_probability(impl):
     grad = np.where(np.random.default_rng(1).random((rows, cols)) < 0.5, -1.0, 1.0).astype(np.float32)
     tp = pack_trits(np.zeros((rows, cols), np.int8), 8)
     fa = np.zeros((rows, cols), np.int8)
-    n = K("flip_into", impl)(grad, tp, fa, 1, 0.3, 1, np.uint64(schedule.vote_key(0, 0, 0)))
+    n = K("flip_into", impl)(grad, tp, fa, 1, 0.3, 1, np.uint64(schedule.vote_key(0, 0, 0)), False, 0)
     assert abs(n - 30_000) < 4 * (100_000 * 0.3 * 0.7) ** 0.5
 
 
@@ -411,7 +412,7 @@ def test_stochastic_votes_round_the_magnitude(impl):
     for gain_m, lo, hi in ((1.7, 1, 2), (5.0, 3, 3)):
         tp = pack_trits(np.zeros((rows, cols), np.int8), 8)
         fa = np.zeros((rows, cols), np.int8)
-        assert K("flip_into", impl)(grad, tp, fa, 127, gain_m, 3, np.uint64(schedule.vote_key(0, 0, 1))) == 0
+        assert K("flip_into", impl)(grad, tp, fa, 127, gain_m, 3, np.uint64(schedule.vote_key(0, 0, 1)), False, 0) == 0
         steps = -fa.astype(np.int64) * np.sign(grad).astype(np.int64)
         assert steps.min() == lo and steps.max() == hi
         assert abs(steps.mean() - min(gain_m, 3)) < 4 * (0.21 / steps.size) ** 0.5

@@ -124,16 +124,18 @@ def check_apply_votes(dev, seed, rows, cols, gs):
 def check_flip(dev, seed, rows, cols, gs):
     tg, rng = _tg(), np.random.default_rng(seed)
     cols_p = formats.padded_cols(cols, gs)
-    for theta, gain_m, vote_max in ((1, 0.0, 1), (8, 0.0, 1), (127, 0.0, 1), (2, 0.7, 1), (8, 5.0, 1), (16, 1.7, 3)):
+    for theta, gain_m, vote_max, tn, reset in ((1, 0.0, 1, False, 0), (8, 0.0, 1, False, 7), (127, 0.0, 1, False, 0),
+                                               (2, 0.7, 1, False, 1), (8, 5.0, 1, False, 0), (16, 1.7, 3, False, 0),
+                                               (16, 1.7, 3, True, 15), (4, 0.7, 1, True, 0)):
         base, step = int(rng.integers(0, 2**63)) * 2 + 1, int(rng.integers(0, 10**6))
         tp, _, _ = kernel_arrays(rng, rows, cols, gs, invalid_bytes=theta == 8)
         fa = rng.integers(-theta, theta + 1, (rows, cols_p)).astype(np.int8)
         fa.flat[::13] = rng.choice(np.array([-128, 127, theta, -theta], np.int8), fa.flat[::13].shape)
         g = random_grad(rng, rows, cols)
         tp_want, fa_want = tp.copy(), fa.copy()
-        n_want = cpu.flip_into(g, tp_want, fa_want, theta, gain_m, vote_max, np.uint64(schedule.mix64(base ^ step)))
+        n_want = cpu.flip_into(g, tp_want, fa_want, theta, gain_m, vote_max, np.uint64(schedule.mix64(base ^ step)), tn, reset)
         tp_d, fa_d = t(tp, dev), t(fa, dev)
-        n = tg.flip_into(t(g, dev), tp_d, fa_d, theta, gain_m, base, step, vote_max)
+        n = tg.flip_into(t(g, dev), tp_d, fa_d, theta, gain_m, base, step, vote_max, tn, reset)
         assert n == n_want, f"flips {n} vs {n_want}"
         assert_same(tp_d, tp_want, f"flip T_packed theta={theta} gs={gs} {rows}x{cols}")
         assert_same(fa_d, fa_want, f"flip flip_accum theta={theta}")

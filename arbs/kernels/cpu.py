@@ -348,16 +348,17 @@ def _vote_weight(x, stoch, scale, vote_max, key, i):
 
 
 @njit(parallel=True, **_OPTS)
-def flip_into(grad, T_packed, flip_accum, theta, gain_m, vote_max, key):
+def flip_into(grad, T_packed, flip_accum, theta, gain_m, vote_max, key, tensor_norm, reset):
     """The flip rule's trit update, in place on ``T_packed`` (uint8, (rows, nb)) and ``flip_accum``
     (int8, (rows, cols_p)): c = clamp(c + r, -theta, theta) with the vote r of each gradient entry; at
-    +theta a trit below +1 steps up and c = 0; at -theta a trit above -1 steps down and c = 0. Padding
-    positions are never touched.
+    +theta a trit below +1 steps up and c = -reset; at -theta a trit above -1 steps down and c = +reset
+    (0 <= reset < theta). Padding positions are never touched.
 
     gain_m == 0: r = -sign(grad). gain_m > 0: r = -sign(grad) * k, k the stochastic rounding of
-    min(vote_max, gain_m * |grad| / rms(grad row)), keyed by ``key`` (uint64) and the element's index
-    row * cols_p + col. The caller must have checked that grad (float, (rows, cols)) is finite.
-    Returns the number of flips.
+    min(vote_max, gain_m * |grad| / rms), keyed by ``key`` (uint64) and the element's index
+    row * cols_p + col; rms is the gradient's over its row, or over the whole tensor with ``tensor_norm``
+    (the sum of the rows' sums of squares, in row order). The caller must have checked that grad (float,
+    (rows, cols)) is finite. Returns the number of flips.
     """
     rows, nb = T_packed.shape
     cols = grad.shape[1]
@@ -365,6 +366,21 @@ def flip_into(grad, T_packed, flip_accum, theta, gain_m, vote_max, key):
     stoch = gain_m > 0.0
     nchunk = min(rows, _NCHUNK)
     nflips = np.zeros(max(nchunk, 1), np.int64)
+    tensor_scale = 0.0  # an all-zero gradient: no votes
+    if stoch and tensor_norm:
+        row_ss = np.zeros(rows, np.float64)
+        for ch in prange(nchunk):
+            r0, r1 = _chunk(ch, nchunk, rows)
+            for r in range(r0, r1):
+                rs = 0.0
+                for c in range(cols):
+                    rs += np.float64(grad[r, c]) * np.float64(grad[r, c])
+                row_ss[r] = rs
+        total = 0.0
+        for r in range(rows):  # in row order: the same sum at any thread count
+            total += row_ss[r]
+        if total > 0.0:
+            tensor_scale = gain_m / np.sqrt(total / (rows * cols))
     for ch in prange(nchunk):
         r0, r1 = _chunk(ch, nchunk, rows)
         buf = np.empty(5 * nb, np.int8)  # (5*nb,) trits of one row
@@ -373,8 +389,8 @@ def flip_into(grad, T_packed, flip_accum, theta, gain_m, vote_max, key):
             _unpack_row(T_packed[r], buf)
             fa = flip_accum[r]
             gr = grad[r]
-            scale = 0.0  # an all-zero gradient row: no votes
-            if stoch:
+            scale = tensor_scale  # an all-zero gradient row: no votes
+            if stoch and not tensor_norm:
                 ss = 0.0
                 for c in range(cols):
                     ss += np.float64(gr[c]) * np.float64(gr[c])
@@ -387,11 +403,11 @@ def flip_into(grad, T_packed, flip_accum, theta, gain_m, vote_max, key):
                 t = buf[c]
                 if v == theta and t < 1:
                     buf[c] = t + 1
-                    v = 0
+                    v = -reset
                     n += 1
                 elif v == -theta and t > -1:
                     buf[c] = t - 1
-                    v = 0
+                    v = reset
                     n += 1
                 fa[c] = np.int8(v)
             if n:

@@ -190,8 +190,8 @@ def _mix64(x):
     return x ^ (x >> 31)
 
 
-@triton.jit(do_not_specialize=["base", "vote_max"])
-def _flip_kernel(grad_ptr, tp_ptr, fa_ptr, cnt_ptr, rows, cols, cols_p, nb, theta, vote_max, scale_ptr, sched_ptr,
+@triton.jit(do_not_specialize=["base", "vote_max", "reset"])
+def _flip_kernel(grad_ptr, tp_ptr, fa_ptr, cnt_ptr, rows, cols, cols_p, nb, theta, vote_max, reset, scale_ptr, sched_ptr,
                  base, GUARDED: tl.constexpr, STOCH: tl.constexpr, BR: tl.constexpr, BB: tl.constexpr):
     """Tiles of (BR rows, BB packed bytes); each lane owns one byte and its 5 trits (unrolled loop).
 
@@ -235,7 +235,7 @@ def _flip_kernel(grad_ptr, tp_ptr, fa_ptr, cnt_ptr, rows, cols, cols_p, nb, thet
         up = m & (v == theta) & (t < 1)
         down = m & (v == -theta) & (t > -1)
         t = t + up.to(tl.int32) - down.to(tl.int32)
-        v = tl.where(up | down, 0, v)
+        v = tl.where(up, -reset, tl.where(down, reset, v))
         tl.store(fa_ptr + r * cols_p + c, v.to(tl.int8), mask=m)
         nbyte += (t + 1) * pw  # lossless re-encode, also of invalid bytes
         moved += (up | down).to(tl.int32)
@@ -319,21 +319,26 @@ def launch_apply(corr_accum, E, delta, carry_limit, counters, guarded) -> None:
     )
 
 
-def launch_flip(grad, T_packed, flip_accum, theta, counters, guarded, sched=None, base=0, vote_max=1) -> None:
+def launch_flip(grad, T_packed, flip_accum, theta, counters, guarded, sched=None, base=0, vote_max=1,
+                tensor_norm=False, reset=0) -> None:
     """sched None: sign votes. Else the float64 device tensor [step, gain_m] of the stochastic votes,
-    with ``base`` = formats.vote_base(seed, tensor)."""
+    with ``base`` = formats.vote_base(seed, tensor); ``tensor_norm``: |g| against the whole tensor's rms
+    instead of its row's."""
     rows, cols = grad.shape
     nb, cols_p = T_packed.shape[1], flip_accum.shape[1]
     if rows == 0 or nb == 0:
         return
     scale = counters  # unused placeholder pointer for sign votes
-    if sched is not None:  # per row gain_m / rms(g), 0 for an all-zero row (no votes)
-        rms = torch.linalg.vector_norm(grad, dim=1, dtype=torch.float64) / cols**0.5
-        scale = torch.where(rms > 0, sched[1] / rms, torch.zeros_like(rms))
+    if sched is not None:  # per row gain_m / rms(g), 0 for an all-zero row or tensor (no votes)
+        if tensor_norm:
+            rms = (torch.linalg.vector_norm(grad, dtype=torch.float64) / (rows * cols)**0.5).expand(rows)
+        else:
+            rms = torch.linalg.vector_norm(grad, dim=1, dtype=torch.float64) / cols**0.5
+        scale = torch.where(rms > 0, sched[1] / rms, torch.zeros_like(rms)).contiguous()
     base = base - (1 << 64) if base > _I64_MAX else base  # the same 64 bits as an int64 argument
     bb, br = _FLIP_BYTES, _FLIP_ROWS  # rows x bytes (5 trits each) per program
     _flip_kernel[_grid2(rows, nb, br, bb)](
-        grad, T_packed, flip_accum, counters, rows, cols, cols_p, nb, int(theta), int(vote_max), scale,
+        grad, T_packed, flip_accum, counters, rows, cols, cols_p, nb, int(theta), int(vote_max), int(reset), scale,
         counters if sched is None else sched, int(base),
         GUARDED=guarded, STOCH=sched is not None, BR=br, BB=bb, num_warps=4,
     )
@@ -372,7 +377,8 @@ def apply_votes(corr_accum, E, delta, carry_limit) -> tuple[int, int]:
     return c[2], c[3]
 
 
-def flip_into(grad, T_packed, flip_accum, theta, gain_m=0.0, base=0, step=0, vote_max=1) -> int:
+def flip_into(grad, T_packed, flip_accum, theta, gain_m=0.0, base=0, step=0, vote_max=1, tensor_norm=False,
+              reset=0) -> int:
     """The flip rule's trit update, in place on ``T_packed`` (uint8 (rows, nb); bytes are rewritten in
     place) and ``flip_accum`` (int8 (rows, cols_p)), as cpu.flip_into with
     ``key = formats.mix64(base ^ step)``. The caller must have checked that grad (float (rows, cols)) is
@@ -380,7 +386,8 @@ def flip_into(grad, T_packed, flip_accum, theta, gain_m=0.0, base=0, step=0, vot
     """
     counters = torch.zeros(N_COUNTERS, dtype=torch.int64, device=grad.device)
     sched = None if gain_m == 0.0 else torch.tensor([float(step), float(gain_m)], dtype=torch.float64, device=grad.device)
-    launch_flip(grad, T_packed, flip_accum, theta, counters, guarded=False, sched=sched, base=base, vote_max=vote_max)
+    launch_flip(grad, T_packed, flip_accum, theta, counters, guarded=False, sched=sched, base=base, vote_max=vote_max,
+                tensor_norm=tensor_norm, reset=reset)
     return int(counters[4].item())
 
 

@@ -92,7 +92,8 @@ def vote_async(layer, grad: torch.Tensor) -> torch.Tensor:
         sch = sched(clock, corr.device) if scheme.params["gain"] else None
         base = schedule.vote_base(clock.seed, layer.tensor_index)
         triton_gpu.launch_flip(g2, layer.T_packed, layer.flip_accum, scheme.params["theta"], counters, guarded=True,
-                               sched=sch, base=base, vote_max=scheme.params["vote_max"])
+                               sched=sch, base=base, vote_max=scheme.params["vote_max"],
+                               tensor_norm=scheme.params["vote_norm"] == 1, reset=scheme.params["reset"])
     return counters
 
 

@@ -368,7 +368,7 @@ class E1TMWeight(_ReadOnlyWeights, nn.Module):
     def apply_counts(self, delta: np.ndarray | None, trits: np.ndarray | None) -> None:
         """Apply summed votes once, in place: ``corr_accum += delta`` with the rule's carry into E (the same
         kernel a plain vote uses), then flip's counters ``c = clamp(c + trits, -theta, theta)``, a trit moving at
-        +-theta (c = 0 then), as ``flip_into`` does for one vote. Counts go to ``clock.stats``."""
+        +-theta (c = -reset, resp. +reset, then), as ``flip_into`` does for one vote. Counts go to ``clock.stats``."""
         from ..kernels import cpu
 
         c = self.clock
@@ -395,7 +395,8 @@ class E1TMWeight(_ReadOnlyWeights, nn.Module):
             down = (v == -theta) & (T > -1)
             moved = up | down
             flips = int(moved.sum())
-            v[moved] = 0
+            v[up] = -s.params["reset"]
+            v[down] = s.params["reset"]
             fa[:, :cols] = v.astype(np.int8)
             if flips:
                 T = T + up.astype(np.int8) - down.astype(np.int8)
@@ -432,7 +433,8 @@ def vote_plan(clock: Clock) -> VotePlan:
     if "flip_accum" in s.arrays():
         hi = {n: formats.PARAMS[n].hi for n in ("K", "theta")}
         scratch = formats.make_scheme(s.format, "flip", K=hi["K"], theta=hi["theta"], gain=p["gain"],
-                                      horizon=p["horizon"], vote_max=p["vote_max"])
+                                      horizon=p["horizon"], vote_max=p["vote_max"], vote_norm=p["vote_norm"],
+                                      reset=0)
     else:  # average: corr_accum += delta, no carry
         scratch = formats.make_scheme(s.format, "average")
     return VotePlan(scales=not clock.fuse_phase, trits=trits, trit_max=trit_max,

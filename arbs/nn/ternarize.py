@@ -47,6 +47,8 @@ def ternarize_(
     gain: int | None = None,
     horizon: int | None = None,
     vote_max: int | None = None,
+    vote_norm: int | None = None,
+    reset: int | None = None,
     seed: int = 0,
     include=lambda name, module: True,
     report: dict | None = None,
@@ -71,7 +73,7 @@ def ternarize_(
     ----------
     model : the module to change in place; it may itself be a Linear, Embedding or MultiheadAttention, which
         is then replaced by the returned module.
-    format, rule, K, theta, gain, horizon, vote_max : the E1TM variant and update rule with its integer
+    format, rule, K, theta, gain, horizon, vote_max, vote_norm, reset : the E1TM variant and update rule with its integer
         parameters (formats.RULES, formats.PARAMS; None takes the table's default; for flip pass
         ``horizon=<your step count>`` to end the vote schedule there, as ``arbs train`` does).
     seed : keys the flip rule's stochastic votes (with each tensor's index and the step).
@@ -84,8 +86,8 @@ def ternarize_(
     Use it as ``model = arbs.nn.ternarize_(model, ...)``. The clock shared by all converted layers (scheme,
     step_counter, stats) is ``arbs.nn.model_clock(model)``; ``step(model)`` advances it.
     """
-    clock = Clock(formats.make_scheme(format, rule, K=K, theta=theta, gain=gain, horizon=horizon, vote_max=vote_max),
-                  seed=int(seed))
+    clock = Clock(formats.make_scheme(format, rule, K=K, theta=theta, gain=gain, horizon=horizon, vote_max=vote_max,
+                                    vote_norm=vote_norm, reset=reset), seed=int(seed))
     with_attention = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     targets = [
         (name, m)

@@ -70,19 +70,21 @@ def apply_votes(corr_accum, E, delta, carry_limit):
     return c, e.astype(np.int8), carries, sats
 
 
-def trit_votes(grad, cols_p, gain_m=0.0, key=0, vote_max=1):
+def trit_votes(grad, cols_p, gain_m=0.0, key=0, vote_max=1, tensor_norm=False):
     """(rows, cols) int64 trit votes: -sign(grad), or with gain_m > 0 -sign(grad) * k, k the stochastic
-    rounding of a = min(vote_max, gain_m*|g|/rms(row)): floor(a), plus one when the counter-based draw of
-    formats.vote_key (pure Python ints) is below a - floor(a)."""
+    rounding of a = min(vote_max, gain_m*|g|/rms): floor(a), plus one when the counter-based draw of
+    formats.vote_key (pure Python ints) is below a - floor(a); rms over the row, or over the whole tensor
+    with ``tensor_norm``."""
     from ..schedule import GOLDEN64, mix64
 
     rows, cols = grad.shape
     r = -np.sign(grad).astype(np.int64)
     if gain_m == 0.0:
         return r
+    total = float(np.sum(grad.astype(np.float64) ** 2))
     for i in range(rows):
         g = grad[i].astype(np.float64)
-        ss = float(np.sum(g * g))
+        ss = total / rows if tensor_norm else float(np.sum(g * g))
         if ss == 0.0:
             r[i] = 0
             continue
@@ -97,17 +99,17 @@ def trit_votes(grad, cols_p, gain_m=0.0, key=0, vote_max=1):
     return r
 
 
-def flip(grad, T_packed, flip_accum, theta, gain_m=0.0, key=0, vote_max=1):
+def flip(grad, T_packed, flip_accum, theta, gain_m=0.0, key=0, vote_max=1, tensor_norm=False, reset=0):
     """Returns new (T_packed, flip_accum, flips); inputs untouched."""
     rows, cols = grad.shape
     T = unpack(T_packed, flip_accum.shape[1]).astype(np.int64)
     c = flip_accum.astype(np.int64)
-    v = np.clip(c[:, :cols] + trit_votes(grad, flip_accum.shape[1], gain_m, key, vote_max), -theta, theta)
+    v = np.clip(c[:, :cols] + trit_votes(grad, flip_accum.shape[1], gain_m, key, vote_max, tensor_norm), -theta, theta)
     t = T[:, :cols]
     up = (v == theta) & (t < 1)
     down = (v == -theta) & (t > -1)
     t = t + up - down
-    v = np.where(up | down, 0, v)
+    v = np.where(up, -reset, np.where(down, reset, v))
     T[:, :cols] = t
     c[:, :cols] = v
     return pack(T.astype(np.int8), T_packed.shape[1]), c.astype(np.int8), int(up.sum() + down.sum())

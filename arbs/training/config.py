@@ -80,6 +80,8 @@ class TrainConfig:
     gain: int | None = None  # flip's stochastic vote gain (0 = plain sign votes)
     horizon: int | None = None  # flip's schedule end; None: --steps
     vote_max: int | None = None  # flip: largest counter step of one vote
+    vote_norm: int | None = None  # flip: the votes' rms over 0 = the row, 1 = the tensor
+    reset: int | None = None  # flip: a moved trit's counter starts at -reset*direction
     preset: str = "tiny"
     # a local Hugging Face causal-LM directory (config.json, model.safetensors, tokenizer.json) to train
     # instead of the built-in GPT; exclusive with --preset (arbs.models.hf)
