@@ -214,7 +214,9 @@ def convert(w: np.ndarray, scheme: formats.Scheme, *, name: str = "tensor") -> t
 
     Per group: a = mean|w| over the real elements, T = clamp(rint(w/a), -1, 1), s = mean|w_i| over the
     non-zero trits, E = clip(rint(log2 s), -128, 127); all-zero groups get T = 0, E = 0. For carry/flip
-    the fraction is kept: corr_accum = rint((log2 s - E)*K*gs), clamped inside +-(K*gs - 1).
+    the fraction is kept: corr_accum = rint((log2 s - E)*K*gs), clamped inside +-(K*gs - 1). flip's
+    counters start where each weight sits between the trits: flip_accum = rint(2*theta*(w/a - T)), clamped
+    inside +-(theta - 1) (a weight halfway to the next trit starts halfway to moving there).
     """
     w = np.asarray(w)
     if w.dtype.kind != "f":
@@ -251,7 +253,11 @@ def convert(w: np.ndarray, scheme: formats.Scheme, *, name: str = "tensor") -> t
     T_rows = T.reshape(rows, cols_p).astype(np.int8)
     state = {"T_packed": pack(T_rows, gs), "E": E.astype(np.int8), "corr_accum": corr}
     if "flip_accum" in scheme.arrays():
-        state["flip_accum"] = np.zeros((rows, cols_p), np.int8)
+        theta = scheme.params["theta"]
+        residual = np.rint(2 * theta * (g / safe_a[..., None] - T)).reshape(rows, cols_p)
+        fa = np.clip(residual, -(theta - 1), theta - 1)
+        fa[~real] = 0
+        state["flip_accum"] = fa.astype(np.int8)  # all-zero groups: w = 0 = T, so 0
     w_eff = materialize(state, shape, scheme, 0)
     norm = float(np.linalg.norm(w.astype(np.float64)))
     err = float(np.linalg.norm(w_eff.astype(np.float64) - w.astype(np.float64)))

@@ -3,7 +3,9 @@
 Runs ``arbs train`` (the product's CLI, every option passed through) with monkeypatches, each off unless asked for:
 
 - ``--fa-init residual``: after ``ops.convert`` makes a tensor's step-0 state, set each weight's flip counter
-  from where its float value sits between the ternary decision boundaries, instead of 0. Convert decides
+  from where its float value sits between the ternary decision boundaries, instead of 0. (Since round 4
+  this is the product's convert rule, formats/SPEC.md section 10, so the option changes nothing there;
+  ``--fa-init zero`` sets the counters back to 0, the rule rounds 1-3 ran against.) Convert decides
   ``T = clamp(rint(x), -1, 1)`` with ``x = w / a`` (``a`` = mean|w| of the group), so ``x - T`` is the
   residual the trit leaves (boundaries at ``x - T = +-0.5``); the counter takes it in counter units,
   ``flip_accum = clamp(rint(2 * theta * FA_SCALE * (x - T)), -(theta - 1), theta - 1)``: a weight just
@@ -50,6 +52,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 
 from arbs import formats, ops, schedule
+
+
+def patch_zero_init() -> None:
+    """flip's step-0 counters 0 (ops.convert before round 4) instead of the float residual."""
+    orig = ops.convert
+
+    def convert(w, scheme, *, name="tensor"):
+        state, stats = orig(w, scheme, name=name)
+        if "flip_accum" in state:
+            state["flip_accum"][...] = 0
+        return state, stats
+
+    ops.convert = convert
 
 
 def patch_residual_init(fa_scale: float = 1.0) -> None:
@@ -306,7 +321,9 @@ def main(argv=None) -> int:
         i = argv.index("--")
         argv, rest = argv[:i], argv[i + 1:]
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--fa-init", choices=("zero", "residual"), default="zero")
+    ap.add_argument("--fa-init", choices=("product", "zero", "residual"), default="product",
+                    help="flip's step-0 counters: the product's convert rule (the residual since round 4), 0, or "
+                         "this script's residual (with --fa-scale)")
     ap.add_argument("--fa-scale", type=float, default=1.0, help="residual init: counters = scale * 2*theta*(x-T)")
     ap.add_argument("--warmup-frac", type=float, default=None, help="vote-gain warmup as a fraction of horizon")
     ap.add_argument("--reset", type=int, default=0, help="counter after a trit moves: -R*direction (product: 0)")
@@ -323,6 +340,8 @@ def main(argv=None) -> int:
         patch_corpus(a.corpus)
     if a.fa_init == "residual":
         patch_residual_init(a.fa_scale)
+    elif a.fa_init == "zero":
+        patch_zero_init()
     if a.warmup_frac is not None:
         patch_warmup(a.warmup_frac)
     patch_reset(a.reset)

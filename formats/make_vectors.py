@@ -266,6 +266,7 @@ def convert_rule(w: np.ndarray, scheme: formats.Scheme) -> dict[str, np.ndarray]
     T = np.zeros((rows, cols_p), np.int8)
     E = np.zeros((rows, ng), np.int8)
     corr = np.zeros((rows, ng), np.int64)
+    fa = np.zeros((rows, cols_p), np.int8)
     for r in range(rows):
         for g in range(ng):
             lo, hi = g * gs, min((g + 1) * gs, cols)
@@ -279,11 +280,14 @@ def convert_rule(w: np.ndarray, scheme: formats.Scheme) -> dict[str, np.ndarray]
             e = float(np.clip(np.rint(l2), formats.E_MIN, formats.E_MAX))
             T[r, lo:hi] = t
             E[r, g] = e
+            if "flip_accum" in scheme.arrays():
+                th = scheme.params["theta"]
+                fa[r, lo:hi] = np.clip(np.rint(2 * th * (x / a - t)), -(th - 1), th - 1)
             if L:
                 corr[r, g] = int(np.clip(np.rint((l2 - e) * L), -(L - 1), L - 1))
     arrays = {"T_packed": ref.pack(T, formats.packed_cols(cols_p)), "E": E, "corr_accum": corr}
     if "flip_accum" in scheme.arrays():
-        arrays["flip_accum"] = np.zeros((rows, cols_p), np.int8)
+        arrays["flip_accum"] = fa
     return arrays
 
 

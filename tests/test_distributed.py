@@ -165,7 +165,8 @@ def test_mean_and_sum_differ_with_several_micro_batches(rule, params):
 
 
 @pytest.mark.parametrize("rule,params", [*RULES.items(), ("flip", {"gain": 0}),
-                                         ("flip", {"gain": 1024, "vote_max": 127, "theta": 5})])
+                                         ("flip", {"gain": 1024, "vote_max": 127, "theta": 5}),
+                                         ("flip", {"theta": 4, "reset": 3, "vote_norm": 1})])
 def test_one_micro_batch_of_vote_sums_is_the_plain_vote(rule, params):
     """The cut between 'votes of a micro-batch' and 'apply the summed votes' changes nothing for one micro-batch
     (vote_max 127 included: the scratch vote may move a trit there)."""

@@ -45,13 +45,14 @@ def test_resume_from_a_mid_run_checkpoint_with_the_fuse_phase(tmp_path, text):
         np.testing.assert_array_equal(sa[1][k], sb[1][k], err_msg=str(k))
 
 
-@pytest.mark.parametrize("fmt,rule", [("E1TM32", "flip"), ("E1TM16", "carry"), ("E1TM32", "average"), ("fp32", None)])
-def test_resume_is_bit_exact(tmp_path, text, fmt, rule):
+@pytest.mark.parametrize("fmt,rule,params", [("E1TM32", "flip", {}), ("E1TM32", "flip", {"vote_norm": 1, "reset": 15}),
+                                             ("E1TM16", "carry", {}), ("E1TM32", "average", {}), ("fp32", None, {})])
+def test_resume_is_bit_exact(tmp_path, text, fmt, rule, params):
     # the fuse phase is the last fraction of --steps, so a 3-step run has its own phase: split
     # runs compare without one (test_resume_from_a_mid_run_checkpoint_with_the_fuse_phase covers it)
     a, b = tmp_path / "a", tmp_path / "b"
     # flip's vote schedule ends at --horizon (default --steps): one schedule for both runs
-    kw = dict(format=fmt, rule=rule, data=text, **SMALL) | ({"fuse_phase": 0.0} if rule else {})
+    kw = dict(format=fmt, rule=rule, data=text, **SMALL, **params) | ({"fuse_phase": 0.0} if rule else {})
     kw |= {"horizon": 6} if rule == "flip" else {}
     train(TrainConfig(steps=6, out=str(a), **kw))
     train(TrainConfig(steps=3, out=str(b), **kw))
