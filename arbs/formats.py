@@ -86,7 +86,7 @@ PARAMS: dict[str, ParamSpec] = {p.name: p for p in (
     ParamSpec("gain", 4, 0, 1 << 10, None, "flip: stochastic vote gain; 0 = every weight votes -sign(g) each step"),
     ParamSpec("horizon", 0, 0, 1 << 40, None, "flip: step where the vote schedule ends; 0 = constant"),
     ParamSpec("vote_max", 3, 1, 127, 1, "flip with gain > 0: largest counter step of one vote"),
-    ParamSpec("vote_norm", 0, 0, 1, 0, "flip with gain > 0: |g| is measured against the rms of 0 = its row, "
+    ParamSpec("vote_norm", 1, 0, 1, 0, "flip with gain > 0: |g| is measured against the rms of 0 = its row, "
               "1 = its whole tensor"),
     ParamSpec("reset", 0, 0, 126, 0, "flip: a trit that moves starts its counter at -reset*direction; 0 = afresh, "
               "theta-1 = where it crossed (below theta)"),

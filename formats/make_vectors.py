@@ -89,7 +89,7 @@ def materialize_ref(Tp, E, corr, scheme, step, cols):
 
 
 # The vectors were made with flip's plain sign votes; its parameters are pinned, not the table's defaults.
-PLAIN_FLIP = {"gain": 0, "horizon": 0, "vote_max": 1}
+PLAIN_FLIP = {"gain": 0, "horizon": 0, "vote_max": 1, "vote_norm": 0, "reset": 0}
 
 
 def make_scheme(fmt: str, rule: str, **params) -> formats.Scheme:

@@ -108,7 +108,7 @@ def test_convert_safetensors_file_half_precision(tmp_path):
     np.testing.assert_array_equal(loaded["embed.weight"], tensors["embed.weight"].float().numpy())
     report = convert_file(src, tmp_path / "run", format="E1TM16", rule="flip", K=4, theta=3)
     ckpt = store.open_checkpoint(Path(report.path))
-    assert ckpt.format == "E1TM16" and ckpt.gs == 16 and ckpt.rule_params == {"K": 4, "theta": 3, "gain": 4, "horizon": 0, "vote_max": 3, "vote_norm": 0, "reset": 0}
+    assert ckpt.format == "E1TM16" and ckpt.gs == 16 and ckpt.rule_params == {"K": 4, "theta": 3, "gain": 4, "horizon": 0, "vote_max": 3, "vote_norm": 1, "reset": 0}
     assert set(ckpt.tensors["conv.weight"].arrays) == {"T_packed", "E", "corr_accum", "flip_accum"}
     assert "ids" in [s.name for s in report.skipped]
 

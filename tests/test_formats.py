@@ -21,7 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:mypy_extensions.TypedDict is dep
 FAST = settings(max_examples=50, deadline=None)
 
 
-FLIP_DEFAULTS = {"K": 16, "theta": 16, "gain": 4, "horizon": 0, "vote_max": 3, "vote_norm": 0, "reset": 0}
+FLIP_DEFAULTS = {"K": 16, "theta": 16, "gain": 4, "horizon": 0, "vote_max": 3, "vote_norm": 1, "reset": 0}
 
 
 def test_constants():

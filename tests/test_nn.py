@@ -170,7 +170,7 @@ def test_ternarize_rejects_a_parameter_the_rule_does_not_take():
         anx.ternarize_(model, "E1TM8", "carry", gain=4)
     assert anx.ternarize_(model, "E1TM8", "flip", gain=4, horizon=10, seed=3) is model
     clock = anx.model_clock(model)
-    assert clock.scheme.params == {"K": 16, "theta": 16, "gain": 4, "horizon": 10, "vote_max": 3, "vote_norm": 0, "reset": 0} and clock.seed == 3
+    assert clock.scheme.params == {"K": 16, "theta": 16, "gain": 4, "horizon": 10, "vote_max": 3, "vote_norm": 1, "reset": 0} and clock.seed == 3
 
 
 def test_state_arrays_follow_a_replaced_buffer():

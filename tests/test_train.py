@@ -93,7 +93,7 @@ def test_fuse_phase_fuses_the_scales_so_the_gap_is_zero(tmp_path, text):
     res = train(TrainConfig(format="E1TM32", data=text, steps=8, out=str(tmp_path / "r"), **SMALL))
     assert res.fuse_gap == 0.0 and res.val_loss == res.val_loss_fused
     ck = store.open_checkpoint(tmp_path / "r")
-    assert ck.rule_params == {"K": 16, "theta": 16, "gain": 4, "horizon": 8, "vote_max": 3, "vote_norm": 0, "reset": 0}
+    assert ck.rule_params == {"K": 16, "theta": 16, "gain": 4, "horizon": 8, "vote_max": 3, "vote_norm": 1, "reset": 0}
     assert all(not t.arrays["corr_accum"].any() for t in ck.tensors.values())
 
 
@@ -104,7 +104,7 @@ def test_resume_keeps_the_runs_own_rule_parameters(tmp_path, text):
     train(TrainConfig(steps=3, K=8, theta=8, vote_max=1, **kw))
     train(TrainConfig(steps=5, resume=True, **kw))
     ck = store.open_checkpoint(tmp_path / "r")
-    assert ck.step_counter == 5 and ck.rule_params == {"K": 8, "theta": 8, "gain": 4, "horizon": 3, "vote_max": 1, "vote_norm": 0, "reset": 0}
+    assert ck.step_counter == 5 and ck.rule_params == {"K": 8, "theta": 8, "gain": 4, "horizon": 3, "vote_max": 1, "vote_norm": 1, "reset": 0}
     with pytest.raises(ConfigError, match="rule_params"):
         train(TrainConfig(steps=6, resume=True, theta=12, **kw))
     assert store.open_checkpoint(tmp_path / "r").step_counter == 5
@@ -152,7 +152,7 @@ def test_flip_options_through_the_cli(tmp_path, text):
     r = CliRunner().invoke(main, [*args, "--gain", "0", "--horizon", "0", "--K", "4", "--vote-max", "2", "--json"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "r" / "loss.png").stat().st_size > 1000  # the CLI draws the run's metrics
-    assert store.open_checkpoint(run).rule_params == {"K": 4, "theta": 16, "gain": 0, "horizon": 0, "vote_max": 2, "vote_norm": 0, "reset": 0}
+    assert store.open_checkpoint(run).rule_params == {"K": 4, "theta": 16, "gain": 0, "horizon": 0, "vote_max": 2, "vote_norm": 1, "reset": 0}
     r = CliRunner().invoke(main, [*args, "--rule", "carry", "--gain", "2", "--out", run + "2"])
     assert r.exit_code == 1 and "rule 'carry' takes no parameter gain" in r.output
     r = CliRunner().invoke(main, [*args, "--rule", "carry", "--vote-max", "2", "--out", run + "3"])
