@@ -98,7 +98,8 @@ def generate(path, prompt: str | bytes, *, max_bytes: int = 200, temperature: fl
 
     A Hugging Face run samples up to ``max_bytes`` *tokens*: the prompt is encoded with the run's tokenizer
     (no special tokens added, as in training) and the tokens are decoded as they come, yielding the UTF-8
-    bytes of each decoded piece (a character split across tokens comes when it is whole)."""
+    bytes of each decoded piece (a character split across tokens comes when it is whole; one still
+    incomplete when the sample ends comes as its bytes, U+FFFD for each that is not UTF-8)."""
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or not 0 <= max_bytes <= MAX_GENERATE_BYTES:
         raise ConfigError(f"--max-bytes must be an integer 0 .. {MAX_GENERATE_BYTES}, got {max_bytes!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
@@ -130,9 +131,16 @@ def _generate_text(model, meta: dict, raw: bytes, max_tokens: int, temperature: 
     decoder = DecodeStream(ids=ids, skip_special_tokens=False)
 
     def pieces():
+        pending = []  # tokens the stream holds back: the start of a character not yet complete
         for nxt in model.stream(idx, max_tokens, temperature=temperature, generator=g):
-            piece = decoder.step(tok, int(nxt[0, 0]))
+            t = int(nxt[0, 0])
+            piece = decoder.step(tok, t)
+            pending = [] if piece else pending + [t]
             if piece:
                 yield piece.encode("utf-8")
+        if pending:  # the sample ended inside a character: show its bytes (U+FFFD where not UTF-8), not nothing
+            tail = tok.decode(pending, skip_special_tokens=False)
+            if tail:
+                yield tail.encode("utf-8")
 
     return pieces()
