@@ -1,6 +1,9 @@
 """Levers for flip fine-tuning from a float Hugging Face model (issue 14 item 4), prototyped without touching arbs/.
 
-Runs ``arbs train`` (the product's CLI, every option passed through) with monkeypatches, each off unless asked for:
+Runs ``arbs train`` (the product's CLI, every option passed through) with monkeypatches, each off unless asked for.
+Since round 4 three of them are in the library: the residual counter start (``ops.convert``), ``--vote-norm 1``
+(this script's ``--tensor-norm-all``) and ``--reset R`` (the rule parameter; this script's ``--reset`` is its
+prototype, with ``torch.rand`` draws on the tensor-normalized path).
 
 - ``--fa-init residual``: after ``ops.convert`` makes a tensor's step-0 state, set each weight's flip counter
   from where its float value sits between the ternary decision boundaries, instead of 0. (Since round 4
