@@ -118,6 +118,7 @@ def patch_warmup(frac: float) -> None:
 
 
 RESET = [0]  # --reset R, also used by the tensor-normalized update
+POWER = [1.0]  # --vote-power P: the tensor-normalized update's a = gain * (|g| / rms) ** P
 
 
 def patch_reset(R: int) -> None:
@@ -230,7 +231,7 @@ def _tensor_norm_flip(T_packed, fa, g, *, theta: int, vote_max: int, gain_m: flo
     rms = g.pow(2).mean().sqrt()
     if not math.isfinite(float(rms)) or float(rms) == 0.0:  # a host sync: run with --no-cuda-graph on a GPU
         return
-    a = torch.clamp(gain_m * g.abs() / rms.clamp_min(1e-30), max=float(vote_max))
+    a = torch.clamp(gain_m * (g.abs() / rms.clamp_min(1e-30)) ** POWER[0], max=float(vote_max))
     u = torch.rand(a.shape, device=a.device, generator=gen)
     k = torch.floor(a) + (u < a - torch.floor(a)).float()
     r = torch.zeros((rows, cols_p), dtype=torch.int32, device=g.device)
@@ -337,8 +338,11 @@ def main(argv=None) -> int:
                     "the tensor's gradient rms instead of the row's")
     ap.add_argument("--tensor-norm-index", default="", help="the same by tensor index (29: the Llama's head)")
     ap.add_argument("--tensor-norm-all", action="store_true", help="every tensor's trit votes tensor-normalized")
+    ap.add_argument("--vote-power", type=float, default=1.0, help="tensor-normalized votes: gain * (|g|/rms) ** P "
+                    "(P < 1 narrows the range between weights with small and large gradients, toward Adam's)")
     ap.add_argument("--corpus", default=None, help="an .npz of the built-in corpus (train, val, info) to use as it")
     a = ap.parse_args(argv)
+    POWER[0] = a.vote_power
     if a.corpus:
         patch_corpus(a.corpus)
     if a.fa_init == "residual":
