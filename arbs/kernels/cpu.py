@@ -347,6 +347,15 @@ def _vote_weight(x, stoch, scale, vote_max, key, i):
     return -s * k
 
 
+@njit(inline="always")
+def _sum_sq(gr, cols):
+    """sum of gr[c]**2 over c < cols in float64, in index order."""
+    ss = 0.0
+    for c in range(cols):
+        ss += np.float64(gr[c]) * np.float64(gr[c])
+    return ss
+
+
 @njit(parallel=True, **_OPTS)
 def flip_into(grad, T_packed, flip_accum, theta, gain_m, vote_max, key, tensor_norm, reset):
     """The flip rule's trit update, in place on ``T_packed`` (uint8, (rows, nb)) and ``flip_accum``
@@ -372,10 +381,7 @@ def flip_into(grad, T_packed, flip_accum, theta, gain_m, vote_max, key, tensor_n
         for ch in prange(nchunk):
             r0, r1 = _chunk(ch, nchunk, rows)
             for r in range(r0, r1):
-                rs = 0.0
-                for c in range(cols):
-                    rs += np.float64(grad[r, c]) * np.float64(grad[r, c])
-                row_ss[r] = rs
+                row_ss[r] = _sum_sq(grad[r], cols)
         total = 0.0
         for r in range(rows):  # in row order: the same sum at any thread count
             total += row_ss[r]
@@ -391,9 +397,7 @@ def flip_into(grad, T_packed, flip_accum, theta, gain_m, vote_max, key, tensor_n
             gr = grad[r]
             scale = tensor_scale  # an all-zero gradient row: no votes
             if stoch and not tensor_norm:
-                ss = 0.0
-                for c in range(cols):
-                    ss += np.float64(gr[c]) * np.float64(gr[c])
+                ss = _sum_sq(gr, cols)
                 if ss > 0.0:
                     scale = gain_m / np.sqrt(ss / cols)
             n = 0
