@@ -179,6 +179,29 @@ def patch_reset(R: int) -> None:
     cuda.vote_async = vote_async
 
 
+def _chosen(view, index, shapes, indices, every=False) -> bool:
+    """Whether a tensor of (rows, cols) ``view`` and model-order ``index`` is one a patch applies to."""
+    return every or tuple(view) in shapes or index in indices
+
+
+def _scales_only(orig, state, g2, scheme, **kw):
+    """The product's CPU vote (``orig``) with the trits and counters put back: only the scales' votes stay."""
+    tp, fa = state["T_packed"].copy(), state["flip_accum"].copy()
+    st = orig(state, g2, scheme, **kw)
+    state["T_packed"][...] = tp
+    state["flip_accum"][...] = fa
+    return st
+
+
+def _scales_only_async(orig_async, layer, grad):
+    """The GPU twin of :func:`_scales_only` (``arbs.nn.cuda.vote_async``)."""
+    tp, fa = layer.T_packed.clone(), layer.flip_accum.clone()
+    counters = orig_async(layer, grad)
+    layer.T_packed.copy_(tp)
+    layer.flip_accum.copy_(fa)
+    return counters
+
+
 def patch_frozen_trits(shapes: list[tuple[int, int]], indices: list[int] = ()) -> None:
     """Tensors of these (rows, cols) shapes keep their trits and counters (their scales still vote, as
     carry's do): an ablation that says which tensors' trit moves cost loss. Wraps the same two functions
@@ -188,12 +211,9 @@ def patch_frozen_trits(shapes: list[tuple[int, int]], indices: list[int] = ()) -
     orig = ops.vote_unchecked
 
     def vote_unchecked(state, g2, scheme, **kw):
-        if "flip_accum" not in state or (tuple(g2.shape) not in shapes and kw.get("tensor") not in indices):
+        if "flip_accum" not in state or not _chosen(g2.shape, kw.get("tensor"), shapes, indices):
             return orig(state, g2, scheme, **kw)
-        tp, fa = state["T_packed"].copy(), state["flip_accum"].copy()
-        st = orig(state, g2, scheme, **kw)
-        state["T_packed"][...] = tp
-        state["flip_accum"][...] = fa
+        st = _scales_only(orig, state, g2, scheme, **kw)
         return type(st)(st.carries, st.saturations, 0)
 
     ops.vote_unchecked = vote_unchecked
@@ -205,14 +225,10 @@ def patch_frozen_trits(shapes: list[tuple[int, int]], indices: list[int] = ()) -
     orig_async = cuda.vote_async
 
     def vote_async(layer, grad):
-        if not hasattr(layer, "flip_accum") or layer.flip_accum is None \
-                or (tuple(F.tensor_view(layer.shape)) not in shapes and layer.tensor_index not in indices):
+        if getattr(layer, "flip_accum", None) is None \
+                or not _chosen(F.tensor_view(layer.shape), layer.tensor_index, shapes, indices):
             return orig_async(layer, grad)
-        tp, fa = layer.T_packed.clone(), layer.flip_accum.clone()
-        counters = orig_async(layer, grad)
-        layer.T_packed.copy_(tp)
-        layer.flip_accum.copy_(fa)
-        return counters
+        return _scales_only_async(orig_async, layer, grad)
 
     cuda.vote_async = vote_async
 
@@ -220,8 +236,8 @@ def patch_frozen_trits(shapes: list[tuple[int, int]], indices: list[int] = ()) -
 def _tensor_norm_flip(T_packed, fa, g, *, theta: int, vote_max: int, gain_m: float, gen=None) -> None:
     """flip's trit update in torch with the vote magnitude normalized by the rms of the whole tensor's
     gradient instead of its row's: a = min(vote_max, gain_m * |g| / rms(g over the tensor)), k its stochastic
-    rounding, counter += -sign(g) * k, trit moves at +-theta (counter back to 0), as the product's kernel
-    otherwise does. In place on T_packed (uint8 (rows, nb)) and fa (int8 (rows, cols_p)); g (rows, cols)."""
+    rounding, counter += -sign(g) * k, trit moves at +-theta (counter to -+RESET: --reset), as the product's
+    kernel otherwise does. In place on T_packed (uint8 (rows, nb)) and fa (int8 (rows, cols_p)); g (rows, cols)."""
     import torch
 
     rows, nb = T_packed.shape
@@ -262,21 +278,18 @@ def patch_tensor_norm(shapes: list[tuple[int, int]], indices: list[int] = (), ev
     orig = ops.vote_unchecked
 
     def vote_unchecked(state, g2, scheme, **kw):
-        if "flip_accum" not in state or (not every and tuple(g2.shape) not in shapes
-                                         and kw.get("tensor") not in indices):
+        if "flip_accum" not in state or not _chosen(g2.shape, kw.get("tensor"), shapes, indices, every):
             return orig(state, g2, scheme, **kw)
-        tp, fa = state["T_packed"].copy(), state["flip_accum"].copy()
-        st = orig(state, g2, scheme, **kw)
-        state["T_packed"][...] = tp
-        state["flip_accum"][...] = fa
+        before = state["T_packed"].copy()
+        st = _scales_only(orig, state, g2, scheme, **kw)
         gain_m = schedule.trit_vote_gain(scheme.params, kw["step_counter"])
         if gain_m <= 0:
             return type(st)(st.carries, st.saturations, 0)
-        before = tp.copy()
         _tensor_norm_flip(torch.from_numpy(state["T_packed"]), torch.from_numpy(state["flip_accum"]),
                           torch.from_numpy(np.ascontiguousarray(g2)), theta=scheme.params["theta"],
                           vote_max=scheme.params["vote_max"], gain_m=gain_m)
-        flips = int((ops.unpack(state["T_packed"], fa.shape[1]) != ops.unpack(before, fa.shape[1])).sum())
+        cols_p = state["flip_accum"].shape[1]
+        flips = int((ops.unpack(state["T_packed"], cols_p) != ops.unpack(before, cols_p)).sum())
         return type(st)(st.carries, st.saturations, flips)
 
     ops.vote_unchecked = vote_unchecked
@@ -288,13 +301,10 @@ def patch_tensor_norm(shapes: list[tuple[int, int]], indices: list[int] = (), ev
     orig_async = cuda.vote_async
 
     def vote_async(layer, grad):
-        if not hasattr(layer, "flip_accum") or layer.flip_accum is None \
-                or (not every and tuple(F.tensor_view(layer.shape)) not in shapes and layer.tensor_index not in indices):
+        if getattr(layer, "flip_accum", None) is None \
+                or not _chosen(F.tensor_view(layer.shape), layer.tensor_index, shapes, indices, every):
             return orig_async(layer, grad)
-        tp, fa = layer.T_packed.clone(), layer.flip_accum.clone()
-        counters = orig_async(layer, grad)
-        layer.T_packed.copy_(tp)
-        layer.flip_accum.copy_(fa)
+        counters = _scales_only_async(orig_async, layer, grad)
         scheme = layer.clock.scheme
         gain_m = schedule.trit_vote_gain(scheme.params, layer.clock.step_counter)
         if gain_m > 0:
