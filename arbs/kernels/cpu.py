@@ -402,18 +402,56 @@ def flip_into(grad, T_packed, flip_accum, theta, gain_m, vote_max, key, tensor_n
                     scale = gain_m / np.sqrt(ss / cols)
             n = 0
             for c in range(cols):
-                v = np.int32(fa[c]) + _vote_weight(gr[c], stoch, scale, vote_max, key, r * cols_p + c)
-                v = max(-theta, min(theta, v))
-                t = buf[c]
-                if v == theta and t < 1:
-                    buf[c] = t + 1
-                    v = -reset
-                    n += 1
-                elif v == -theta and t > -1:
-                    buf[c] = t - 1
-                    v = reset
-                    n += 1
-                fa[c] = np.int8(v)
+                v = np.int64(fa[c]) + _vote_weight(gr[c], stoch, scale, vote_max, key, r * cols_p + c)
+                n += _counter_step(fa, buf, c, v, theta, reset)
+            if n:
+                _pack_row(buf, buf.size, T_packed[r])
+            flips += n
+        nflips[ch] = flips
+    return nflips.sum()
+
+
+@njit(inline="always")
+def _counter_step(fa, buf, c, v, theta, reset):
+    """Counter ``c`` of a row takes the value ``v`` (old counter + votes) clamped to [-theta, theta]: at +theta a
+    trit below +1 (``buf``, the row's trits) steps up and the counter becomes -reset; at -theta a trit above -1
+    steps down and it becomes +reset. Returns 1 if the trit moved, else 0."""
+    v = max(-theta, min(theta, v))
+    t = buf[c]
+    moved = 0
+    if v == theta and t < 1:
+        buf[c] = t + 1
+        v = -reset
+        moved = 1
+    elif v == -theta and t > -1:
+        buf[c] = t - 1
+        v = reset
+        moved = 1
+    fa[c] = np.int8(v)
+    return moved
+
+
+@njit(parallel=True, **_OPTS)
+def apply_trit_counts(T_packed, flip_accum, counts, theta, reset):
+    """flip's counters take a sum of votes at once, in place on ``T_packed`` (uint8, (rows, nb)) and
+    ``flip_accum`` (int8, (rows, cols_p)): c = clamp(c + counts, -theta, theta), then a trit moves as in
+    :func:`flip_into`. ``counts`` int64 (rows, cols), cols <= cols_p: padding is never touched. Returns the
+    number of flips."""
+    rows, nb = T_packed.shape
+    cols = counts.shape[1]
+    nchunk = min(rows, _NCHUNK)
+    nflips = np.zeros(max(nchunk, 1), np.int64)
+    for ch in prange(nchunk):
+        r0, r1 = _chunk(ch, nchunk, rows)
+        buf = np.empty(5 * nb, np.int8)
+        flips = 0
+        for r in range(r0, r1):
+            _unpack_row(T_packed[r], buf)
+            fa = flip_accum[r]
+            cr = counts[r]
+            n = 0
+            for c in range(cols):
+                n += _counter_step(fa, buf, c, np.int64(fa[c]) + cr[c], theta, reset)
             if n:
                 _pack_row(buf, buf.size, T_packed[r])
             flips += n

@@ -368,7 +368,7 @@ class E1TMWeight(_ReadOnlyWeights, nn.Module):
     def apply_counts(self, delta: np.ndarray | None, trits: np.ndarray | None) -> None:
         """Apply summed votes once, in place: ``corr_accum += delta`` with the rule's carry into E (the same
         kernel a plain vote uses), then flip's counters ``c = clamp(c + trits, -theta, theta)``, a trit moving at
-        +-theta (c = -reset, resp. +reset, then), as ``flip_into`` does for one vote. Counts go to ``clock.stats``."""
+        +-theta (c = -reset, resp. +reset, then): the kernels ``apply_votes`` and ``apply_trit_counts``. Counts go to ``clock.stats``."""
         from ..kernels import cpu
 
         c = self.clock
@@ -386,21 +386,9 @@ class E1TMWeight(_ReadOnlyWeights, nn.Module):
             delta = np.ascontiguousarray(delta, np.int64)
             carries, sats = cpu.kernel("apply_votes", corr.size * 16)(corr, arrays["E"], delta, limit)
         if trits is not None:
-            theta = s.params["theta"]
-            rows, cols = self._rows_cols
-            T = ops.unpack(arrays["T_packed"], cols)  # (rows, cols) int8
-            fa = arrays["flip_accum"]  # (rows, cols_p) int8; padding is never touched
-            v = np.clip(fa[:, :cols].astype(np.int64) + trits[:, :cols], -theta, theta)
-            up = (v == theta) & (T < 1)
-            down = (v == -theta) & (T > -1)
-            moved = up | down
-            flips = int(moved.sum())
-            v[up] = -s.params["reset"]
-            v[down] = s.params["reset"]
-            fa[:, :cols] = v.astype(np.int8)
-            if flips:
-                T = T + up.astype(np.int8) - down.astype(np.int8)
-                arrays["T_packed"][...] = ops.pack(T, s.gs)
+            counts = np.ascontiguousarray(trits[:, :self._rows_cols[1]], np.int64)
+            flips = cpu.kernel("apply_trit_counts", counts.size)(
+                arrays["T_packed"], arrays["flip_accum"], counts, s.params["theta"], s.params["reset"])
         for k, n in (("carries", carries), ("saturations", sats), ("flips", flips)):
             c.stats[k] += int(n)
 
