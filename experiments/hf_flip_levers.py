@@ -118,6 +118,10 @@ def patch_warmup(frac: float) -> None:
 
 
 RESET = [0]  # --reset R, also used by the tensor-normalized update
+NORMALIZER = ["tensor"]  # --vote-normalizer: tensor rms, factored (this step's row x column), factored-ema
+EMA: dict = {}  # factored-ema: per tensor, the row and column EMAs of g**2 (float: a prototype's state)
+EMA_BETA = [0.999]
+SPOWER = [0.0]  # --vote-scale-power q: the tensor-normalized vote on g * S**q (S = the group's 2**(E+Xi))
 POWER = [1.0]  # --vote-power P: the tensor-normalized update's a = gain * (|g| / rms) ** P
 
 
@@ -233,7 +237,19 @@ def patch_frozen_trits(shapes: list[tuple[int, int]], indices: list[int] = ()) -
     cuda.vote_async = vote_async
 
 
-def _tensor_norm_flip(T_packed, fa, g, *, theta: int, vote_max: int, gain_m: float, gen=None) -> None:
+def _group_scale(w_eff, cols_p: int, gs: int):
+    """Each element's group scale S = 2**(E + Xi) from W_eff (rows, cols): the group's max |W_eff| (every non-zero
+    trit of a group is +-S); 0 for a group of zero trits."""
+    import torch
+
+    rows, cols = w_eff.shape
+    w = torch.zeros((rows, cols_p), dtype=torch.float32, device=w_eff.device)
+    w[:, :cols] = w_eff.float().abs()
+    s = w.reshape(rows, cols_p // gs, gs).amax(-1, keepdim=True).expand(rows, cols_p // gs, gs)
+    return s.reshape(rows, cols_p)[:, :cols]
+
+
+def _tensor_norm_flip(T_packed, fa, g, *, theta: int, vote_max: int, gain_m: float, gen=None, S=None, key=None) -> None:
     """flip's trit update in torch with the vote magnitude normalized by the rms of the whole tensor's
     gradient instead of its row's: a = min(vote_max, gain_m * |g| / rms(g over the tensor)), k its stochastic
     rounding, counter += -sign(g) * k, trit moves at +-theta (counter to -+RESET: --reset), as the product's
@@ -244,10 +260,27 @@ def _tensor_norm_flip(T_packed, fa, g, *, theta: int, vote_max: int, gain_m: flo
     cols_p = fa.shape[1]
     cols = g.shape[1]
     g = g.float()
+    if S is not None and SPOWER[0] != 0.0:  # --vote-scale-power q: vote on g * S**q (0-scale groups: S of 1)
+        S = torch.where(S > 0, S, torch.ones_like(S))
+        g = g * S.pow(SPOWER[0])
     rms = g.pow(2).mean().sqrt()
     if not math.isfinite(float(rms)) or float(rms) == 0.0:  # a host sync: run with --no-cuda-graph on a GPU
         return
-    a = torch.clamp(gain_m * (g.abs() / rms.clamp_min(1e-30)) ** POWER[0], max=float(vote_max))
+    if NORMALIZER[0] == "tensor":
+        a = torch.clamp(gain_m * (g.abs() / rms.clamp_min(1e-30)) ** POWER[0], max=float(vote_max))
+    else:  # factored: each weight's |g| against sqrt(r_i * c_j / mean r), r / c the row / column mean of g**2
+        g2 = g.pow(2)
+        r, c = g2.mean(1), g2.mean(0)
+        if NORMALIZER[0] == "factored-ema":
+            st = EMA.setdefault(key, {"r": torch.zeros_like(r), "c": torch.zeros_like(c), "t": 0})
+            st["t"] += 1
+            st["r"].mul_(EMA_BETA[0]).add_(r, alpha=1 - EMA_BETA[0])
+            st["c"].mul_(EMA_BETA[0]).add_(c, alpha=1 - EMA_BETA[0])
+            bc = 1 - EMA_BETA[0] ** st["t"]
+            r, c = st["r"] / bc, st["c"] / bc
+        v = r[:, None] * c[None, :] / r.mean().clamp_min(1e-30)
+        z = torch.where(v > 0, g.abs() / v.clamp_min(1e-30).sqrt(), torch.zeros_like(g))
+        a = torch.clamp(gain_m * z ** POWER[0], max=float(vote_max))
     u = torch.rand(a.shape, device=a.device, generator=gen)
     k = torch.floor(a) + (u < a - torch.floor(a)).float()
     r = torch.zeros((rows, cols_p), dtype=torch.int32, device=g.device)
@@ -285,9 +318,14 @@ def patch_tensor_norm(shapes: list[tuple[int, int]], indices: list[int] = (), ev
         gain_m = schedule.trit_vote_gain(scheme.params, kw["step_counter"])
         if gain_m <= 0:
             return type(st)(st.carries, st.saturations, 0)
+        S = None
+        if SPOWER[0] != 0.0:
+            w2 = np.empty(g2.shape, np.float32)
+            ops.materialize_unchecked(state, scheme, kw["step_counter"], w2)
+            S = _group_scale(torch.from_numpy(w2), state["flip_accum"].shape[1], scheme.gs)
         _tensor_norm_flip(torch.from_numpy(state["T_packed"]), torch.from_numpy(state["flip_accum"]),
                           torch.from_numpy(np.ascontiguousarray(g2)), theta=scheme.params["theta"],
-                          vote_max=scheme.params["vote_max"], gain_m=gain_m)
+                          vote_max=scheme.params["vote_max"], gain_m=gain_m, S=S, key=kw.get("tensor"))
         cols_p = state["flip_accum"].shape[1]
         flips = int((ops.unpack(state["T_packed"], cols_p) != ops.unpack(before, cols_p)).sum())
         return type(st)(st.carries, st.saturations, flips)
@@ -309,11 +347,101 @@ def patch_tensor_norm(shapes: list[tuple[int, int]], indices: list[int] = (), ev
         gain_m = schedule.trit_vote_gain(scheme.params, layer.clock.step_counter)
         if gain_m > 0:
             rows, cols = F.tensor_view(layer.shape)
+            S = None
+            if SPOWER[0] != 0.0:
+                S = _group_scale(layer.materialize(torch.float32).reshape(rows, cols), layer.flip_accum.shape[1],
+                                 scheme.gs)
             _tensor_norm_flip(layer.T_packed, layer.flip_accum, grad.detach().reshape(rows, cols),
-                              theta=scheme.params["theta"], vote_max=scheme.params["vote_max"], gain_m=gain_m)
+                              theta=scheme.params["theta"], vote_max=scheme.params["vote_max"], gain_m=gain_m, S=S,
+                              key=layer.tensor_index)
         return counters
 
     cuda.vote_async = vote_async
+
+
+OPTIMS = ("adam", "adam-b1-0", "nsgd", "nsgd-m", "nsgd-f", "adafactor", "rmsprop")
+
+
+class NormalizedSGD:
+    """Prototype optimizer for the float-latent baselines (``--optim``), per parameter one of: ``nsgd`` steps
+    ``-lr * mult * g / rms(g over the tensor)`` (flip's tensor-normalized vote on a float latent), ``nsgd-m``
+    the same on g's heavy-ball momentum (beta 0.9), ``nsgd-f`` divides g by sqrt(r_i c_j / mean r) of this
+    step's row / column means of g**2, ``adafactor`` by that of their EMAs (beta 0.999, bias-corrected; no
+    momentum), ``rmsprop`` by the EMA of g**2 itself (Adam without momentum). AdamW's lr schedule throughout.
+    ``clip``: each normalized update at +-clip. ``vocab_kind``: the kind of the (vocab, d) tensors (the
+    embedding and the head), when not ``None``."""
+
+    def __init__(self, groups, lr, kind, mult, clip=0.0, vocab_kind=None, vocab_rows=4096):
+        import torch
+
+        self.param_groups = [dict(g, lr=lr) for g in groups]
+        self.kind, self.mult, self.clip = kind, mult, clip
+        self.vocab_kind, self.vocab_rows = vocab_kind, vocab_rows
+        self.buf, self.state = {}, {}
+        self._torch = torch
+
+    def zero_grad(self, set_to_none=True):
+        for g in self.param_groups:
+            for p in g["params"]:
+                p.grad = None
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, sd):
+        pass
+
+    def _ema(self, p, name, x, beta=0.999):
+        st = self.buf.setdefault(p, {})
+        if name not in st:
+            st[name], st["n_" + name] = self._torch.zeros_like(x), 0
+        st["n_" + name] += 1
+        st[name].mul_(beta).add_(x, alpha=1 - beta)
+        return st[name] / (1 - beta ** st["n_" + name])
+
+    def _update(self, p, d, kind):
+        torch = self._torch
+        if kind == "nsgd-m":
+            d = self._ema(p, "m", d, 0.9)
+        if kind in ("nsgd-f", "adafactor") and d.ndim == 2:
+            g2 = d.float().pow(2)
+            r, c = g2.mean(1), g2.mean(0)
+            if kind == "adafactor":
+                r, c = self._ema(p, "r", r), self._ema(p, "c", c)
+            v = r[:, None] * c[None, :] / r.mean().clamp_min(1e-30)
+        elif kind == "rmsprop":
+            v = self._ema(p, "v", d.float().pow(2))
+        else:
+            v = d.pow(2).mean().expand_as(d)
+        return torch.where(v > 0, d / v.clamp_min(1e-30).sqrt(), torch.zeros_like(d))
+
+    def step(self):
+        torch = self._torch
+        with torch.no_grad():
+            for g in self.param_groups:
+                for p in g["params"]:
+                    if p.grad is None:
+                        continue
+                    vocab = self.vocab_kind and p.ndim == 2 and p.shape[0] == self.vocab_rows
+                    u = self._update(p, p.grad, self.vocab_kind if vocab else self.kind)
+                    if self.clip:
+                        u = u.clamp(-self.clip, self.clip)
+                    p.add_(u, alpha=-g["lr"] * self.mult)
+
+
+def patch_optim(kind: str, mult: float, clip: float = 0.0, vocab_kind: str | None = None) -> None:
+    """Swap the float baselines' AdamW (``arbs.training.build``) for a prototype: ``adam-b1-0`` (AdamW without
+    momentum), ``nsgd`` / ``nsgd-m`` (NormalizedSGD above)."""
+    import torch
+
+    orig = torch.optim.AdamW
+
+    def make(groups, lr):
+        if kind == "adam-b1-0":
+            return orig(groups, lr=lr * mult, betas=(0.0, 0.999))
+        return NormalizedSGD(groups, lr, kind, mult, clip=clip, vocab_kind=vocab_kind)
+
+    torch.optim.AdamW = make
 
 
 def patch_corpus(path: str) -> None:
@@ -350,9 +478,26 @@ def main(argv=None) -> int:
     ap.add_argument("--tensor-norm-all", action="store_true", help="every tensor's trit votes tensor-normalized")
     ap.add_argument("--vote-power", type=float, default=1.0, help="tensor-normalized votes: gain * (|g|/rms) ** P "
                     "(P < 1 narrows the range between weights with small and large gradients, toward Adam's)")
+    ap.add_argument("--vote-scale-power", type=float, default=0.0, help="tensor-normalized votes on g * S**q, S the "
+                    "group's scale 2**(E+Xi) (q 1: each flip's first-order loss change; -1: a weight-space step)")
+    ap.add_argument("--vote-normalizer", choices=("tensor", "factored", "factored-ema"), default="tensor",
+                    help="tensor-normalized path: |g| against the tensor's rms, or sqrt(r_i c_j / mean r) of this "
+                         "step's (factored) or EMA'd (factored-ema) row / column means of g**2")
+    ap.add_argument("--ema-beta", type=float, default=0.999, help="factored-ema's beta")
     ap.add_argument("--corpus", default=None, help="an .npz of the built-in corpus (train, val, info) to use as it")
+    ap.add_argument("--optim", choices=OPTIMS, default="adam",
+                    help="float baselines' optimizer: the product's AdamW or a prototype (patch_optim)")
+    ap.add_argument("--optim-vocab", choices=OPTIMS[2:], default=None, help="--optim: another kind for the "
+                    "(4096, d) tensors (embedding, head)")
+    ap.add_argument("--optim-mult", type=float, default=1.0, help="--optim: lr multiplier")
+    ap.add_argument("--optim-clip", type=float, default=0.0, help="nsgd/adafactor: clamp each normalized update "
+                    "at +-C (flip's vote_max/gain)")
     a = ap.parse_args(argv)
+    if a.optim != "adam":
+        patch_optim(a.optim, a.optim_mult, a.optim_clip, a.optim_vocab)
     POWER[0] = a.vote_power
+    SPOWER[0] = a.vote_scale_power
+    NORMALIZER[0], EMA_BETA[0] = a.vote_normalizer, a.ema_beta
     if a.corpus:
         patch_corpus(a.corpus)
     if a.fa_init == "residual":
