@@ -308,3 +308,11 @@ def make_scheme(format: str = DEFAULT_VARIANT, rule: str = DEFAULT_RULE, **param
     """Validated Scheme: known variant and rule, integer params in range, defaults filled in."""
     variant_gs(format)
     return Scheme(format, rule, rule_params(rule, **params))
+
+
+def grid_groups(gs: int, block: int) -> int:
+    """Groups per grid block; ConfigError unless ``block`` is a positive multiple of ``gs``."""
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1 or block % gs:
+        raise ConfigError(f"a scale grid of {block!r} weights does not tile groups of gs={gs}: choose a multiple "
+                          f"of {gs} (TQ1_0/TQ2_0 need 256; variants with gs dividing 256: E1TM4/8/16/32/64)")
+    return block // gs

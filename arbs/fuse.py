@@ -123,7 +123,7 @@ def fuse_checkpoint(ckpt, *, keep_accum: bool = False, grid: int | None = None):
         return _regrid(ckpt, grid)
     scheme = _require_training(ckpt, "fused")
     if grid is not None:
-        ops.grid_groups(scheme.gs, grid)  # ConfigError before any work when the grid does not tile the groups
+        formats.grid_groups(scheme.gs, grid)  # ConfigError before any work when the grid does not tile the groups
     step = int(ckpt.step_counter)
     reports = []
     tensors = {}
@@ -168,7 +168,7 @@ def fuse_checkpoint(ckpt, *, keep_accum: bool = False, grid: int | None = None):
 
 def _regrid(ckpt, grid: int):
     """A fused checkpoint with its E moved onto the ``grid`` (ops.fuse_to_grid with Xi = 0)."""
-    ops.grid_groups(ckpt.gs, grid)
+    formats.grid_groups(ckpt.gs, grid)
     src = ckpt.meta.get("fused_from", {}) if isinstance(ckpt.meta, dict) else {}
     reports, tensors = [], {}
     for name, ts in ckpt.tensors.items():

@@ -274,14 +274,6 @@ class GridStats:
     rel_l2: float  # ||W_grid - W_fused|| / ||W_fused||: what the coarser grid costs against the plain fuse
 
 
-def grid_groups(gs: int, block: int) -> int:
-    """Groups per grid block; ConfigError unless ``block`` is a positive multiple of ``gs``."""
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1 or block % gs:
-        raise ConfigError(f"a scale grid of {block!r} weights does not tile groups of gs={gs}: choose a multiple "
-                          f"of {gs} (TQ1_0/TQ2_0 need 256; variants with gs dividing 256: E1TM4/8/16/32/64)")
-    return block // gs
-
-
 def fuse_to_grid(state, shape, scheme: formats.Scheme | None, step_counter: int | None, *, gs: int | None = None,
                  block: int = 256) -> tuple[np.ndarray, GridStats]:
     """Fuse scales onto a coarser grid: every ``block`` consecutive weights of a row share one E.
@@ -317,7 +309,7 @@ def fuse_to_grid(state, shape, scheme: formats.Scheme | None, step_counter: int 
         _check(state["T_packed"], "T_packed", np.uint8, formats.array_shape("T_packed", rows, cols, gs))
         _check(state["E"], "E", np.int8, formats.array_shape("E", rows, cols, gs))
         xi = np.zeros(state["E"].shape)
-    per = grid_groups(gs, block)
+    per = formats.grid_groups(gs, block)
     E = state["E"]
     ng = E.shape[1]
     cols_p = formats.padded_cols(cols, gs)
@@ -338,7 +330,7 @@ def fuse_to_grid(state, shape, scheme: formats.Scheme | None, step_counter: int 
     clipped = int(((Eb < formats.E_MIN) | (Eb > formats.E_MAX)).sum())
     Eb = np.clip(Eb, formats.E_MIN, formats.E_MAX)
     E_grid = np.repeat(Eb, per, axis=1)[:, :ng].astype(np.int8)
-    E_plain = np.clip(np.rint(E_real), formats.E_MIN, formats.E_MAX)
+    E_plain = (fuse(state, shape, scheme, int(step_counter or 0))[0] if scheme is not None else E).astype(np.float64)
     ref = (nnz * np.exp2(2 * E_plain)).sum()
     err = (nnz * (np.exp2(E_grid.astype(np.float64)) - np.exp2(E_plain)) ** 2).sum()
     rel = float(np.sqrt(err / ref)) if ref > 0 else 0.0

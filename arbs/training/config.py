@@ -193,10 +193,10 @@ class TrainConfig:
         g = self.fuse_grid
         if not formats.is_e1tm(self.format):
             raise ConfigError(f"--fuse-grid applies to E1TM formats; {self.format!r} is a float baseline")
-        gs = formats.variant_gs(self.format)
-        if isinstance(g, bool) or not isinstance(g, int) or g < gs or g % gs:
-            raise ConfigError(f"--fuse-grid {g!r} does not tile the groups of {self.format} (gs {gs}): give a multiple "
-                              f"of {gs} (256 for GGUF TQ1_0/TQ2_0, which E1TM4/8/16/32/64 can reach)")
+        try:
+            formats.grid_groups(formats.variant_gs(self.format), g)
+        except ConfigError as e:
+            raise ConfigError(f"--fuse-grid {g!r} ({self.format}): {e}") from None
         if self.resolved_fuse_phase == 0:
             raise ConfigError(f"--fuse-grid fuses the scales when the fuse phase starts, but rule "
                               f"{self.resolved_rule!r} runs without one here; add --fuse-phase (e.g. 0.25)")
