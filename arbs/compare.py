@@ -1,7 +1,8 @@
 """``arbs compare``: train several schemes with identical model, data order, seed and budget; one table.
 
-Entries are ``format[:rule][@init]``: ``fp32``, ``absmean``, ``E1TM32:flip``, ``E1TM32:carry@init`` (starts
-from the fp32 entry's final checkpoint, which is trained first). Each entry trains in its own
+Entries are ``format[:rule][,param=value...][@init]``: ``fp32``, ``absmean``, ``E1TM32:flip``,
+``E1TM32:flip,K=64,reset=8`` (rule parameters of ``formats.PARAMS``; the rest the table's defaults),
+``E1TM32:carry@init`` (starts from the fp32 entry's final checkpoint, which is trained first). Each entry trains in its own
 subprocess (so its peak RSS is its own) into ``<out>/<slug>/``; an interrupted compare resumes: a finished
 entry is read back, a partial one continues with ``--resume``. Results go to ``<out>/compare.md``,
 ``compare.json``, ``val_curves.png`` and ``final_loss.png``.
@@ -35,7 +36,8 @@ DEFAULT_ENTRIES = (
     "E1TM32:average", "E1TM32:carry", "E1TM32:flip", "E1TM32:flip@init",
 )
 MODEL_ENTRIES = ("fp32", "absmean", "E1TM32:carry", "E1TM32:flip")  # the default with --model
-_ENTRY = re.compile(r"^(?P<format>[A-Za-z0-9_-]+)(?::(?P<rule>[a-z]+))?(?P<init>@init)?$")
+_ENTRY = re.compile(r"^(?P<format>[A-Za-z0-9_-]+)(?::(?P<rule>[a-z]+))?(?P<params>(?:,[A-Za-z_]+=-?[0-9]+)*)"
+                    r"(?P<init>@init)?$")
 
 
 @dataclass(frozen=True)
@@ -43,28 +45,41 @@ class Entry:
     format: str
     rule: str | None
     init: bool
+    params: tuple[tuple[str, int], ...] = ()  # the rule parameters the entry sets, in the order given
 
     @property
     def slug(self) -> str:
-        return self.format + (f"-{self.rule}" if self.rule else "") + ("-init" if self.init else "")
+        return (self.format + (f"-{self.rule}" if self.rule else "") + "".join(f"-{k}{v}" for k, v in self.params)
+                + ("-init" if self.init else ""))
 
     @property
     def label(self) -> str:
-        return self.format + (f":{self.rule}" if self.rule else "") + ("@init" if self.init else "")
+        return (self.format + (f":{self.rule}" if self.rule else "") + "".join(f",{k}={v}" for k, v in self.params)
+                + ("@init" if self.init else ""))
 
 
 def parse_entry(text: str) -> Entry:
     m = _ENTRY.match(text.strip())
     if not m:
-        raise ConfigError(f"compare entry {text!r} is not of the form format[:rule][@init], e.g. E1TM32:carry@init")
+        raise ConfigError(f"compare entry {text!r} is not of the form format[:rule][,param=value...][@init], e.g. "
+                          "E1TM32:carry@init or E1TM32:flip,K=64,reset=8")
     fmt, rule, init = m["format"], m["rule"], bool(m["init"])
+    params = tuple((k, int(v)) for k, v in (kv.split("=") for kv in m["params"].split(",")[1:]))
     formats.check_format(fmt)
     if formats.is_e1tm(fmt):
         rule = rule or "flip"
         formats.rule_spec(rule)
-    elif rule or init:
-        raise ConfigError(f"compare entry {text!r}: rules and @init apply to E1TM formats only")
-    return Entry(fmt, rule, init)
+        if len(dict(params)) < len(params):
+            raise ConfigError(f"compare entry {text!r} sets a rule parameter twice")
+        try:
+            for k, _ in params:
+                formats.lookup(formats.PARAMS, k, "rule parameter")
+            formats.rule_params(rule, **dict(params))
+        except ConfigError as e:
+            raise ConfigError(f"compare entry {text!r}: {e}") from None
+    elif rule or init or params:
+        raise ConfigError(f"compare entry {text!r}: rules, their parameters and @init apply to E1TM formats only")
+    return Entry(fmt, rule, init, params)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,7 +134,7 @@ class CompareConfig:
             batch_size=self.batch_size, context=self.context, seed=self.seed, eval_every=self.eval_every,
             eval_batches=self.eval_batches, save_every=self.steps, keep=1, out=str(Path(self.out) / e.slug),
             resume=resume, init=init, device=self.device, lr=self.lr, weight_decay=self.weight_decay,
-            warmup=self.warmup, baseline_threshold=self.baseline_threshold, threads=self.threads,
+            warmup=self.warmup, baseline_threshold=self.baseline_threshold, threads=self.threads, **dict(e.params),
         )
 
 

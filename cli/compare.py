@@ -13,9 +13,10 @@ _D = CompareConfig()
 
 _HELP = f"""Train schemes side by side (same model, data order, seed, steps) and write a table with plots.
 
-ENTRIES are format[:rule][@init], e.g. fp32 absmean E1TM32:flip E1TM32:flip@init (the @init entries
-start from the fp32 entry, trained first). Default: {" ".join(DEFAULT_ENTRIES)}. Re-running the same
-command resumes an interrupted compare.
+ENTRIES are format[:rule][,param=value...][@init], e.g. fp32 absmean E1TM32:flip E1TM32:flip@init
+E1TM32:flip,K=64,reset=8 (rule parameters as the train options of that name; the others keep their
+defaults; the @init entries start from the fp32 entry, trained first). Default: {" ".join(DEFAULT_ENTRIES)}.
+Re-running the same command resumes an interrupted compare.
 
 With --model HF_DIR every entry trains that local Hugging Face model from its own weights (float entries:
 fp32, absmean; any E1TM rule; no @init). Default then: {" ".join(MODEL_ENTRIES)}.

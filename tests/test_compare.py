@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from arbs import store
+from arbs import formats, store
 from arbs.plots import plot_compare
 from arbs.compare import CompareConfig, compare, parse_entry
 from arbs.errors import ConfigError
@@ -61,6 +61,34 @@ def test_entry_syntax():
         parse_entry("fp32:carry")
     with pytest.raises(ConfigError, match="form"):
         parse_entry("E1TM32:carry:x")
+
+
+def test_entry_rule_parameters():
+    e = parse_entry("E1TM32:flip,K=64,reset=8")
+    assert (e.slug, e.label) == ("E1TM32-flip-K64-reset8", "E1TM32:flip,K=64,reset=8")
+    cfg = CompareConfig(entries=(e.label,), steps=7).train_config(e, resume=False)
+    assert cfg.rule_params() == formats.rule_params("flip", K=64, reset=8, horizon=7)
+    assert parse_entry("E1TM16,theta=32@init").params == (("theta", 32),)
+    for bad, want in [("E1TM32:carry,theta=3", "takes no parameter theta"), ("E1TM32:flip,K=0", "out of range"),
+                      ("E1TM32:flip,Kk=3", "Did you mean 'K'"), ("fp32,K=3", "E1TM formats only"),
+                      ("E1TM32:flip,K=3,K=4", "twice"), ("E1TM32:flip,reset=20", "below theta"),
+                      ("E1TM32:flip,K=x", "form")]:
+        with pytest.raises(ConfigError, match=want):
+            parse_entry(bad)
+
+
+def test_compare_cli_entry_with_rule_parameters(tmp_path, text):
+    """The entry's parameters reach its run: the checkpoint records them."""
+    out = tmp_path / "c"
+    res = CliRunner().invoke(main, ["compare", "E1TM32:flip,theta=8,reset=7", "--data", text, "--steps", "2",
+                                    "--out", str(out), "--json", *TINY])
+    assert res.exit_code == 0, res.stderr
+    assert [r["label"] for r in json.loads(res.stdout)] == ["E1TM32:flip,theta=8,reset=7",
+                                                            "E1TM32:flip,theta=8,reset=7 fused"]
+    params = store.open_checkpoint(out / "E1TM32-flip-theta8-reset7").rule_params
+    assert (params["theta"], params["reset"], params["K"]) == (8, 7, formats.PARAMS["K"].default)
+    res = CliRunner().invoke(main, ["compare", "E1TM32:flip,vote_maxx=2", "--out", str(tmp_path / "d")])
+    assert res.exit_code == 1 and "Did you mean 'vote_max'" in res.stderr and not (tmp_path / "d").exists()
 
 
 @pytest.mark.slow  # a multi-entry compare, trained twice: run by .ci/run's second step (python -m pytest -m slow)
