@@ -118,6 +118,9 @@ def patch_warmup(frac: float) -> None:
 
 
 RESET = [0]  # --reset R, also used by the tensor-normalized update
+NORM_INDEX: set = set()  # --normalizer-index: the tensors --vote-normalizer applies to (empty: every tensor)
+NORM_MULT = [1.0]  # --normalizer-mult: the gain's factor on those tensors
+SAT = [0]  # --sat S: counters of +1 (-1) trits clamp at +S (-S) instead of +-theta
 NORMALIZER = ["tensor"]  # --vote-normalizer: tensor rms, factored (this step's row x column), factored-ema
 EMA: dict = {}  # factored-ema: per tensor, the row and column EMAs of g**2 (float: a prototype's state)
 EMA_BETA = [0.999]
@@ -266,7 +269,7 @@ def _tensor_norm_flip(T_packed, fa, g, *, theta: int, vote_max: int, gain_m: flo
     rms = g.pow(2).mean().sqrt()
     if not math.isfinite(float(rms)) or float(rms) == 0.0:  # a host sync: run with --no-cuda-graph on a GPU
         return
-    if NORMALIZER[0] == "tensor":
+    if NORMALIZER[0] == "tensor" or (NORM_INDEX and key not in NORM_INDEX):
         a = torch.clamp(gain_m * (g.abs() / rms.clamp_min(1e-30)) ** POWER[0], max=float(vote_max))
     else:  # factored: each weight's |g| against sqrt(r_i * c_j / mean r), r / c the row / column mean of g**2
         g2 = g.pow(2)
@@ -279,8 +282,13 @@ def _tensor_norm_flip(T_packed, fa, g, *, theta: int, vote_max: int, gain_m: flo
             bc = 1 - EMA_BETA[0] ** st["t"]
             r, c = st["r"] / bc, st["c"] / bc
         v = r[:, None] * c[None, :] / r.mean().clamp_min(1e-30)
+        if NORMALIZER[0] == "weight-ema":  # each weight's own EMA of g**2 (Adam's v)
+            st = EMA.setdefault(key, {"v": torch.zeros_like(g), "t": 0})
+            st["t"] += 1
+            st["v"].mul_(EMA_BETA[0]).add_(g2, alpha=1 - EMA_BETA[0])
+            v = st["v"] / (1 - EMA_BETA[0] ** st["t"])
         z = torch.where(v > 0, g.abs() / v.clamp_min(1e-30).sqrt(), torch.zeros_like(g))
-        a = torch.clamp(gain_m * z ** POWER[0], max=float(vote_max))
+        a = torch.clamp(gain_m * NORM_MULT[0] * z ** POWER[0], max=float(vote_max))
     u = torch.rand(a.shape, device=a.device, generator=gen)
     k = torch.floor(a) + (u < a - torch.floor(a)).float()
     r = torch.zeros((rows, cols_p), dtype=torch.int32, device=g.device)
@@ -288,9 +296,15 @@ def _tensor_norm_flip(T_packed, fa, g, *, theta: int, vote_max: int, gain_m: flo
     pow3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int16, device=T_packed.device)
     t = ((T_packed.to(torch.int16).unsqueeze(-1) // pow3) % 3 - 1).reshape(rows, nb * 5)
     T = t[:, :cols_p].to(torch.int32)
-    v = torch.clamp(fa.to(torch.int32) + r, -theta, theta)
-    up = (v == theta) & (T < 1)
-    down = (v == -theta) & (T > -1)
+    v = fa.to(torch.int32) + r
+    if SAT[0] > theta:  # --sat: a counter at the extreme trit may run on to +-SAT (more votes to move it back)
+        hi = torch.where(T == 1, SAT[0], theta)
+        lo = torch.where(T == -1, -SAT[0], -theta)
+        v = torch.maximum(torch.minimum(v, hi), lo)
+    else:
+        v = torch.clamp(v, -theta, theta)
+    up = (v >= theta) & (T < 1)
+    down = (v <= -theta) & (T > -1)
     T = T + up.to(torch.int32) - down.to(torch.int32)
     v = torch.where(up, torch.full_like(v, -RESET[0]), torch.where(down, torch.full_like(v, RESET[0]), v))
     fa.copy_(v.to(torch.int8))
@@ -359,7 +373,7 @@ def patch_tensor_norm(shapes: list[tuple[int, int]], indices: list[int] = (), ev
     cuda.vote_async = vote_async
 
 
-OPTIMS = ("adam", "adam-b1-0", "nsgd", "nsgd-m", "nsgd-f", "adafactor", "rmsprop")
+OPTIMS = ("adam", "adam-b1-0", "adam-clamp", "nsgd", "nsgd-m", "nsgd-f", "adafactor", "rmsprop")
 
 
 class NormalizedSGD:
@@ -439,6 +453,22 @@ def patch_optim(kind: str, mult: float, clip: float = 0.0, vocab_kind: str | Non
     def make(groups, lr):
         if kind == "adam-b1-0":
             return orig(groups, lr=lr * mult, betas=(0.0, 0.999))
+        if kind == "adam-clamp":  # AdamW, then each 2-D latent clamped to +-1.5 mean|w| (flip's bounded counter)
+            opt = orig(groups, lr=lr * mult)
+            step = opt.step
+
+            def clamped_step(*a, **k):
+                out = step(*a, **k)
+                with torch.no_grad():
+                    for g in opt.param_groups:
+                        for p in g["params"]:
+                            if p.ndim == 2:
+                                lim = 1.5 * p.abs().mean()
+                                p.clamp_(-lim, lim)
+                return out
+
+            opt.step = clamped_step
+            return opt
         return NormalizedSGD(groups, lr, kind, mult, clip=clip, vocab_kind=vocab_kind)
 
     torch.optim.AdamW = make
@@ -480,14 +510,20 @@ def main(argv=None) -> int:
                     "(P < 1 narrows the range between weights with small and large gradients, toward Adam's)")
     ap.add_argument("--vote-scale-power", type=float, default=0.0, help="tensor-normalized votes on g * S**q, S the "
                     "group's scale 2**(E+Xi) (q 1: each flip's first-order loss change; -1: a weight-space step)")
-    ap.add_argument("--vote-normalizer", choices=("tensor", "factored", "factored-ema"), default="tensor",
+    ap.add_argument("--vote-normalizer", choices=("tensor", "factored", "factored-ema", "weight-ema"), default="tensor",
                     help="tensor-normalized path: |g| against the tensor's rms, or sqrt(r_i c_j / mean r) of this "
-                         "step's (factored) or EMA'd (factored-ema) row / column means of g**2")
+                         "step's (factored) or EMA'd (factored-ema) row / column means of g**2, or sqrt of each weight's own EMA "
+                         "of g**2 (weight-ema: Adam's v, float state, a prototype only)")
     ap.add_argument("--ema-beta", type=float, default=0.999, help="factored-ema's beta")
+    ap.add_argument("--normalizer-index", default="", help="--vote-normalizer for these tensor indices only "
+                    "(Llama: 0 embedding, last head); the tensor rms elsewhere")
+    ap.add_argument("--normalizer-mult", type=float, default=1.0, help="gain factor where --vote-normalizer applies")
+    ap.add_argument("--sat", type=int, default=0, help="tensor-normalized path: counters of +1 / -1 trits run "
+                    "on to +-SAT (<= 127) instead of stopping at +-theta")
     ap.add_argument("--corpus", default=None, help="an .npz of the built-in corpus (train, val, info) to use as it")
     ap.add_argument("--optim", choices=OPTIMS, default="adam",
                     help="float baselines' optimizer: the product's AdamW or a prototype (patch_optim)")
-    ap.add_argument("--optim-vocab", choices=OPTIMS[2:], default=None, help="--optim: another kind for the "
+    ap.add_argument("--optim-vocab", choices=OPTIMS[3:], default=None, help="--optim: another kind for the "
                     "(4096, d) tensors (embedding, head)")
     ap.add_argument("--optim-mult", type=float, default=1.0, help="--optim: lr multiplier")
     ap.add_argument("--optim-clip", type=float, default=0.0, help="nsgd/adafactor: clamp each normalized update "
@@ -498,6 +534,19 @@ def main(argv=None) -> int:
     POWER[0] = a.vote_power
     SPOWER[0] = a.vote_scale_power
     NORMALIZER[0], EMA_BETA[0] = a.vote_normalizer, a.ema_beta
+    SAT[0] = a.sat
+    NORM_INDEX.update(int(x) for x in a.normalizer_index.split(",") if x)
+    NORM_MULT[0] = a.normalizer_mult
+    if a.sat:  # the checkpoint's |flip_accum| <= theta check would refuse such counters: a prototype skips it
+        from arbs.store import checkpoint as ck
+
+        orig_check = ck._check_e1tm_values
+
+        def check_values(site, header, step, name, shape, arrays):
+            arrays = {k: v for k, v in arrays.items() if k != "flip_accum"}
+            return orig_check(site, header, step, name, shape, arrays)
+
+        ck._check_e1tm_values = check_values
     if a.corpus:
         patch_corpus(a.corpus)
     if a.fa_init == "residual":
