@@ -474,6 +474,42 @@ def patch_optim(kind: str, mult: float, clip: float = 0.0, vocab_kind: str | Non
     torch.optim.AdamW = make
 
 
+def patch_frozen_scales(indices: list[int]) -> None:
+    """Tensors of these model-order indices keep their step-0 scales (E, corr_accum) while their trits vote as
+    before: an ablation of what the scale votes do there. Wraps the CPU and GPU votes (apply after every other
+    patch)."""
+    if not indices:
+        return
+    orig = ops.vote_unchecked
+
+    def vote_unchecked(state, g2, scheme, **kw):
+        if kw.get("tensor") not in indices:
+            return orig(state, g2, scheme, **kw)
+        E, corr = state["E"].copy(), state["corr_accum"].copy()
+        st = orig(state, g2, scheme, **kw)
+        state["E"][...] = E
+        state["corr_accum"][...] = corr
+        return type(st)(0, 0, st.flips)
+
+    ops.vote_unchecked = vote_unchecked
+    try:
+        from arbs.nn import cuda
+    except ImportError:
+        return
+    orig_async = cuda.vote_async
+
+    def vote_async(layer, grad):
+        if layer.tensor_index not in indices:
+            return orig_async(layer, grad)
+        E, corr = layer.E.clone(), layer.corr_accum.clone()
+        counters = orig_async(layer, grad)
+        layer.E.copy_(E)
+        layer.corr_accum.copy_(corr)
+        return counters
+
+    cuda.vote_async = vote_async
+
+
 def patch_corpus(path: str) -> None:
     """Make ``data.default_corpus()`` return the corpus saved in ``path`` (np.savez: train, val, info as
     JSON bytes): the same bytes on a machine whose Python standard library differs."""
@@ -518,6 +554,8 @@ def main(argv=None) -> int:
     ap.add_argument("--normalizer-index", default="", help="--vote-normalizer for these tensor indices only "
                     "(Llama: 0 embedding, last head); the tensor rms elsewhere")
     ap.add_argument("--normalizer-mult", type=float, default=1.0, help="gain factor where --vote-normalizer applies")
+    ap.add_argument("--frozen-scales-index", default="", help="tensor indices whose scales (E, corr_accum) keep "
+                    "their step-0 values (Llama: 29 the head)")
     ap.add_argument("--sat", type=int, default=0, help="tensor-normalized path: counters of +1 / -1 trits run "
                     "on to +-SAT (<= 127) instead of stopping at +-theta")
     ap.add_argument("--corpus", default=None, help="an .npz of the built-in corpus (train, val, info) to use as it")
@@ -560,6 +598,7 @@ def main(argv=None) -> int:
                        [int(x) for x in a.frozen_index.split(",") if x])
     patch_tensor_norm([tuple(int(v) for v in x.split("x")) for x in a.tensor_norm.split(",") if x],
                       [int(x) for x in a.tensor_norm_index.split(",") if x], a.tensor_norm_all)
+    patch_frozen_scales([int(x) for x in a.frozen_scales_index.split(",") if x])
     print(f"hf_flip_levers: fa_init={a.fa_init} fa_scale={a.fa_scale} warmup_frac={a.warmup_frac} reset={a.reset} frozen_trits={a.frozen_trits!r} frozen_index={a.frozen_index!r} tensor_norm={a.tensor_norm!r}/{a.tensor_norm_index!r}/all={a.tensor_norm_all} "
           f"arbs train {' '.join(rest)}", file=sys.stderr, flush=True)
     from arbs_cli.main import main as arbs_main
