@@ -120,6 +120,7 @@ def patch_warmup(frac: float) -> None:
 RESET = [0]  # --reset R, also used by the tensor-normalized update
 NORM_INDEX: set = set()  # --normalizer-index: the tensors --vote-normalizer applies to (empty: every tensor)
 NORM_MULT = [1.0]  # --normalizer-mult: the gain's factor on those tensors
+EXCESS: dict = {}  # --sat: per tensor, each counter's part beyond +-theta
 SAT = [0]  # --sat S: counters of +1 (-1) trits clamp at +S (-S) instead of +-theta
 NORMALIZER = ["tensor"]  # --vote-normalizer: tensor rms, factored (this step's row x column), factored-ema
 EMA: dict = {}  # factored-ema: per tensor, the row and column EMAs of g**2 (float: a prototype's state)
@@ -297,7 +298,11 @@ def _tensor_norm_flip(T_packed, fa, g, *, theta: int, vote_max: int, gain_m: flo
     t = ((T_packed.to(torch.int16).unsqueeze(-1) // pow3) % 3 - 1).reshape(rows, nb * 5)
     T = t[:, :cols_p].to(torch.int32)
     v = fa.to(torch.int32) + r
-    if SAT[0] > theta:  # --sat: a counter at the extreme trit may run on to +-SAT (more votes to move it back)
+    if SAT[0] > theta:  # --sat: a counter at the extreme trit may run on to +-SAT (more votes to move it back);
+        # the part beyond +-theta lives in EXCESS (prototype state), so flip_accum keeps the checkpoint's range
+        if key not in EXCESS:
+            EXCESS[key] = torch.zeros_like(v)
+        v = v + EXCESS[key]
         hi = torch.where(T == 1, SAT[0], theta)
         lo = torch.where(T == -1, -SAT[0], -theta)
         v = torch.maximum(torch.minimum(v, hi), lo)
@@ -307,6 +312,10 @@ def _tensor_norm_flip(T_packed, fa, g, *, theta: int, vote_max: int, gain_m: flo
     down = (v <= -theta) & (T > -1)
     T = T + up.to(torch.int32) - down.to(torch.int32)
     v = torch.where(up, torch.full_like(v, -RESET[0]), torch.where(down, torch.full_like(v, RESET[0]), v))
+    if SAT[0] > theta:
+        inside = torch.clamp(v, -theta, theta)
+        EXCESS[key] = (v - inside).to(torch.int32)
+        v = inside
     fa.copy_(v.to(torch.int8))
     t = t.to(torch.int32)
     t[:, :cols_p] = T
@@ -510,6 +519,46 @@ def patch_frozen_scales(indices: list[int]) -> None:
     cuda.vote_async = vote_async
 
 
+def patch_magnitude_scale_votes(indices: list[int], every: bool, cap: int = 8) -> None:
+    """Those tensors' scale votes weigh each weight by its gradient's size: per group
+    ``-sum_j sign(g_j) * T_j * k_j``, ``k_j`` the stochastic rounding of ``min(cap, |g_j| / mean|g| over the
+    tensor)`` (so the mean weight is about 1, as the product's ``-sum sign(g) T`` gives every weight), instead of
+    the product's magnitude-blind count. Same carry into E (``apply_votes``). CPU only (a prototype)."""
+    if not indices and not every:
+        return
+    import torch
+
+    from arbs.kernels import cpu
+
+    orig = ops.vote_unchecked
+
+    def vote_unchecked(state, g2, scheme, **kw):
+        if not (every or kw.get("tensor") in indices):
+            return orig(state, g2, scheme, **kw)
+        E, corr, tp = state["E"].copy(), state["corr_accum"].copy(), state["T_packed"].copy()
+        st = orig(state, g2, scheme, **kw)
+        state["E"][...] = E
+        state["corr_accum"][...] = corr
+        carries = sats = 0
+        if kw.get("scales", True):
+            g = torch.from_numpy(np.ascontiguousarray(g2)).float()
+            mean = g.abs().mean()
+            if float(mean) > 0:
+                rows, cols = g.shape
+                cols_p = state["flip_accum"].shape[1] if "flip_accum" in state else formats.padded_cols(cols, scheme.gs)
+                a = torch.clamp(g.abs() / mean, max=float(cap))
+                k = torch.floor(a) + (torch.rand(a.shape) < a - torch.floor(a)).float()
+                T = torch.from_numpy(ops.unpack(tp, cols_p)[:, :cols].astype(np.float32))
+                v = torch.zeros((rows, cols_p))
+                v[:, :cols] = -torch.sign(g) * T * k
+                delta = v.reshape(rows, cols_p // scheme.gs, scheme.gs).sum(-1).to(torch.int64).numpy()
+                carries, sats = cpu.kernel("apply_votes", corr.size * 16)(state["corr_accum"], state["E"],
+                                                                          np.ascontiguousarray(delta), scheme.carry_limit)
+        return type(st)(carries, sats, st.flips)
+
+    ops.vote_unchecked = vote_unchecked
+
+
 def patch_corpus(path: str) -> None:
     """Make ``data.default_corpus()`` return the corpus saved in ``path`` (np.savez: train, val, info as
     JSON bytes): the same bytes on a machine whose Python standard library differs."""
@@ -556,6 +605,9 @@ def main(argv=None) -> int:
     ap.add_argument("--normalizer-mult", type=float, default=1.0, help="gain factor where --vote-normalizer applies")
     ap.add_argument("--frozen-scales-index", default="", help="tensor indices whose scales (E, corr_accum) keep "
                     "their step-0 values (Llama: 29 the head)")
+    ap.add_argument("--magnitude-scale-index", default="", help="tensor indices whose scale votes weigh each "
+                    "weight by |g| / mean|g| (stochastically rounded, at most 8); CPU only")
+    ap.add_argument("--magnitude-scale-all", action="store_true", help="--magnitude-scale-index for every tensor")
     ap.add_argument("--sat", type=int, default=0, help="tensor-normalized path: counters of +1 / -1 trits run "
                     "on to +-SAT (<= 127) instead of stopping at +-theta")
     ap.add_argument("--corpus", default=None, help="an .npz of the built-in corpus (train, val, info) to use as it")
@@ -575,16 +627,6 @@ def main(argv=None) -> int:
     SAT[0] = a.sat
     NORM_INDEX.update(int(x) for x in a.normalizer_index.split(",") if x)
     NORM_MULT[0] = a.normalizer_mult
-    if a.sat:  # the checkpoint's |flip_accum| <= theta check would refuse such counters: a prototype skips it
-        from arbs.store import checkpoint as ck
-
-        orig_check = ck._check_e1tm_values
-
-        def check_values(site, header, step, name, shape, arrays):
-            arrays = {k: v for k, v in arrays.items() if k != "flip_accum"}
-            return orig_check(site, header, step, name, shape, arrays)
-
-        ck._check_e1tm_values = check_values
     if a.corpus:
         patch_corpus(a.corpus)
     if a.fa_init == "residual":
@@ -598,6 +640,7 @@ def main(argv=None) -> int:
                        [int(x) for x in a.frozen_index.split(",") if x])
     patch_tensor_norm([tuple(int(v) for v in x.split("x")) for x in a.tensor_norm.split(",") if x],
                       [int(x) for x in a.tensor_norm_index.split(",") if x], a.tensor_norm_all)
+    patch_magnitude_scale_votes([int(x) for x in a.magnitude_scale_index.split(",") if x], a.magnitude_scale_all)
     patch_frozen_scales([int(x) for x in a.frozen_scales_index.split(",") if x])
     print(f"hf_flip_levers: fa_init={a.fa_init} fa_scale={a.fa_scale} warmup_frac={a.warmup_frac} reset={a.reset} frozen_trits={a.frozen_trits!r} frozen_index={a.frozen_index!r} tensor_norm={a.tensor_norm!r}/{a.tensor_norm_index!r}/all={a.tensor_norm_all} "
           f"arbs train {' '.join(rest)}", file=sys.stderr, flush=True)
