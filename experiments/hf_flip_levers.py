@@ -28,6 +28,14 @@ prototype, with ``torch.rand`` draws on the tensor-normalized path).
   and a head row's is small for rare tokens, and row normalization gives both full-size votes.
 - ``--corpus PATH.npz``: the built-in corpus as saved on another machine (``train``, ``val``, ``info``), so
   a GPU machine with another Python standard library trains and evaluates on the same bytes.
+- Rounds 15-21 (docs/research/training.md, "where absmean QAT's lead lives"): ``--optim`` swaps the float
+  baselines' AdamW for another update of the float latent (``NormalizedSGD``: flip's tensor-rms step, its
+  factored / per-weight normalized variants, ``--optim-vocab`` for the embedding and head, ``--optim-clip``);
+  on the tensor-normalized flip path ``--vote-normalizer`` (factored or per-weight EMAs of g**2, float
+  prototype state) for ``--normalizer-index`` tensors with ``--normalizer-mult``, ``--vote-scale-power``
+  (votes on g * S**q), ``--sat`` (counters of +-1 trits past theta); ``--frozen-scales-index`` (a tensor's
+  scales keep their converted values) and ``--magnitude-scale-index`` (scale votes weighted by |g| / mean|g|;
+  CPU only).
 - ``--warmup-frac F``: flip's vote schedule (``arbs.schedule.trit_vote_gain``) with a linear warmup over the
   first ``F * horizon`` steps (the product: ``horizon // 20``, F = 0.05), then the same cosine to 0 at the
   horizon.
