@@ -185,11 +185,18 @@ def fuse(state, shape, scheme: formats.Scheme, step_counter: int) -> tuple[np.nd
     IntegerRangeError when xi_num*corr_accum or xi_den would not fit int64 (average: gs*step_counter
     must stay below 2**61 and |corr_accum| at most int64 max // 4)."""
     check_state(state, shape, scheme)
+    num, den = _checked_xi_ratio(state, scheme, step_counter)
+    out, clipped, changed = _fused_E(state, num, den)
+    return out, FuseStats(out.size, clipped, changed)
+
+
+def _fused_E(state, num: int, den: int) -> tuple[np.ndarray, int, int]:
+    """(E_fused, clipped, changed) of a state check_state has passed, Xi = num*corr_accum/den: the kernel of
+    ``fuse``, shared with ``fuse_to_grid``."""
     E = state["E"]
     out = np.empty(E.shape, np.int8)
-    num, den = _checked_xi_ratio(state, scheme, step_counter)
     clipped, changed = cpu.kernel("fuse_into", E.size * 16)(E, state["corr_accum"], num, den, out)
-    return out, FuseStats(E.size, clipped, changed)
+    return out, clipped, changed
 
 
 def materialize_fused(T_packed: np.ndarray, E: np.ndarray, shape, gs: int) -> np.ndarray:
@@ -303,12 +310,14 @@ def fuse_to_grid(state, shape, scheme: formats.Scheme | None, step_counter: int 
         gs = scheme.gs
         num, den = _checked_xi_ratio(state, scheme, int(step_counter or 0))
         xi = (num * state["corr_accum"].astype(np.float64) / den) if den else np.zeros(state["E"].shape)
+        E_plain = _fused_E(state, num, den)[0]
     else:
         if gs is None:
             raise ConfigError("fuse_to_grid of a fused state needs gs")
         _check(state["T_packed"], "T_packed", np.uint8, formats.array_shape("T_packed", rows, cols, gs))
         _check(state["E"], "E", np.int8, formats.array_shape("E", rows, cols, gs))
         xi = np.zeros(state["E"].shape)
+        E_plain = state["E"]
     per = formats.grid_groups(gs, block)
     E = state["E"]
     ng = E.shape[1]
@@ -330,7 +339,7 @@ def fuse_to_grid(state, shape, scheme: formats.Scheme | None, step_counter: int 
     clipped = int(((Eb < formats.E_MIN) | (Eb > formats.E_MAX)).sum())
     Eb = np.clip(Eb, formats.E_MIN, formats.E_MAX)
     E_grid = np.repeat(Eb, per, axis=1)[:, :ng].astype(np.int8)
-    E_plain = (fuse(state, shape, scheme, int(step_counter or 0))[0] if scheme is not None else E).astype(np.float64)
+    E_plain = E_plain.astype(np.float64)
     ref = (nnz * np.exp2(2 * E_plain)).sum()
     err = (nnz * (np.exp2(E_grid.astype(np.float64)) - np.exp2(E_plain)) ** 2).sum()
     rel = float(np.sqrt(err / ref)) if ref > 0 else 0.0

@@ -368,7 +368,8 @@ class E1TMWeight(_ReadOnlyWeights, nn.Module):
     def apply_counts(self, delta: np.ndarray | None, trits: np.ndarray | None) -> None:
         """Apply summed votes once, in place: ``corr_accum += delta`` with the rule's carry into E (the same
         kernel a plain vote uses), then flip's counters ``c = clamp(c + trits, -theta, theta)``, a trit moving at
-        +-theta (c = -reset, resp. +reset, then): the kernels ``apply_votes`` and ``apply_trit_counts``. Counts go to ``clock.stats``."""
+        +-theta (c = -reset, resp. +reset, then): the kernels ``apply_votes`` and ``apply_trit_counts``. Counts
+        go to ``clock.stats``."""
         from ..kernels import cpu
 
         c = self.clock
