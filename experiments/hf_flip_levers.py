@@ -200,21 +200,25 @@ def _chosen(view, index, shapes, indices, every=False) -> bool:
     return every or tuple(view) in shapes or index in indices
 
 
-def _scales_only(orig, state, g2, scheme, **kw):
-    """The product's CPU vote (``orig``) with the trits and counters put back: only the scales' votes stay."""
-    tp, fa = state["T_packed"].copy(), state["flip_accum"].copy()
+TRITS, SCALES = ("T_packed", "flip_accum"), ("E", "corr_accum")
+
+
+def _kept(orig, names, state, g2, scheme, **kw):
+    """The product's CPU vote (``orig``) with the arrays ``names`` put back afterwards (``TRITS``: only the
+    scales' votes stay; ``SCALES``: only the trits')."""
+    saved = {n: state[n].copy() for n in names}
     st = orig(state, g2, scheme, **kw)
-    state["T_packed"][...] = tp
-    state["flip_accum"][...] = fa
+    for n, a in saved.items():
+        state[n][...] = a
     return st
 
 
-def _scales_only_async(orig_async, layer, grad):
-    """The GPU twin of :func:`_scales_only` (``arbs.nn.cuda.vote_async``)."""
-    tp, fa = layer.T_packed.clone(), layer.flip_accum.clone()
+def _kept_async(orig_async, names, layer, grad):
+    """The GPU twin of :func:`_kept` (``arbs.nn.cuda.vote_async``)."""
+    saved = {n: getattr(layer, n).clone() for n in names}
     counters = orig_async(layer, grad)
-    layer.T_packed.copy_(tp)
-    layer.flip_accum.copy_(fa)
+    for n, a in saved.items():
+        getattr(layer, n).copy_(a)
     return counters
 
 
@@ -229,7 +233,7 @@ def patch_frozen_trits(shapes: list[tuple[int, int]], indices: list[int] = ()) -
     def vote_unchecked(state, g2, scheme, **kw):
         if "flip_accum" not in state or not _chosen(g2.shape, kw.get("tensor"), shapes, indices):
             return orig(state, g2, scheme, **kw)
-        st = _scales_only(orig, state, g2, scheme, **kw)
+        st = _kept(orig, TRITS, state, g2, scheme, **kw)
         return type(st)(st.carries, st.saturations, 0)
 
     ops.vote_unchecked = vote_unchecked
@@ -244,7 +248,7 @@ def patch_frozen_trits(shapes: list[tuple[int, int]], indices: list[int] = ()) -
         if getattr(layer, "flip_accum", None) is None \
                 or not _chosen(F.tensor_view(layer.shape), layer.tensor_index, shapes, indices):
             return orig_async(layer, grad)
-        return _scales_only_async(orig_async, layer, grad)
+        return _kept_async(orig_async, TRITS, layer, grad)
 
     cuda.vote_async = vote_async
 
@@ -345,7 +349,7 @@ def patch_tensor_norm(shapes: list[tuple[int, int]], indices: list[int] = (), ev
         if "flip_accum" not in state or not _chosen(g2.shape, kw.get("tensor"), shapes, indices, every):
             return orig(state, g2, scheme, **kw)
         before = state["T_packed"].copy()
-        st = _scales_only(orig, state, g2, scheme, **kw)
+        st = _kept(orig, TRITS, state, g2, scheme, **kw)
         gain_m = schedule.trit_vote_gain(scheme.params, kw["step_counter"])
         if gain_m <= 0:
             return type(st)(st.carries, st.saturations, 0)
@@ -373,7 +377,7 @@ def patch_tensor_norm(shapes: list[tuple[int, int]], indices: list[int] = (), ev
         if getattr(layer, "flip_accum", None) is None \
                 or not _chosen(F.tensor_view(layer.shape), layer.tensor_index, shapes, indices, every):
             return orig_async(layer, grad)
-        counters = _scales_only_async(orig_async, layer, grad)
+        counters = _kept_async(orig_async, TRITS, layer, grad)
         scheme = layer.clock.scheme
         gain_m = schedule.trit_vote_gain(scheme.params, layer.clock.step_counter)
         if gain_m > 0:
@@ -502,10 +506,7 @@ def patch_frozen_scales(indices: list[int]) -> None:
     def vote_unchecked(state, g2, scheme, **kw):
         if kw.get("tensor") not in indices:
             return orig(state, g2, scheme, **kw)
-        E, corr = state["E"].copy(), state["corr_accum"].copy()
-        st = orig(state, g2, scheme, **kw)
-        state["E"][...] = E
-        state["corr_accum"][...] = corr
+        st = _kept(orig, SCALES, state, g2, scheme, **kw)
         return type(st)(0, 0, st.flips)
 
     ops.vote_unchecked = vote_unchecked
@@ -518,11 +519,7 @@ def patch_frozen_scales(indices: list[int]) -> None:
     def vote_async(layer, grad):
         if layer.tensor_index not in indices:
             return orig_async(layer, grad)
-        E, corr = layer.E.clone(), layer.corr_accum.clone()
-        counters = orig_async(layer, grad)
-        layer.E.copy_(E)
-        layer.corr_accum.copy_(corr)
-        return counters
+        return _kept_async(orig_async, SCALES, layer, grad)
 
     cuda.vote_async = vote_async
 
@@ -543,10 +540,8 @@ def patch_magnitude_scale_votes(indices: list[int], every: bool, cap: int = 8) -
     def vote_unchecked(state, g2, scheme, **kw):
         if not (every or kw.get("tensor") in indices):
             return orig(state, g2, scheme, **kw)
-        E, corr, tp = state["E"].copy(), state["corr_accum"].copy(), state["T_packed"].copy()
-        st = orig(state, g2, scheme, **kw)
-        state["E"][...] = E
-        state["corr_accum"][...] = corr
+        tp = state["T_packed"].copy()  # the trits this step's scale votes count
+        st = _kept(orig, SCALES, state, g2, scheme, **kw)
         carries = sats = 0
         if kw.get("scales", True):
             g = torch.from_numpy(np.ascontiguousarray(g2)).float()
@@ -560,8 +555,9 @@ def patch_magnitude_scale_votes(indices: list[int], every: bool, cap: int = 8) -
                 v = torch.zeros((rows, cols_p))
                 v[:, :cols] = -torch.sign(g) * T * k
                 delta = v.reshape(rows, cols_p // scheme.gs, scheme.gs).sum(-1).to(torch.int64).numpy()
-                carries, sats = cpu.kernel("apply_votes", corr.size * 16)(state["corr_accum"], state["E"],
-                                                                          np.ascontiguousarray(delta), scheme.carry_limit)
+                corr = state["corr_accum"]
+                carries, sats = cpu.kernel("apply_votes", corr.size * 16)(corr, state["E"], np.ascontiguousarray(delta),
+                                                                          scheme.carry_limit)
         return type(st)(carries, sats, st.flips)
 
     ops.vote_unchecked = vote_unchecked
