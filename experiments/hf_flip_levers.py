@@ -133,6 +133,9 @@ SAT = [0]  # --sat S: counters of +1 (-1) trits clamp at +S (-S) instead of +-th
 NORMALIZER = ["tensor"]  # --vote-normalizer: tensor rms, factored (this step's row x column), factored-ema
 EMA: dict = {}  # factored-ema: per tensor, the row and column EMAs of g**2 (float: a prototype's state)
 EMA_BETA = [0.999]
+VBITS = [4]  # weight-int: bits of each weight's code
+VSTEP = [2.0]  # weight-int: log2 v between two codes
+VTOP = 4.0  # weight-int: log2 of the top code's v relative to the tensor's mean g**2
 SPOWER = [0.0]  # --vote-scale-power q: the tensor-normalized vote on g * S**q (S = the group's 2**(E+Xi))
 POWER = [1.0]  # --vote-power P: the tensor-normalized update's a = gain * (|g| / rms) ** P
 
@@ -173,14 +176,6 @@ def patch_reset(R: int) -> None:
     except ImportError:  # no GPU support installed: the CPU wrapper is enough
         return
     orig_async = cuda.vote_async
-    pow3 = {}
-
-    def trits(tp, cols_p):
-        key = tp.device
-        if key not in pow3:
-            pow3[key] = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int16, device=tp.device)
-        t = (tp.to(torch.int16).unsqueeze(-1) // pow3[key]) % 3 - 1
-        return t.reshape(tp.shape[0], -1)[:, :cols_p]
 
     def vote_async(layer, grad):
         if not hasattr(layer, "flip_accum") or layer.flip_accum is None:
@@ -188,11 +183,20 @@ def patch_reset(R: int) -> None:
         before = layer.T_packed.clone()
         counters = orig_async(layer, grad)
         fa = layer.flip_accum
-        d = trits(layer.T_packed, fa.shape[1]) - trits(before, fa.shape[1])
+        d = _trits(layer.T_packed, fa.shape[1]) - _trits(before, fa.shape[1])
         fa.copy_(torch.where(d != 0, (-R * d).to(torch.int8), fa))
         return counters
 
     cuda.vote_async = vote_async
+
+
+def _trits(tp, cols_p: int):
+    """The trits (int16, rows x cols_p) of a packed torch uint8 array, on its device."""
+    import torch
+
+    pow3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int16, device=tp.device)
+    t = (tp.to(torch.int16).unsqueeze(-1) // pow3) % 3 - 1
+    return t.reshape(tp.shape[0], -1)[:, :cols_p]
 
 
 def _chosen(view, index, shapes, indices, every=False) -> bool:
@@ -265,6 +269,31 @@ def _group_scale(w_eff, cols_p: int, gs: int):
     return s.reshape(rows, cols_p)[:, :cols]
 
 
+def _int_v(key, g2):
+    """Each weight's EMA of g**2 relative to the tensor's mean g**2, kept as an integer code c per weight
+    (VBITS bits: 0 .. 2**VBITS - 1) on a log grid, v_rel = 2**(VTOP - VSTEP * (L - 1 - c)) (code 0 the floor):
+    this step's v_rel = beta * v_rel + (1 - beta) * g**2 / mean(g**2) (the first step: g**2 / mean(g**2)),
+    rounded stochastically to one of its two neighbouring levels with probabilities that keep it unbiased in
+    v. Returns the new v_rel (float, g2's shape); the codes are prototype state in EMA[key]["c"]."""
+    import torch
+
+    L = 2 ** VBITS[0]
+    levels = torch.pow(2.0, VTOP - VSTEP[0] * torch.arange(L - 1, -1, -1, dtype=torch.float32, device=g2.device))
+    z = g2 / g2.mean().clamp_min(1e-30)
+    st = EMA.get(key)
+    if st is None:
+        x = z
+        st = EMA[key] = {}
+    else:
+        x = EMA_BETA[0] * levels[st["c"].long()] + (1 - EMA_BETA[0]) * z
+    x = x.clamp(float(levels[0]), float(levels[-1]))
+    hi = torch.searchsorted(levels, x.contiguous()).clamp(1, L - 1)  # levels[hi - 1] <= x <= levels[hi]
+    lo_v, hi_v = levels[hi - 1], levels[hi]
+    up = torch.rand(x.shape, device=x.device) < (x - lo_v) / (hi_v - lo_v)
+    st["c"] = torch.where(up, hi, hi - 1).to(torch.uint8)
+    return levels[st["c"].long()]
+
+
 def _tensor_norm_flip(T_packed, fa, g, *, theta: int, vote_max: int, gain_m: float, gen=None, S=None, key=None) -> None:
     """flip's trit update in torch with the vote magnitude normalized by the rms of the whole tensor's
     gradient instead of its row's: a = min(vote_max, gain_m * |g| / rms(g over the tensor)), k its stochastic
@@ -300,6 +329,8 @@ def _tensor_norm_flip(T_packed, fa, g, *, theta: int, vote_max: int, gain_m: flo
             st["t"] += 1
             st["v"].mul_(EMA_BETA[0]).add_(g2, alpha=1 - EMA_BETA[0])
             v = st["v"] / (1 - EMA_BETA[0] ** st["t"])
+        if NORMALIZER[0] == "weight-int":  # the same v kept as an integer code per weight (--v-bits, --v-step)
+            v = _int_v(key, g2) * g2.mean()
         z = torch.where(v > 0, g.abs() / v.clamp_min(1e-30).sqrt(), torch.zeros_like(g))
         a = torch.clamp(gain_m * NORM_MULT[0] * z ** POWER[0], max=float(vote_max))
     u = torch.rand(a.shape, device=a.device, generator=gen)
@@ -524,11 +555,28 @@ def patch_frozen_scales(indices: list[int]) -> None:
     cuda.vote_async = vote_async
 
 
+def _size_weighted_scale_votes(g, T, gs: int, cols_p: int, cap: int):
+    """Each group's scale vote ``-sum_j sign(g_j) * T_j * k_j``, ``k_j`` the stochastic rounding of
+    ``min(cap, |g_j| / mean|g| over the tensor)``; g (rows, cols) float, T (rows, cols) the trits the vote
+    counts. Returns int64 (rows, cols_p // gs) on g's device, or None for a gradient of zeros."""
+    import torch
+
+    mean = g.abs().mean()
+    if float(mean) == 0.0:  # a host sync: run with --no-cuda-graph on a GPU
+        return None
+    rows, cols = g.shape
+    a = torch.clamp(g.abs() / mean, max=float(cap))
+    k = torch.floor(a) + (torch.rand(a.shape, device=g.device) < a - torch.floor(a)).float()
+    v = torch.zeros((rows, cols_p), device=g.device)
+    v[:, :cols] = -torch.sign(g) * T.float() * k
+    return v.reshape(rows, cols_p // gs, gs).sum(-1).to(torch.int64)
+
+
 def patch_magnitude_scale_votes(indices: list[int], every: bool, cap: int = 8) -> None:
-    """Those tensors' scale votes weigh each weight by its gradient's size: per group
-    ``-sum_j sign(g_j) * T_j * k_j``, ``k_j`` the stochastic rounding of ``min(cap, |g_j| / mean|g| over the
-    tensor)`` (so the mean weight is about 1, as the product's ``-sum sign(g) T`` gives every weight), instead of
-    the product's magnitude-blind count. Same carry into E (``apply_votes``). CPU only (a prototype)."""
+    """Those tensors' scale votes weigh each weight by its gradient's size (:func:`_size_weighted_scale_votes`:
+    a mean weight of about 1, as the product's ``-sum sign(g) T`` gives every weight, but a rare row's tiny
+    gradient next to nothing) instead of the product's magnitude-blind count. Same carry into E
+    (``apply_votes``). CPU and GPU (pass --no-cuda-graph on the GPU)."""
     if not indices and not every:
         return
     import torch
@@ -545,22 +593,41 @@ def patch_magnitude_scale_votes(indices: list[int], every: bool, cap: int = 8) -
         carries = sats = 0
         if kw.get("scales", True):
             g = torch.from_numpy(np.ascontiguousarray(g2)).float()
-            mean = g.abs().mean()
-            if float(mean) > 0:
-                rows, cols = g.shape
-                cols_p = state["flip_accum"].shape[1] if "flip_accum" in state else formats.padded_cols(cols, scheme.gs)
-                a = torch.clamp(g.abs() / mean, max=float(cap))
-                k = torch.floor(a) + (torch.rand(a.shape) < a - torch.floor(a)).float()
-                T = torch.from_numpy(ops.unpack(tp, cols_p)[:, :cols].astype(np.float32))
-                v = torch.zeros((rows, cols_p))
-                v[:, :cols] = -torch.sign(g) * T * k
-                delta = v.reshape(rows, cols_p // scheme.gs, scheme.gs).sum(-1).to(torch.int64).numpy()
+            cols_p = state["flip_accum"].shape[1] if "flip_accum" in state else formats.padded_cols(g.shape[1],
+                                                                                                    scheme.gs)
+            T = torch.from_numpy(ops.unpack(tp, cols_p)[:, :g.shape[1]].astype(np.float32))
+            delta = _size_weighted_scale_votes(g, T, scheme.gs, cols_p, cap)
+            if delta is not None:
                 corr = state["corr_accum"]
-                carries, sats = cpu.kernel("apply_votes", corr.size * 16)(corr, state["E"], np.ascontiguousarray(delta),
+                carries, sats = cpu.kernel("apply_votes", corr.size * 16)(corr, state["E"], delta.numpy(),
                                                                           scheme.carry_limit)
         return type(st)(carries, sats, st.flips)
 
     ops.vote_unchecked = vote_unchecked
+    try:
+        from arbs import formats as F
+        from arbs.kernels import triton_gpu
+        from arbs.nn import cuda
+    except ImportError:
+        return
+    orig_async = cuda.vote_async
+
+    def vote_async(layer, grad):
+        if not (every or layer.tensor_index in indices):
+            return orig_async(layer, grad)
+        tp = layer.T_packed.clone()
+        counters = _kept_async(orig_async, SCALES, layer, grad)
+        if not layer.clock.fuse_phase:
+            rows, cols = F.tensor_view(layer.shape)
+            cols_p = layer.corr_accum.shape[1] * layer.clock.scheme.gs
+            delta = _size_weighted_scale_votes(grad.detach().reshape(rows, cols).float(), _trits(tp, cols_p)[:, :cols],
+                                               layer.clock.scheme.gs, cols_p, cap)
+            if delta is not None:
+                triton_gpu.launch_apply(layer.corr_accum, layer.E, delta, layer.clock.scheme.carry_limit, counters,
+                                        guarded=True)
+        return counters
+
+    cuda.vote_async = vote_async
 
 
 def patch_corpus(path: str) -> None:
@@ -599,10 +666,14 @@ def main(argv=None) -> int:
                     "(P < 1 narrows the range between weights with small and large gradients, toward Adam's)")
     ap.add_argument("--vote-scale-power", type=float, default=0.0, help="tensor-normalized votes on g * S**q, S the "
                     "group's scale 2**(E+Xi) (q 1: each flip's first-order loss change; -1: a weight-space step)")
-    ap.add_argument("--vote-normalizer", choices=("tensor", "factored", "factored-ema", "weight-ema"), default="tensor",
+    ap.add_argument("--vote-normalizer", choices=("tensor", "factored", "factored-ema", "weight-ema", "weight-int"),
+                    default="tensor",
                     help="tensor-normalized path: |g| against the tensor's rms, or sqrt(r_i c_j / mean r) of this "
                          "step's (factored) or EMA'd (factored-ema) row / column means of g**2, or sqrt of each weight's own EMA "
-                         "of g**2 (weight-ema: Adam's v, float state, a prototype only)")
+                         "of g**2 (weight-ema: Adam's v, float state, a prototype only; weight-int: the same v in an "
+                         "integer code of --v-bits per weight)")
+    ap.add_argument("--v-bits", type=int, default=4, help="weight-int: bits of each weight's v code")
+    ap.add_argument("--v-step", type=float, default=2.0, help="weight-int: log2 v between two codes")
     ap.add_argument("--ema-beta", type=float, default=0.999, help="factored-ema's beta")
     ap.add_argument("--normalizer-index", default="", help="--vote-normalizer for these tensor indices only "
                     "(Llama: 0 embedding, last head); the tensor rms elsewhere")
@@ -610,7 +681,7 @@ def main(argv=None) -> int:
     ap.add_argument("--frozen-scales-index", default="", help="tensor indices whose scales (E, corr_accum) keep "
                     "their step-0 values (Llama: 29 the head)")
     ap.add_argument("--magnitude-scale-index", default="", help="tensor indices whose scale votes weigh each "
-                    "weight by |g| / mean|g| (stochastically rounded, at most 8); CPU only")
+                    "weight by |g| / mean|g| (stochastically rounded, at most 8)")
     ap.add_argument("--magnitude-scale-all", action="store_true", help="--magnitude-scale-index for every tensor")
     ap.add_argument("--sat", type=int, default=0, help="tensor-normalized path: counters of +1 / -1 trits run "
                     "on to +-SAT (<= 127) instead of stopping at +-theta")
@@ -628,6 +699,7 @@ def main(argv=None) -> int:
     POWER[0] = a.vote_power
     SPOWER[0] = a.vote_scale_power
     NORMALIZER[0], EMA_BETA[0] = a.vote_normalizer, a.ema_beta
+    VBITS[0], VSTEP[0] = a.v_bits, a.v_step
     SAT[0] = a.sat
     NORM_INDEX.update(int(x) for x in a.normalizer_index.split(",") if x)
     NORM_MULT[0] = a.normalizer_mult
