@@ -263,15 +263,19 @@ def test_resume_is_bit_exact_without_the_source(tmp_path, models, text):
 
 
 def _fake_huge(d, cfg):
-    """A directory whose safetensors header declares far more weights than any machine holds (no data)."""
+    """A directory whose safetensors file holds far more weights than any machine's memory (2**36 one-byte
+    weights, 8 bytes each to convert: 512 GiB), its data a hole in a sparse file (64 GiB, none on disk)."""
     d.mkdir()
     (d / "config.json").write_text(json.dumps(cfg))
-    head = json.dumps({"w": {"dtype": "BF16", "shape": [1 << 20, 1 << 20], "data_offsets": [0, 1 << 41]}}).encode()
-    (d / "model.safetensors").write_bytes(struct.pack("<Q", len(head)) + head)
+    n = 1 << 36
+    head = json.dumps({"w": {"dtype": "U8", "shape": [1 << 18, 1 << 18], "data_offsets": [0, n]}}).encode()
+    with open(d / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        f.truncate(8 + len(head) + n)
     return d
 
 
-@pytest.mark.parametrize("case", ["no_config", "unsupported", "vocab", "preset", "huge", "no_tokenizer"])
+@pytest.mark.parametrize("case", ["no_config", "unsupported", "vocab", "preset", "huge", "truncated", "no_tokenizer"])
 def test_bad_inputs_exit_1_and_write_nothing(tmp_path, models, text, tokenizer_json, case):
     d = tmp_path / "model"
     extra = []
@@ -296,6 +300,11 @@ def test_bad_inputs_exit_1_and_write_nothing(tmp_path, models, text, tokenizer_j
         _fake_huge(d, cfg)
         (d / "tokenizer.json").write_text(tokenizer_json)
         want = "B weights; loading, folding and converting it needs about"
+    elif case == "truncated":  # a download cut short: the header lists more data than the file holds
+        shutil.copytree(models["llama"], d)
+        w = d / "model.safetensors"
+        os.truncate(w, w.stat().st_size - 64)
+        want = "model.safetensors' is not a valid safetensors file"
     else:
         shutil.copytree(models["llama"], d)
         (d / "tokenizer.json").unlink()
@@ -307,7 +316,7 @@ def test_bad_inputs_exit_1_and_write_nothing(tmp_path, models, text, tokenizer_j
 
     assert re.search(want, " ".join(r.output.split())), r.output
     assert not out.exists()
-    if case in ("no_config", "unsupported", "huge"):  # convert refuses the same directories
+    if case in ("no_config", "unsupported", "huge", "truncated"):  # convert refuses the same directories
         r = _cli("convert", d, "--out", out)
         assert r.exit_code == 1 and re.search(want, " ".join(r.output.split())), r.output
         assert not out.exists()

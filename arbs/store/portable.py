@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +97,16 @@ def write_portable(path, ckpt: Checkpoint, *, overwrite: bool = False) -> int:
     return len(data)
 
 
-HEADER_MAX_BYTES = 100 << 20  # the safetensors format's own limit
+def _metadata(p: Path) -> dict | None:
+    """The ``__metadata__`` of the safetensors file ``p`` (read by the ``safetensors`` library, which checks
+    the header against the file), or None for a file that is not one."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(p, framework="numpy") as f:
+            return f.metadata() or {}
+    except (OSError, SafetensorError):
+        return None
 
 
 def is_portable(path) -> bool:
@@ -107,18 +115,8 @@ def is_portable(path) -> bool:
     p = Path(path)
     if not p.is_file():
         return False
-    try:
-        with open(p, "rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                return False
-            (n,) = struct.unpack("<Q", head)
-            if n > HEADER_MAX_BYTES:
-                return False
-            meta = json.loads(f.read(n)).get("__metadata__")
-    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
-        return False
-    return isinstance(meta, dict) and "arbs_portable" in meta
+    meta = _metadata(p)
+    return meta is not None and "arbs_portable" in meta
 
 
 def read_portable(path, *, kind: str | None = None) -> Checkpoint:
@@ -142,13 +140,11 @@ def read_portable(path, *, kind: str | None = None) -> Checkpoint:
     what = (f"'{p}' is not a portable E1TM file (one that 'arbs export --to e1tm' writes); arbs opens those, "
             "run directories and step_<N> directories")
     try:
-        (n,) = struct.unpack("<Q", raw[:8])
-        header = json.loads(raw[8:8 + n])
-        meta = header.get("__metadata__") or {}
         arrays = load(raw)
-    except (struct.error, ValueError, UnicodeDecodeError, SafetensorError, AttributeError) as e:
+    except SafetensorError as e:
         raise CorruptStoreError(f"{what}: {e}") from e
-    if not isinstance(meta, dict) or "arbs_portable" not in meta:
+    meta = _metadata(p)  # the same file's header (a file changed in between fails the arrays' digest below)
+    if meta is None or "arbs_portable" not in meta:
         raise CorruptStoreError(what)
     try:
         version = int(meta["arbs_portable"])
