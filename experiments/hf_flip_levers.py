@@ -35,7 +35,9 @@ prototype, with ``torch.rand`` draws on the tensor-normalized path).
   prototype state) for ``--normalizer-index`` tensors with ``--normalizer-mult``, ``--vote-scale-power``
   (votes on g * S**q), ``--sat`` (counters of +-1 trits past theta); ``--frozen-scales-index`` (a tensor's
   scales keep their converted values) and ``--magnitude-scale-index`` (scale votes weighted by |g| / mean|g|;
-  CPU only).
+  CPU and GPU since round 22). Rounds 22-25: ``--vote-normalizer weight-int`` keeps the per-weight v as an
+  integer code (``--v-bits`` per weight on a log grid ``--v-step`` octaves of v apart, relative to the
+  tensor's mean g**2; running mean over the first 1/(1-beta) steps since round 25).
 - ``--warmup-frac F``: flip's vote schedule (``arbs.schedule.trit_vote_gain``) with a linear warmup over the
   first ``F * horizon`` steps (the product: ``horizon // 20``, F = 0.05), then the same cosine to 0 at the
   horizon.
@@ -272,7 +274,8 @@ def _group_scale(w_eff, cols_p: int, gs: int):
 def _int_v(key, g2):
     """Each weight's EMA of g**2 relative to the tensor's mean g**2, kept as an integer code c per weight
     (VBITS bits: 0 .. 2**VBITS - 1) on a log grid, v_rel = 2**(VTOP - VSTEP * (L - 1 - c)) (code 0 the floor):
-    this step's v_rel = beta * v_rel + (1 - beta) * g**2 / mean(g**2) (the first step: g**2 / mean(g**2)),
+    this step's v_rel = beta_t * v_rel + (1 - beta_t) * g**2 / mean(g**2), beta_t = min(beta, 1 - 1/t) (the
+    running mean of the first steps, as Adam's bias correction gives; t the tensor's vote count),
     rounded stochastically to one of its two neighbouring levels with probabilities that keep it unbiased in
     v. Returns the new v_rel (float, g2's shape); the codes are prototype state in EMA[key]["c"]."""
     import torch
@@ -280,12 +283,10 @@ def _int_v(key, g2):
     L = 2 ** VBITS[0]
     levels = torch.pow(2.0, VTOP - VSTEP[0] * torch.arange(L - 1, -1, -1, dtype=torch.float32, device=g2.device))
     z = g2 / g2.mean().clamp_min(1e-30)
-    st = EMA.get(key)
-    if st is None:
-        x = z
-        st = EMA[key] = {}
-    else:
-        x = EMA_BETA[0] * levels[st["c"].long()] + (1 - EMA_BETA[0]) * z
+    st = EMA.setdefault(key, {"t": 0})
+    st["t"] += 1
+    beta = min(EMA_BETA[0], 1 - 1 / st["t"])  # the running mean until 1 / (1 - beta) steps: Adam's bias correction
+    x = z if st["t"] == 1 else beta * levels[st["c"].long()] + (1 - beta) * z
     x = x.clamp(float(levels[0]), float(levels[-1]))
     hi = torch.searchsorted(levels, x.contiguous()).clamp(1, L - 1)  # levels[hi - 1] <= x <= levels[hi]
     lo_v, hi_v = levels[hi - 1], levels[hi]
