@@ -182,7 +182,8 @@ def safetensors_tensors(f: Path) -> dict[str, tuple[str, list[int]]]:
 
     try:
         with safe_open(f, framework="numpy") as h:
-            return {k: (h.get_slice(k).get_dtype(), list(h.get_slice(k).get_shape())) for k in h.keys()}
+            slices = {k: h.get_slice(k) for k in h.keys()}
+            return {k: (s.get_dtype(), list(s.get_shape())) for k, s in slices.items()}
     except OSError as e:
         raise ConfigError(f"cannot read '{f}': {e.strerror or e}") from e
     except SafetensorError as e:
