@@ -37,7 +37,8 @@ prototype, with ``torch.rand`` draws on the tensor-normalized path).
   scales keep their converted values) and ``--magnitude-scale-index`` (scale votes weighted by |g| / mean|g|;
   CPU and GPU since round 22). Rounds 22-25: ``--vote-normalizer weight-int`` keeps the per-weight v as an
   integer code (``--v-bits`` per weight on a log grid ``--v-step`` octaves of v apart, relative to the
-  tensor's mean g**2; running mean over the first 1/(1-beta) steps since round 25).
+  tensor's mean g**2; running mean over the first 1/(1-beta) steps since round 25). Round 26:
+  ``--normalizer-mult-end`` ramps the factor linearly to that value at the horizon.
 - ``--warmup-frac F``: flip's vote schedule (``arbs.schedule.trit_vote_gain``) with a linear warmup over the
   first ``F * horizon`` steps (the product: ``horizon // 20``, F = 0.05), then the same cosine to 0 at the
   horizon.
@@ -130,6 +131,8 @@ def patch_warmup(frac: float) -> None:
 RESET = [0]  # --reset R, also used by the tensor-normalized update
 NORM_INDEX: set = set()  # --normalizer-index: the tensors --vote-normalizer applies to (empty: every tensor)
 NORM_MULT = [1.0]  # --normalizer-mult: the gain's factor on those tensors
+NORM_MULT_END = [None]  # --normalizer-mult-end: the factor at the horizon (linear from --normalizer-mult)
+PROGRESS = [0.0]  # step_counter / horizon of the vote being made (for --normalizer-mult-end)
 EXCESS: dict = {}  # --sat: per tensor, each counter's part beyond +-theta
 SAT = [0]  # --sat S: counters of +1 (-1) trits clamp at +S (-S) instead of +-theta
 NORMALIZER = ["tensor"]  # --vote-normalizer: tensor rms, factored (this step's row x column), factored-ema
@@ -333,7 +336,8 @@ def _tensor_norm_flip(T_packed, fa, g, *, theta: int, vote_max: int, gain_m: flo
         if NORMALIZER[0] == "weight-int":  # the same v kept as an integer code per weight (--v-bits, --v-step)
             v = _int_v(key, g2) * g2.mean()
         z = torch.where(v > 0, g.abs() / v.clamp_min(1e-30).sqrt(), torch.zeros_like(g))
-        a = torch.clamp(gain_m * NORM_MULT[0] * z ** POWER[0], max=float(vote_max))
+        mult = NORM_MULT[0] if NORM_MULT_END[0] is None else NORM_MULT[0] + (NORM_MULT_END[0] - NORM_MULT[0]) * PROGRESS[0]
+        a = torch.clamp(gain_m * mult * z ** POWER[0], max=float(vote_max))
     u = torch.rand(a.shape, device=a.device, generator=gen)
     k = torch.floor(a) + (u < a - torch.floor(a)).float()
     r = torch.zeros((rows, cols_p), dtype=torch.int32, device=g.device)
@@ -383,6 +387,7 @@ def patch_tensor_norm(shapes: list[tuple[int, int]], indices: list[int] = (), ev
         before = state["T_packed"].copy()
         st = _kept(orig, TRITS, state, g2, scheme, **kw)
         gain_m = schedule.trit_vote_gain(scheme.params, kw["step_counter"])
+        PROGRESS[0] = min(1.0, kw["step_counter"] / max(1, scheme.params.get("horizon", 0)))
         if gain_m <= 0:
             return type(st)(st.carries, st.saturations, 0)
         S = None
@@ -412,6 +417,7 @@ def patch_tensor_norm(shapes: list[tuple[int, int]], indices: list[int] = (), ev
         counters = _kept_async(orig_async, TRITS, layer, grad)
         scheme = layer.clock.scheme
         gain_m = schedule.trit_vote_gain(scheme.params, layer.clock.step_counter)
+        PROGRESS[0] = min(1.0, layer.clock.step_counter / max(1, scheme.params.get("horizon", 0)))
         if gain_m > 0:
             rows, cols = F.tensor_view(layer.shape)
             S = None
@@ -679,6 +685,8 @@ def main(argv=None) -> int:
     ap.add_argument("--normalizer-index", default="", help="--vote-normalizer for these tensor indices only "
                     "(Llama: 0 embedding, last head); the tensor rms elsewhere")
     ap.add_argument("--normalizer-mult", type=float, default=1.0, help="gain factor where --vote-normalizer applies")
+    ap.add_argument("--normalizer-mult-end", type=float, default=None, help="that factor at the horizon, linear "
+                    "from --normalizer-mult at step 0")
     ap.add_argument("--frozen-scales-index", default="", help="tensor indices whose scales (E, corr_accum) keep "
                     "their step-0 values (Llama: 29 the head)")
     ap.add_argument("--magnitude-scale-index", default="", help="tensor indices whose scale votes weigh each "
@@ -703,7 +711,7 @@ def main(argv=None) -> int:
     VBITS[0], VSTEP[0] = a.v_bits, a.v_step
     SAT[0] = a.sat
     NORM_INDEX.update(int(x) for x in a.normalizer_index.split(",") if x)
-    NORM_MULT[0] = a.normalizer_mult
+    NORM_MULT[0], NORM_MULT_END[0] = a.normalizer_mult, a.normalizer_mult_end
     if a.corpus:
         patch_corpus(a.corpus)
     if a.fa_init == "residual":
