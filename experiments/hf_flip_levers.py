@@ -317,24 +317,25 @@ def _tensor_norm_flip(T_packed, fa, g, *, theta: int, vote_max: int, gain_m: flo
         return
     if NORMALIZER[0] == "tensor" or (NORM_INDEX and key not in NORM_INDEX):
         a = torch.clamp(gain_m * (g.abs() / rms.clamp_min(1e-30)) ** POWER[0], max=float(vote_max))
-    else:  # factored: each weight's |g| against sqrt(r_i * c_j / mean r), r / c the row / column mean of g**2
+    else:  # each weight's |g| against sqrt(v), v an estimate of its g**2
         g2 = g.pow(2)
-        r, c = g2.mean(1), g2.mean(0)
-        if NORMALIZER[0] == "factored-ema":
-            st = EMA.setdefault(key, {"r": torch.zeros_like(r), "c": torch.zeros_like(c), "t": 0})
-            st["t"] += 1
-            st["r"].mul_(EMA_BETA[0]).add_(r, alpha=1 - EMA_BETA[0])
-            st["c"].mul_(EMA_BETA[0]).add_(c, alpha=1 - EMA_BETA[0])
-            bc = 1 - EMA_BETA[0] ** st["t"]
-            r, c = st["r"] / bc, st["c"] / bc
-        v = r[:, None] * c[None, :] / r.mean().clamp_min(1e-30)
         if NORMALIZER[0] == "weight-ema":  # each weight's own EMA of g**2 (Adam's v)
             st = EMA.setdefault(key, {"v": torch.zeros_like(g), "t": 0})
             st["t"] += 1
             st["v"].mul_(EMA_BETA[0]).add_(g2, alpha=1 - EMA_BETA[0])
             v = st["v"] / (1 - EMA_BETA[0] ** st["t"])
-        if NORMALIZER[0] == "weight-int":  # the same v kept as an integer code per weight (--v-bits, --v-step)
+        elif NORMALIZER[0] == "weight-int":  # the same v kept as an integer code per weight (--v-bits, --v-step)
             v = _int_v(key, g2) * g2.mean()
+        else:  # factored: v = r_i * c_j / mean r, r / c the row / column mean of g**2 (or their EMAs)
+            r, c = g2.mean(1), g2.mean(0)
+            if NORMALIZER[0] == "factored-ema":
+                st = EMA.setdefault(key, {"r": torch.zeros_like(r), "c": torch.zeros_like(c), "t": 0})
+                st["t"] += 1
+                st["r"].mul_(EMA_BETA[0]).add_(r, alpha=1 - EMA_BETA[0])
+                st["c"].mul_(EMA_BETA[0]).add_(c, alpha=1 - EMA_BETA[0])
+                bc = 1 - EMA_BETA[0] ** st["t"]
+                r, c = st["r"] / bc, st["c"] / bc
+            v = r[:, None] * c[None, :] / r.mean().clamp_min(1e-30)
         z = torch.where(v > 0, g.abs() / v.clamp_min(1e-30).sqrt(), torch.zeros_like(g))
         mult = NORM_MULT[0] if NORM_MULT_END[0] is None else NORM_MULT[0] + (NORM_MULT_END[0] - NORM_MULT[0]) * PROGRESS[0]
         a = torch.clamp(gain_m * mult * z ** POWER[0], max=float(vote_max))
